@@ -1,0 +1,34 @@
+"""latentdit: a small, fast latent diffusion transformer for text-to-image.
+
+``from latentdit import Text2Image, Denoiser`` works without importing heavy optional packages:
+names resolve lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Denoiser": "model",
+    "build_denoiser": "model",
+    "ModelConfig": "config",
+    "DiffusionConfig": "config",
+    "SamplingConfig": "config",
+    "model_preset": "config",
+    "Path": "schedules",
+    "Text2Image": "pipeline",
+    "load_text_encoder": "text",
+    "load_autoencoder": "vae",
+    "save_pretrained": "checkpoint",
+    "load_denoiser": "checkpoint",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'latentdit' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""Model folders: ``config.json`` + ``model.safetensors`` (diffusers/hub style), written atomically.
+
+The config records everything needed to rebuild a working pipeline: the architecture, the noise
+path, sampling defaults, and which text encoder and autoencoder the model was trained with.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, to_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+PACKAGED = {"shapes": Path(__file__).parent / "weights" / "shapes"}
+
+
+@dataclass
+class CheckpointConfig:
+    """What ``config.json`` holds. ``text_encoder``/``autoencoder`` are the encoders' ``describe()``
+    dicts; a relative ``path`` inside them is resolved against the model folder."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    text_encoder: dict[str, Any] | None = None
+    autoencoder: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckpointConfig:
+        data = dict(data)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {version} is newer than this latentdit "
+                             f"understands ({FORMAT_VERSION}); upgrade latentdit")
+        return from_dict(cls, data)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: a crash leaves the old file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                        metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | Path, config: CheckpointConfig,
+                    *, dtype: torch.dtype | None = None, extra_dirs: dict[str, Path] | None = None) -> Path:
+    """Write a model folder atomically: everything goes to a sibling temp folder, then one rename.
+
+    ``extra_dirs`` copies folders in (e.g. ``{"vae": ae_dir}``) so the folder is self-contained.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                 for k, v in model.state_dict().items()}
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2))
+        for name, src in (extra_dirs or {}).items():
+            shutil.copytree(src, tmp / name)
+        _swap_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local folder, a packaged model name (``shapes``) or a hub id -> a local folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in PACKAGED:
+        packaged = PACKAGED[str(name_or_path)]
+        if (packaged / CONFIG_NAME).exists():
+            return packaged
+        raise ValueError(f"the packaged model '{name_or_path}' is not installed in {packaged}")
+    return _from_hub(str(name_or_path))
+
+
+def _from_hub(repo_id: str) -> Path:
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise ValueError(f"model '{repo_id}' is neither a folder nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except ImportError:
+        raise ValueError(f"'{repo_id}' looks like a hub id; install huggingface_hub to download "
+                         "it, or pass a local folder") from None
+    except Exception as e:  # offline, missing repo, auth: one clear message
+        raise ValueError(f"could not fetch model '{repo_id}' from the hub ({type(e).__name__}); "
+                         "download it elsewhere and pass the folder path instead") from None
+
+
+def load_config(directory: str | Path) -> CheckpointConfig:
+    file = Path(directory) / CONFIG_NAME
+    if not file.exists():
+        raise ValueError(f"{directory} is not a latentdit model folder: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    return CheckpointConfig.from_json(data)
+
+
+def load_weights(directory: str | Path, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    file = Path(directory) / WEIGHTS_NAME
+    if not file.exists():
+        raise ValueError(f"{directory} has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(file)
+    except Exception as e:
+        raise ValueError(f"{file} is unreadable or truncated ({e})") from None
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
+    """(Denoiser with weights, CheckpointConfig, folder) from a folder, packaged name or hub id."""
+    from .model import Denoiser
+
+    directory = resolve(name_or_path)
+    config = load_config(directory)
+    model = Denoiser(config.model)
+    state = load_weights(directory)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not match config.json "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), config, directory
+
+
+def component_path(directory: Path, desc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Resolve a component's relative ``path`` against the model folder."""
+    if not desc:
+        return desc
+    desc = dict(desc)
+    if desc.get("path") and (directory / desc["path"]).exists():
+        desc["path"] = str(directory / desc["path"])
+    return desc

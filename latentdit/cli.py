@@ -1,0 +1,166 @@
+"""The ``latentdit`` command. Heavy imports happen inside the subcommands, so ``--help`` is quick."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Setup = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Setup, Run, str]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``setup(parser)`` under ``name``; the decorated function runs it."""
+    def wrap(setup):
+        def deco(run):
+            COMMANDS[name] = (setup, run, help)
+            return run
+        return deco
+    return wrap
+
+
+# -- info ------------------------------------------------------------------------------------
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help="architecture preset: tiny, small, base, large")
+    p.add_argument("--model", default=None, help="a model folder (reports its config instead)")
+    p.add_argument("--height", type=int, default=None, help="latent side to report shapes for")
+
+
+@command("info", "parameter counts and tensor shapes of a preset or a model folder")(_info_args)
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import model_preset, to_dict
+    from .model import Denoiser
+
+    if args.model:
+        from .checkpoint import load_config, resolve
+
+        cfg = load_config(resolve(args.model)).model
+    else:
+        cfg = model_preset(args.preset)
+    model = Denoiser(cfg)
+    side = args.height or cfg.base_size
+    tokens = (side // cfg.patch_size) ** 2
+    print(f"latentdit denoiser ({args.model or 'preset ' + args.preset})")
+    print(f"  config: {json.dumps(to_dict(cfg))}")
+    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, count in _param_groups(model).items():
+        print(f"  {name:<14} {count / 1e6:10.3f} M")
+    print(f"  {'total':<14} {model.num_params() / 1e6:10.3f} M")
+    print(f"  input latent  (N, {cfg.in_channels}, {side}, {side}) -> {tokens} tokens of width {cfg.width}")
+    print(f"  text          (N, L<={cfg.max_text_len}, {cfg.text_dim}) + pooled (N, {cfg.pooled_dim})")
+    print(f"  output        (N, {cfg.out_channels}, {side}, {side}), prediction '{cfg.prediction}'")
+    return 0
+
+
+def _param_groups(model) -> dict[str, int]:
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        key = name.split(".")[0]
+        groups[key] = groups.get(key, 0) + p.numel()
+    return groups
+
+
+# -- generate --------------------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
+    p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
+    p.add_argument("--out", default="out.png", help="output PNG (a folder with --from-file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sampler", default=None, choices=["euler", "heun", "ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--random-tiny", action="store_true",
+                   help="demo: an UNTRAINED, randomly initialised tiny model (its images are noise)")
+
+
+@command("generate", "generate images from a prompt")(_generate_args)
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if not args.prompt:
+        raise ValueError("give a prompt")
+    pipe = _random_tiny_pipeline() if args.random_tiny else _load_pipeline(args.model)
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                  guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                  num_images_per_prompt=args.num_images, height=args.height, width=args.width,
+                  dtype=None if args.fp32 else torch.bfloat16)
+    for path in _write_images(images, Path(args.out)):
+        print(path)
+    return 0
+
+
+def _write_images(images, out: Path) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        return [out]
+    paths = [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}") for k in range(len(images))]
+    for img, path in zip(images, paths):
+        img.save(path)
+    return paths
+
+
+def _load_pipeline(model: str):
+    from .pipeline import Text2Image
+
+    return Text2Image.from_pretrained(model)
+
+
+def _random_tiny_pipeline():
+    """An untrained tiny model in pixel space with the MiniLM encoder: shows the machinery works."""
+    import torch
+
+    from .config import model_preset
+    from .model import Denoiser
+    from .pipeline import Text2Image
+    from .text import load_text_encoder
+    from .vae import load_autoencoder
+
+    print("NOTE: --random-tiny uses an untrained, randomly initialised model; expect noise.",
+          file=sys.stderr)
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", in_channels=3, text_dim=384, pooled_dim=384, base_size=32, patch_size=4)
+    model = Denoiser(cfg)
+    for p in model.final.parameters():  # zero-init output would give a flat grey image
+        torch.nn.init.normal_(p, std=0.02)
+    return Text2Image(model, load_autoencoder("identity"), load_text_encoder("minilm"))
+
+
+# -- main ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    _load_optional_commands()
+    parser = argparse.ArgumentParser(prog="latentdit", description="latent diffusion transformer toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (setup, _, help) in COMMANDS.items():
+        setup(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def _load_optional_commands() -> None:
+    """Subcommands defined in other modules of this layer register themselves on import."""
+    from . import cli_train  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"latentdit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Typed, JSON round-tripping configuration dataclasses and named presets.
+
+Every config is a frozen-free dataclass so the CLI can build ``--section.key value`` overrides from
+the fields, and ``from_dict`` rejects unknown keys with the nearest valid name instead of silently
+ignoring a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+PathKind = Literal["flow", "vp-linear", "vp-cosine"]
+Prediction = Literal["eps", "v", "x0", "flow"]
+SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
+GridName = Literal["uniform", "shifted", "karras"]
+
+T = TypeVar("T")
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_literal(cls_name: str, key: str, value: Any, hint: Any) -> None:
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        allowed = ", ".join(repr(a) for a in typing.get_args(hint))
+        raise ValueError(f"{cls_name}.{key} = {value!r} is not one of {allowed}")
+
+
+def _coerce(cls_name: str, key: str, value: Any, hint: Any) -> Any:
+    """Turn JSON values (lists, strings from the CLI) into the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or isinstance(value, str) and value.lower() == "none":
+            return None
+        return _coerce(cls_name, key, value, args[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(cls_name, key, v, inner) for v in value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)
+    if hint is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{cls_name}.{key} expects true/false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if hint in (int, float) and not isinstance(value, bool):
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{cls_name}.{key} expects {hint.__name__}, got {value!r}") from None
+    _check_literal(cls_name, key, value, hint)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise a ValueError naming the nearest key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ValueError(f"unknown key '{key}' in {cls.__name__}{_nearest(key, names)}")
+    kwargs = {k: _coerce(cls.__name__, k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+_DENSITY = re.compile(r"^(uniform|logit-normal|beta)(?:\(([^)]*)\))?$")
+
+
+def parse_density(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``"logit-normal(0, 1)"`` -> ("logit-normal", (0.0, 1.0)); validates names and arities."""
+    m = _DENSITY.match(spec.replace(" ", ""))
+    if not m:
+        raise ValueError(
+            f"time density {spec!r} must be 'uniform', 'logit-normal(m, s)' or 'beta(a, b)'"
+        )
+    name, args = m.group(1), m.group(2)
+    try:
+        params = tuple(float(a) for a in args.split(",")) if args else ()
+    except ValueError:
+        raise ValueError(f"time density {spec!r}: parameters must be numbers") from None
+    defaults = {"uniform": (), "logit-normal": (0.0, 1.0), "beta": (1.0, 1.0)}
+    params = params or defaults[name]
+    if len(params) != len(defaults[name]):
+        raise ValueError(f"time density {spec!r} takes {len(defaults[name])} parameters")
+    if name == "beta" and min(params) <= 0 or name == "logit-normal" and params[1] <= 0:
+        raise ValueError(f"time density {spec!r}: scale parameters must be positive")
+    return name, params
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser's architecture. ``text_dim``: per-token text width (0 = no cross-attention to
+    text, e.g. pooled-only like the original TLD); ``num_classes > 0`` (and no text) makes a
+    class-conditional model; ``modulation="none"`` feeds t and the pooled vector to the blocks as
+    cross-attention tokens instead of adaLN."""
+
+    in_channels: int = 4
+    extra_in_channels: int = 0  # e.g. masked latent + mask for inpainting; zero-initialised
+    patch_size: int = 2
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    mlp: Literal["gelu", "dwconv"] = "gelu"
+    modulation: Literal["adaln-single", "none"] = "adaln-single"  # "none": t and pooled as tokens
+    text_dim: int = 384
+    pooled_dim: int = 384
+    max_text_len: int = 32
+    num_classes: int = 0
+    base_size: int = 16  # latent side the position-embedding grid is defined on
+    qk_norm: bool = True
+    prediction: Prediction = "flow"
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if (self.width // self.heads) % 2:
+            raise ValueError("head dimension must be even")
+        if self.width % 4:
+            raise ValueError("width must be a multiple of 4 (2-D sin-cos position embedding)")
+        if min(self.in_channels, self.patch_size, self.depth, self.base_size) < 1:
+            raise ValueError("in_channels, patch_size, depth and base_size must be >= 1")
+        text = self.text_dim > 0 or self.pooled_dim > 0
+        if not text and self.num_classes == 0:
+            raise ValueError("the model needs a condition: set text_dim/pooled_dim > 0 or num_classes > 0")
+        if text and self.num_classes:
+            raise ValueError("choose text conditioning (text_dim/pooled_dim) or classes (num_classes), "
+                             "not both")
+
+    @property
+    def is_text(self) -> bool:
+        return self.text_dim > 0 or self.pooled_dim > 0
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise path and how training draws t (what the network predicts is ModelConfig.prediction)."""
+
+    path: PathKind = "flow"
+    time_density: str = "logit-normal(0, 1)"
+    time_shift: float = 1.0  # resolution shift, SD3 eq. 23: t' = s t / (1 + (s - 1) t)
+
+    def __post_init__(self) -> None:
+        parse_density(self.time_density)
+        if self.time_shift <= 0:
+            raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for generation; every field can be overridden per call."""
+
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = 20
+    guidance_scale: float = 4.5
+    grid: GridName = "uniform"
+    shift: float = 1.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(width=64, depth=2, heads=2, patch_size=2, text_dim=32, pooled_dim=32,
+                 max_text_len=16, base_size=8),
+    "small": dict(width=384, depth=8, heads=6, patch_size=2, mlp="dwconv", base_size=16),
+    "base": dict(width=768, depth=12, heads=12, patch_size=2, mlp="dwconv", base_size=32),
+    "large": dict(width=1152, depth=28, heads=16, patch_size=2, base_size=32),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named architecture (``tiny``, ``small``, ``base``, ``large``) with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'{_nearest(name, list(PRESETS))}; "
+                         f"choose one of {', '.join(PRESETS)}")
+    return from_dict(ModelConfig, {**PRESETS[name], **overrides})
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(obj if isinstance(obj, dict) else to_dict(obj), indent=2))
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+
+
+__all__ = [
+    "DiffusionConfig", "ModelConfig", "SamplingConfig", "PRESETS", "from_dict", "to_dict",
+    "model_preset", "parse_density", "save_json", "load_json",
+]

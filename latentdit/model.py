@@ -1,0 +1,306 @@
+"""The denoiser: a PixArt-alpha / DiT style transformer over latent patches.
+
+PixArt-alpha (Chen et al. 2023, arXiv:2310.00426): adaLN-single modulation, cross-attention to text.
+DiT (Peebles & Xie 2022, arXiv:2212.09748): patchify, zero-initialised residual gates and output.
+The model knows nothing about noise schedules: it maps (x_t, t in [0, 1], condition) to whatever
+``config.prediction`` names, and the caller converts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, model_preset
+
+
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """Sin-cos features of positions ``pos`` (M,) -> (M, dim), as in MAE / DiT."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = pos.double()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, h: int, w: int, spacing: float) -> Tensor:
+    """(h*w, dim) embedding of a token grid whose coordinates step by ``spacing`` base cells.
+
+    A spacing below 1 interpolates the training grid (sampling at a larger size, PixArt's
+    ``interpolation_scale``); a canvas wider than the base extends it (outpainting, panning).
+    """
+    ys, xs = torch.meshgrid(torch.arange(h) * spacing, torch.arange(w) * spacing, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, ys.flatten()), sincos_1d(dim // 2, xs.flatten())], dim=1)
+
+
+def timestep_features(t: Tensor, dim: int = 256) -> Tensor:
+    """Sinusoidal features of t in [0, 1], scaled by 1000 so frequencies match DDPM-trained nets."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose weight follows the input dtype, so under bf16 autocast it stays on the fused
+    kernel instead of falling back to a slow mixed-dtype path."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA; RMS-normed queries and keys keep logits bounded in bf16
+    (Dehghani et al. 2023, arXiv:2302.05442)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.cross = context_dim is not None
+        if self.cross:
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(context_dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        norm = (lambda: RMSNorm(self.head_dim)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        n, t, d = x.shape
+        if self.cross:
+            q = self.q(x).view(n, t, self.heads, self.head_dim)
+            k, v = self.kv(context).view(n, -1, 2, self.heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, heads, T, head_dim)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(n, t, d))
+
+
+class MLP(nn.Module):
+    """GELU MLP, or with a 3x3 depthwise conv between the projections (LocalViT, Li et al. 2021,
+    arXiv:2104.05707; the original Transformer Latent Diffusion) for cheap local mixing."""
+
+    def __init__(self, dim: int, ratio: float, kind: str):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if kind == "dwconv" else None
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        x = F.gelu(self.fc1(x), approximate="tanh")
+        if self.dw is not None:
+            n, t, c = x.shape
+            grid = x.transpose(1, 2).reshape(n, c, *hw)  # (N, hidden, h, w)
+            x = F.gelu(self.dw(grid), approximate="tanh").flatten(2).transpose(1, 2)
+        return self.fc2(x)
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to the condition tokens, MLP. With adaLN-single the six
+    modulation vectors come from one shared projection of t plus a per-block learned table."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        d = cfg.width
+        self.adaln = cfg.modulation == "adaln-single"
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm_x = nn.LayerNorm(d, eps=1e-6) if cross else None
+        self.cross = Attention(d, cfg.heads, context_dim=d, qk_norm=cfg.qk_norm) if cross else None
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
+        self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp)
+        self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
+
+    def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,
+                hw: tuple[int, int]) -> Tensor:
+        if self.adaln:
+            sh1, sc1, g1, sh2, sc2, g2 = (self.table[None] + mod).chunk(6, dim=1)  # (N, 1, D) each
+            x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
+        else:
+            x = x + self.attn(self.norm1(x))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_x(x), ctx, ctx_mask)
+        if self.adaln:
+            return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2), hw)
+        return x + self.mlp(self.norm2(x), hw)
+
+
+class Denoiser(nn.Module):
+    """Latent transformer denoiser. See ``forward`` for the interface."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        d, p = cfg.width, cfg.patch_size
+        self.patch = nn.Conv2d(cfg.in_channels + cfg.extra_in_channels, d, p, stride=p)
+        self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.uses_tokens = cfg.text_dim > 0
+        cross = self.uses_tokens or cfg.modulation == "none"
+        if cfg.text_dim:
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU("tanh"), nn.Linear(d, d))
+            self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) / cfg.text_dim**0.5)
+        if cfg.pooled_dim:
+            self.pooled_proj = nn.Sequential(nn.Linear(cfg.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim))
+        if cfg.num_classes:
+            self.class_embed = nn.Embedding(cfg.num_classes + 1, d)  # last row: the null class
+        if cfg.modulation == "adaln-single":
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            self.final_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.blocks = nn.ModuleList(Block(cfg, cross) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=cfg.modulation == "none", eps=1e-6)
+        self.final = nn.Linear(d, p * p * cfg.out_channels)
+        self._pos_cache: dict[tuple[int, int, float], Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT init: xavier linears, zero adaLN projection, zero output, zero extra input channels."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        with torch.no_grad():
+            w[:, self.config.in_channels:] = 0
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        if hasattr(self, "t_block"):
+            nn.init.zeros_(self.t_block[1].weight)
+            nn.init.zeros_(self.t_block[1].bias)
+        if hasattr(self, "class_embed"):
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    # -- conditioning ------------------------------------------------------------------------
+    def null_condition(self, n: int, length: int = 1) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The learned "no prompt" condition for classifier-free guidance: (text, mask, pooled);
+        the text is one learned token followed by ``length - 1`` masked pads."""
+        pooled = self.null_pooled.expand(n, -1) if self.config.pooled_dim else None
+        if not self.config.text_dim:
+            return None, None, pooled
+        p = self.null_text
+        text = torch.cat([p.expand(n, 1, -1), p.new_zeros(n, length - 1, p.shape[1])], dim=1)
+        mask = torch.zeros(n, length, dtype=torch.bool, device=p.device)
+        mask[:, 0] = True
+        return text, mask, pooled
+
+    def drop_condition(self, text: Tensor | None, mask: Tensor | None, pooled: Tensor | None,
+                       drop: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Replace the rows where ``drop`` (N,) is True by the null condition (CFG training)."""
+        length = text.shape[1] if text is not None else 1
+        nt, nm, npool = self.null_condition(drop.shape[0], length)
+        if text is not None and nt is not None:
+            text = torch.where(drop[:, None, None], nt.to(text.dtype), text)
+            mask = torch.where(drop[:, None], nm, mask.bool())
+        if pooled is not None and npool is not None:
+            pooled = torch.where(drop[:, None], npool.to(pooled.dtype), pooled)
+        return text, mask, pooled
+
+    def pos_embed(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Position embedding of an h x w token grid. Coordinates are expressed in cells of the
+        base grid: the shorter side always spans the base, so 2x resolution interpolates."""
+        base = self.config.base_size / self.config.patch_size
+        spacing = base / min(h, w)
+        key = (h, w, spacing)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_2d(self.config.width, h, w, spacing)
+        return self._pos_cache[key].to(device=device, dtype=dtype)
+
+    def _condition(self, t: Tensor, text: Tensor | None, text_mask: Tensor | None,
+                   pooled: Tensor | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """-> (c: (N, D) global condition, ctx: (N, L', D) context tokens or None, ctx mask)."""
+        c = self.t_embed(timestep_features(t).to(self.t_embed[0].weight.dtype))  # (N, D)
+        extra = []
+        if self.config.pooled_dim:
+            if pooled is None:
+                raise ValueError("this model needs a pooled text vector (pooled=...)")
+            extra.append(self.pooled_proj(pooled))  # (N, D)
+        if self.config.num_classes:
+            if labels is None:
+                raise ValueError("this class-conditional model needs labels=...")
+            extra.append(self.class_embed(labels))
+        if self.config.modulation == "adaln-single":
+            c = c + sum(extra) if extra else c
+            ctx, mask = self._text_tokens(text, text_mask)
+            return c, ctx, mask
+        # Original TLD recipe: noise level and pooled text enter as two cross-attention tokens.
+        tokens = torch.stack([c, *extra], dim=1)  # (N, 1 or 2, D)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        ctx, tmask = self._text_tokens(text, text_mask)
+        if ctx is not None:
+            tokens, mask = torch.cat([tokens, ctx], 1), torch.cat([mask, tmask], 1)
+        return c, tokens, mask
+
+    def _text_tokens(self, text: Tensor | None, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if not self.uses_tokens:
+            return None, None
+        if text is None or mask is None:
+            raise ValueError("this text-conditional model needs text=(N, L, D) and text_mask=(N, L)")
+        if text.shape[-1] != self.config.text_dim:
+            raise ValueError(f"text embeddings have dim {text.shape[-1]}, the model expects "
+                             f"{self.config.text_dim}")
+        mask = mask.bool()
+        # A row with every token masked would make attention NaN: let it see its first token.
+        mask = mask | (~mask.any(1, keepdim=True) & (torch.arange(mask.shape[1], device=mask.device) == 0))
+        return self.text_proj(text), mask
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None,
+                pooled: Tensor | None = None, mask_latent: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        """x: (N, C, H, W) noisy latents; t: (N,) in [0, 1]; text: (N, L, D) token embeddings;
+        text_mask: (N, L) bool; pooled: (N, D_pooled) or None; mask_latent: (N, extra, H, W)
+        extra input channels (inpainting variants); labels: (N,) class ids for class models.
+        Returns the prediction named by config.prediction, shape of x."""
+        cfg, (n, _, hh, ww) = self.config, x.shape
+        p = cfg.patch_size
+        if hh % p or ww % p:
+            raise ValueError(f"latent size {hh}x{ww} is not a multiple of the patch size {p}")
+        if cfg.extra_in_channels:
+            if mask_latent is None:
+                raise ValueError(f"this model takes {cfg.extra_in_channels} extra input channels "
+                                 "(mask_latent=...)")
+            x = torch.cat([x, mask_latent.to(x.dtype)], dim=1)
+        t = t.expand(n) if t.dim() == 0 else t
+        h, w = hh // p, ww // p
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (N, T, D), T = h*w
+        tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
+        c, ctx, ctx_mask = self._condition(t, text, text_mask, pooled, labels)
+        mod = self.t_block(c).view(n, 6, -1) if cfg.modulation == "adaln-single" else None  # (N, 6, D)
+        for block in self.blocks:
+            tokens = block(tokens, mod, ctx, ctx_mask, (h, w))
+        return self._unpatchify(self._final(tokens, c), h, w)
+
+    def _final(self, x: Tensor, c: Tensor) -> Tensor:
+        x = self.final_norm(x)
+        if self.config.modulation == "adaln-single":
+            shift, scale = (self.final_table[None] + c[:, None]).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.final(x)  # (N, T, p*p*C)
+
+    def _unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.view(x.shape[0], h, w, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_denoiser(preset: str = "tiny", **overrides) -> Denoiser:
+    """A fresh denoiser from a named preset (see ``config.PRESETS``)."""
+    return Denoiser(model_preset(preset, **overrides))

@@ -1,0 +1,264 @@
+"""``Text2Image``: prompts -> images with classifier-free guidance and any sampler.
+
+Guidance lives here (not in the model, not in the samplers): one batched pass over
+[conditional, unconditional] rows, mixed in x0 space. Because x0, eps and v are affine in the
+network output for a fixed x_t, mixing x0 equals mixing eps or v.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import CheckpointConfig, component_path, load_denoiser
+from .config import SamplingConfig
+from .model import Denoiser
+from .samplers import get_sampler, time_grid
+from .schedules import Path, to_x0
+from .text import TextEncoder, load_text_encoder
+from .vae import Autoencoder, load_autoencoder, to_pil
+
+
+@dataclass
+class Condition:
+    """What the denoiser is conditioned on, for a batch of rows."""
+
+    text: Tensor | None = None
+    mask: Tensor | None = None
+    pooled: Tensor | None = None
+    labels: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Condition:
+        return Condition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                            for f in dataclasses.fields(self)})
+
+    def repeat(self, k: int) -> Condition:
+        """Each row k times in a row (num_images_per_prompt)."""
+        return self.map(lambda v: v.repeat_interleave(k, dim=0))
+
+    @staticmethod
+    def cat(a: Condition, b: Condition) -> Condition:
+        return Condition(**{f.name: None if getattr(a, f.name) is None
+                            else torch.cat([getattr(a, f.name), getattr(b, f.name)])
+                            for f in dataclasses.fields(a)})
+
+    def kwargs(self) -> dict[str, Tensor | None]:
+        return {"text": self.text, "text_mask": self.mask, "pooled": self.pooled, "labels": self.labels}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU and CUDA (2-4x faster on this CPU); ``None``/fp32 disables it."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Text2Image:
+    """A latent text-to-image (or class-to-image) pipeline around a ``Denoiser``."""
+
+    def __init__(self, model: Denoiser, autoencoder: Autoencoder, text_encoder: TextEncoder | None = None,
+                 path: Path | None = None, sampling: SamplingConfig | None = None,
+                 device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.path = path or Path("flow")
+        self.sampling = sampling or SamplingConfig()
+        self.device = torch.device(device)
+        if model.config.is_text and text_encoder is None:
+            raise ValueError("this model is text-conditional: pass a text_encoder")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | FsPath = "shapes", device: str | torch.device = "cpu",
+                        text_encoder: TextEncoder | None = None,
+                        autoencoder: Autoencoder | None = None) -> Text2Image:
+        """Load a model folder, a packaged model name (``shapes``) or a hub id, with the encoders
+        its config names (override either by passing an instance)."""
+        model, config, directory = load_denoiser(name_or_path, device)
+        return cls(model, autoencoder or _load_ae(config, directory, device),
+                   text_encoder or _load_text(config, directory, device),
+                   Path(config.diffusion.path), config.sampling, device)
+
+    # -- conditioning -----------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str | int], negative: Sequence[str] | None = None) -> tuple[Condition, Condition]:
+        """(conditional, unconditional) rows. Without a negative prompt the unconditional row
+        is the model's learned null condition, as in training."""
+        n = len(prompts)
+        if self.model.config.num_classes:
+            labels = _class_labels(prompts, self.model.config.num_classes, self.device)
+            null = torch.full_like(labels, self.model.config.num_classes)
+            return Condition(labels=labels), Condition(labels=null)
+        texts = [_check_prompt(p) for p in prompts] + list(negative or [])
+        emb = self.text_encoder.encode(texts).to(self.device)
+        cfg = self.model.config
+        rows = Condition(emb.tokens[:, : cfg.max_text_len] if cfg.text_dim else None,
+                         emb.mask[:, : cfg.max_text_len] if cfg.text_dim else None,
+                         emb.pooled if cfg.pooled_dim else None)
+        cond = rows.map(lambda v: v[:n])
+        if negative:
+            return cond, rows.map(lambda v: v[n:])
+        length = rows.text.shape[1] if rows.text is not None else 1
+        null = Condition(*self.model.null_condition(n, length))
+        return cond, null.map(lambda v: v.detach())
+
+    def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
+                 dtype: torch.dtype | None = torch.bfloat16) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1."""
+        guided = uncond is not None and guidance_scale != 1.0
+        both = Condition.cat(cond, uncond) if guided else cond
+        prediction = self.model.config.prediction
+
+        @torch.no_grad()
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
+            with autocast(self.device, dtype):
+                pred = self.model(xin, tin, **both.kwargs())
+            x0 = to_x0(pred.float(), xin, tin, self.path, prediction)
+            if not guided:
+                return x0
+            x0_c, x0_u = x0.chunk(2)
+            return x0_u + guidance_scale * (x0_c - x0_u)
+
+        return denoise
+
+    # -- sampling ---------------------------------------------------------------------------
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        d = self.autoencoder.downsample
+        base = self.model.config.base_size * d
+        height, width = height or base, width or base
+        step = d * self.model.config.patch_size
+        if height % step or width % step or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {step}, got {height}x{width}")
+        return self.model.config.in_channels, height // d, width // d
+
+    def noise(self, seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
+        """One independently seeded noise tensor per image, so an image does not depend on the
+        batch it was drawn in."""
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(rows).to(self.device)
+
+    def grid(self, steps: int, grid: str | None = None, shift: float | None = None,
+             t_start: float = 1.0) -> Tensor:
+        grid = grid or self.sampling.grid
+        shift = self.sampling.shift if shift is None else shift
+        ts = time_grid(steps, self.path, grid, shift=shift)
+        return ts * t_start if t_start < 1.0 else ts
+
+    def sample(self, x: Tensor, denoise: Callable, ts: Tensor, *, sampler: str, seed: int = 0,
+               on_step: Callable | None = None, progress: bool = True, **opts: Any) -> Tensor:
+        """Run a sampler over grid ``ts`` from x, with an optional progress bar."""
+        fn = get_sampler(sampler)
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        bar = _progress(len(ts) - 1, progress)
+
+        def hook(i: int, t: Tensor, x_next: Tensor, x0: Tensor) -> Tensor | None:
+            bar.update(1)
+            return on_step(i, t, x_next, x0) if on_step else None
+
+        try:
+            return fn(denoise, x, ts.to(x.device), self.path, generator=gen, on_step=hook, **opts)
+        finally:
+            bar.close()
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | int | Sequence[str | int], negative_prompt: str | Sequence[str] | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
+                 seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
+                 output_type: str = "pil", progress: bool = True, shift: float | None = None,
+                 grid: str | None = None, eta: float | None = None) -> list[Image.Image] | Tensor:
+        """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
+        seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent"."""
+        prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        k = _positive(num_images_per_prompt, "num_images_per_prompt")
+        steps = _positive(self.sampling.steps if steps is None else steps, "steps")
+        g = self.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
+        negative = _negatives(negative_prompt, len(prompts))
+        seeds = _seeds(seed, len(prompts) * k)
+        cond, uncond = self.encode(prompts, negative)
+        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype)
+        x = self.noise(seeds, self.latent_shape(height, width))
+        name = sampler or self.sampling.sampler
+        opts = {"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {}
+        latents = self.sample(x, denoise, self.grid(steps, grid, shift), sampler=name,
+                              seed=seeds[0], progress=progress, **opts)
+        return self.decode(latents, output_type)
+
+    def decode(self, latents: Tensor, output_type: str = "pil") -> list[Image.Image] | Tensor:
+        if output_type == "latent":
+            return latents
+        images = self.autoencoder.decode(latents.float())
+        if output_type == "tensor":
+            return images
+        if output_type != "pil":
+            raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
+        return to_pil(images)
+
+
+def _load_ae(config: CheckpointConfig, directory: FsPath, device) -> Autoencoder:
+    desc = component_path(directory, config.autoencoder) or {"kind": "identity"}
+    return load_autoencoder(**{k: v for k, v in desc.items() if k in ("kind", "path")}, device=device)
+
+
+def _load_text(config: CheckpointConfig, directory: FsPath, device) -> TextEncoder | None:
+    desc = component_path(directory, config.text_encoder)
+    if not desc:
+        return None
+    keys = ("name", "path", "max_length")
+    return load_text_encoder(**{k: v for k, v in desc.items() if k in keys}, device=str(device))
+
+
+def _check_prompt(p: Any) -> str:
+    if not isinstance(p, str):
+        raise ValueError(f"prompts must be strings for a text model, got {type(p).__name__}")
+    return p
+
+
+def _class_labels(prompts: Sequence[Any], num_classes: int, device) -> Tensor:
+    try:
+        labels = [int(p) for p in prompts]
+    except (TypeError, ValueError):
+        raise ValueError("this is a class-conditional model: prompts must be class ids") from None
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"class ids must be in [0, {num_classes - 1}], got {labels}")
+    return torch.tensor(labels, device=device)
+
+
+def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str] | None:
+    if negative is None:
+        return None
+    negative = [negative] * n if isinstance(negative, str) else list(negative)
+    if len(negative) != n:
+        raise ValueError(f"got {len(negative)} negative prompts for {n} prompts")
+    return negative
+
+
+def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} images (prompts x num_images_per_prompt)")
+    return seeds
+
+
+def _positive(v: int, name: str) -> int:
+    if int(v) < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, leave=False, desc="sampling")

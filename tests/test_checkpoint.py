@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from latentdit import checkpoint as ckpt
+from latentdit.checkpoint import CheckpointConfig, load_config, load_denoiser, save_pretrained
+from latentdit.config import DiffusionConfig, model_preset
+from latentdit.model import Denoiser
+
+
+def _model() -> Denoiser:
+    model = Denoiser(model_preset("tiny", mlp="dwconv"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _config(model: Denoiser) -> CheckpointConfig:
+    return CheckpointConfig(model=model.config, diffusion=DiffusionConfig(path="vp-linear"),
+                            text_encoder={"name": "minilm"}, autoencoder={"kind": "identity"})
+
+
+def _inputs():
+    return (torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 5, 32),
+            torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 32))
+
+
+def test_save_load_is_bit_identical(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    loaded, config, folder = load_denoiser(tmp_path / "m")
+    args = _inputs()
+    assert torch.equal(model(*args), loaded(*args))
+    assert config.diffusion.path == "vp-linear" and config.text_encoder == {"name": "minilm"}
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_fp16_save_loads_close(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model), dtype=torch.float16)
+    loaded, _, _ = load_denoiser(tmp_path / "m")
+    args = _inputs()
+    assert (model(*args) - loaded(*args)).abs().max() < 1e-2
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_overwrite_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(_model(), tmp_path / "m", _config(model))
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folders left behind
+
+
+def test_truncated_weights_give_clear_error(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="unreadable or truncated"):
+        load_denoiser(tmp_path / "m")
+
+
+def test_mismatched_config_gives_clear_error(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["depth"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match"):
+        load_denoiser(tmp_path / "m")
+    cfg["model"]["dept"] = 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="did you mean 'depth'"):
+        load_config(tmp_path / "m")
+
+
+def test_newer_format_is_refused(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="upgrade latentdit"):
+        load_config(tmp_path / "m")
+
+
+def test_missing_folder_and_offline_hub_id(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor a hub id"):
+        load_denoiser(tmp_path / "nope")
+    with pytest.raises(ValueError, match="could not fetch model 'someone/missing-model'"):
+        load_denoiser("someone/missing-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_denoiser(tmp_path / "empty")
+
+
+def test_loader_never_unpickles():
+    import inspect
+
+    source = inspect.getsource(ckpt)
+    assert "torch.load(" not in source and "import pickle" not in source

