@@ -149,8 +149,7 @@ class Text2Image:
              t_start: float = 1.0) -> Tensor:
         grid = grid or self.sampling.grid
         shift = self.sampling.shift if shift is None else shift
-        ts = time_grid(steps, self.path, grid, shift=shift)
-        return ts * t_start if t_start < 1.0 else ts
+        return time_grid(steps, self.path, grid, shift=shift, t_max=t_start)
 
     def sample(self, x: Tensor, denoise: Callable, ts: Tensor, *, sampler: str, seed: int = 0,
                on_step: Callable | None = None, progress: bool = True, **opts: Any) -> Tensor:
@@ -207,15 +206,14 @@ class Text2Image:
 
 def _load_ae(config: CheckpointConfig, directory: FsPath, device) -> Autoencoder:
     desc = component_path(directory, config.autoencoder) or {"kind": "identity"}
-    return load_autoencoder(**{k: v for k, v in desc.items() if k in ("kind", "path")}, device=device)
+    return load_autoencoder(**desc, device=device)  # recorded channels/downsample are checked
 
 
 def _load_text(config: CheckpointConfig, directory: FsPath, device) -> TextEncoder | None:
     desc = component_path(directory, config.text_encoder)
     if not desc:
         return None
-    keys = ("name", "path", "max_length")
-    return load_text_encoder(**{k: v for k, v in desc.items() if k in keys}, device=str(device))
+    return load_text_encoder(**desc, device=str(device))  # recorded dims are checked
 
 
 def _check_prompt(p: Any) -> str:
