@@ -149,12 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_optional_commands() -> None:
     """Subcommands defined in other modules of this layer register themselves on import."""
-    from . import cli_train  # noqa: F401
+    from . import cli_eval, cli_train  # noqa: F401
+
+
+ACCEPTS_OVERRIDES = {"train", "train-ae"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ACCEPTS_OVERRIDES:
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .datasets.shapes import (
+from ..datasets.shapes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
@@ -355,16 +355,22 @@ def evaluate_images(items: list[tuple[Image.Image | np.ndarray, dict]]) -> dict:
     """Accuracy per category, overall (mean over all checks) and per image (all checks right)."""
     if not items:
         raise ValueError("evaluate_images needs at least one (image, expect) pair")
+    return aggregate([score(image, expect) for image, expect in items])
+
+
+def aggregate(results: list[dict[str, bool]]) -> dict:
+    """Combine per-image ``score`` results into the accuracies ``evaluate_images`` reports."""
+    if not results:
+        raise ValueError("aggregate needs at least one scored image")
     passes: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
     all_right = []
-    for image, expect in items:
-        results = score(image, expect)
-        for category, ok in results.items():
+    for results_one in results:
+        for category, ok in results_one.items():
             passes[category].append(ok)
-        all_right.append(all(results.values()))
+        all_right.append(all(results_one.values()))
     checks = [ok for values in passes.values() for ok in values]
     return {
-        "n": len(items),
+        "n": len(results),
         "overall": float(np.mean(checks)) if checks else float("nan"),
         "image_accuracy": float(np.mean(all_right)),
         "per_category": {c: float(np.mean(v)) for c, v in passes.items() if v},

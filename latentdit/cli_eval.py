@@ -1,0 +1,41 @@
+"""``latentdit eval alignment``: how well a model follows shapes prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .cli import command
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("metric", choices=["alignment"], help="what to measure")
+    p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
+    p.add_argument("--prompts", default=None, help="prompts JSONL ({id, prompt, expect} per line)")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout"],
+                   help="without --prompts: draw prompts from this shapes split")
+    p.add_argument("--n", type=int, default=64, help="number of prompts drawn from --split")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for report.json and grid.png")
+
+
+@command("eval", "evaluate a model (alignment: prompt-following accuracy on shapes)")(_eval_args)
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import load_prompts, run_alignment
+    from .pipeline import Text2Image
+
+    if args.prompts:
+        items = load_prompts(args.prompts)
+    else:
+        from .datasets.shapes import prompt_set
+
+        items = prompt_set(args.split, args.n, seed=args.seed)
+    pipe = Text2Image.from_pretrained(args.model)
+    report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
+                           guidance_scale=args.guidance, seed=args.seed, out_dir=args.out)
+    print(json.dumps({k: report[k] for k in ("overall", "image_accuracy", "per_category", "heldout_pairs",
+                                             "prompts", "samples_per_prompt", "seconds")}, indent=1))
+    return 0
