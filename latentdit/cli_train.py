@@ -1,0 +1,227 @@
+"""Data and training subcommands: ``shapes``, ``preprocess``, ``train-ae``, ``train``, ``export``.
+
+Training flags are generated from the config dataclasses: any field can be set as
+``--key value`` or ``--section.key value`` (``--optim.lr 1e-4``, ``--model.depth 6``), on top of
+a named recipe and an optional ``--config FILE.json``; a typo names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from .cli import command
+
+OVERRIDES_HELP = ("any config field as --key value or --section.key value "
+                  "(e.g. --steps 500 --optim.lr 1e-4 --model.depth 6)")
+
+
+# -- overrides ---------------------------------------------------------------------------------
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``["--optim.lr", "1e-4", "--steps", "10"]`` -> {"optim": {"lr": 1e-4}, "steps": 10}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        flag = tokens[i]
+        if not flag.startswith("--") or len(flag) < 3:
+            raise ValueError(f"unexpected argument {flag!r}; overrides look like --section.key value")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"{flag} needs a value")
+            value, i = tokens[i + 1], i + 1
+        _set_path(out, key.replace("-", "_").split("."), _parse_value(value))
+        i += 1
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"--{'.'.join(keys)}: {k} is not a section")
+    tree[keys[-1]] = value
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def fields_epilog(cls: type, prefix: str = "") -> str:
+    """A one-line-per-field listing of a config dataclass for ``--help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(fields_epilog(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else "..."
+            lines.append(f"  --{prefix}{f.name} (default {default!r})")
+    return "\n".join(lines)
+
+
+def load_config_file(path: str | None) -> dict[str, Any]:
+    from .config import load_json
+
+    return load_json(path) if path else {}
+
+
+# -- shapes ------------------------------------------------------------------------------------
+def _shapes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--out", required=True, help="output folder (PNGs + captions.jsonl)")
+    p.add_argument("--size", type=int, default=64, help="canvas side, a multiple of 8")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("shapes", "render samples of the procedural shapes dataset to look at")(_shapes_args)
+def run_shapes(args: argparse.Namespace) -> int:
+    from .datasets.shapes import write_samples
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    jsonl = write_samples(args.out, args.n, size=args.size, split=args.split, seed=args.seed)
+    print(f"wrote {args.n} images and {jsonl}")
+    return 0
+
+
+# -- preprocess --------------------------------------------------------------------------------
+def _preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="shapes", help="'shapes' or an image-caption folder")
+    p.add_argument("--out", required=True, help="shard folder to write (an interrupted run resumes)")
+    p.add_argument("--n", type=int, default=None, help="number of samples (required for shapes)")
+    p.add_argument("--autoencoder", default="identity",
+                   help="'identity' or a diffusers AutoencoderKL folder / hub id")
+    p.add_argument("--text-encoder", default="minilm", help="minilm, multilingual, clip, t5, chinese-clip")
+    p.add_argument("--text-encoder-path", default=None, help="hub id or folder for clip/t5/chinese-clip")
+    p.add_argument("--max-length", type=int, default=32, help="text tokens kept per caption")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latent-format", default="fp16", choices=["fp16", "uint8"])
+    p.add_argument("--size", type=int, default=64, help="image side (shapes canvas / resize)")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("preprocess", "encode images and captions once into training shards")(_preprocess_args)
+def run_preprocess(args: argparse.Namespace) -> int:
+    from .data import folder_source, preprocess, shapes_source
+    from .text import load_text_encoder
+    from .vae import load_autoencoder
+
+    if args.source == "shapes":
+        if not args.n:
+            raise ValueError("--n is required with --source shapes (the dataset is infinite)")
+        source = shapes_source(args.n, size=args.size, split=args.split, seed=args.seed)
+    else:
+        source = folder_source(args.source)
+    kind = "identity" if args.autoencoder == "identity" else "kl"
+    ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder)
+    te = load_text_encoder(args.text_encoder, args.text_encoder_path, max_length=args.max_length)
+    manifest = preprocess(source, args.out, autoencoder=ae, text_encoder=te, n=args.n,
+                          shard_size=args.shard_size, batch_size=args.batch_size,
+                          latent_format=args.latent_format, image_size=args.size,
+                          progress=not args.no_progress)
+    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out} "
+          f"({manifest.get('skipped', 0)} unreadable images skipped)")
+    return 0
+
+
+# -- train-ae ----------------------------------------------------------------------------------
+def _train_ae_args(p: argparse.ArgumentParser) -> None:
+    from .train_ae import AEConfig
+
+    p.add_argument("--out", required=True, help="run folder; the autoencoder lands in OUT/autoencoder")
+    p.add_argument("--config", default=None, help="JSON file of AEConfig fields")
+    p.add_argument("--no-progress", action="store_true")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = OVERRIDES_HELP + ":\n" + fields_epilog(AEConfig)
+
+
+@command("train-ae", "train the image autoencoder (diffusers AutoencoderKL)")(_train_ae_args)
+def run_train_ae(args: argparse.Namespace) -> int:
+    from .config import from_dict
+    from .train_ae import AEConfig, train_autoencoder
+
+    data = merge(load_config_file(args.config), parse_overrides(args.overrides))
+    metrics = train_autoencoder(from_dict(AEConfig, data), args.out, progress=not args.no_progress)
+    print(json.dumps(metrics))
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .train import OBJECTIVES, RECIPES, TrainConfig
+
+    p.add_argument("--preset", default="shapes-small", choices=sorted(RECIPES), help="named recipe")
+    p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES),
+                   help="flow (default: flow path, velocity, logit-normal t), tld (original TLD), "
+                        "dit (vp-linear + eps)")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--print-config", action="store_true", help="print the final config and exit")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = OVERRIDES_HELP + ":\n" + fields_epilog(TrainConfig)
+
+
+@command("train", "train a denoiser on preprocessed shards (accelerate launch -m latentdit train ...)")(_train_args)
+def run_train(args: argparse.Namespace) -> int:
+    from .config import to_dict
+    from .train import make_config, recipe_dict, train
+
+    data = merge(merge(recipe_dict(args.preset, args.objective), load_config_file(args.config)),
+                 parse_overrides(args.overrides))
+    cfg = make_config(data)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
+    if not cfg.data:
+        raise ValueError("--data is required: a shard folder written by `latentdit preprocess`")
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a training run folder (its --out)")
+    p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+
+
+@command("export", "write a checkpoint's EMA weights as a from_pretrained model folder")(_export_args)
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from .data import ShardReader
+    from .train import export, make_config
+    from .train_state import find_checkpoint
+
+    folder = find_checkpoint(Path(args.run), args.checkpoint)
+    if folder is None:
+        raise ValueError(f"no checkpoint in {args.run}/checkpoints")
+    cfg = make_config(json.loads((folder / "state.json").read_text())["config"])
+    ema = load_file(folder / "ema.safetensors")
+    out = export(cfg, ema, ShardReader(cfg.data), Path(args.out), torch.float16 if args.fp16 else None)
+    print(out)
+    return 0

@@ -1,0 +1,441 @@
+"""Training a denoiser on precomputed shards, on one CPU or many GPUs through ``accelerate``.
+
+The loss is three small pieces (SiT / EDM style): draw t from the density, noise along the path,
+regress the prediction target. Everything a resume needs (weights, EMA, optimiser, RNG, step; the
+data position and the LR follow from the step) goes into an atomic checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
+from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
+from .data import Batch, ShardReader
+from .model import Denoiser
+from .schedules import Path as NoisePath
+from .schedules import add_noise, from_x0_eps, sample_time
+from .train_state import TrainState, find_checkpoint, load_state, prune_checkpoints, save_state
+
+DEFAULT_PREVIEW_PROMPTS = (
+    "a large red circle in the center", "a small blue square in the top left",
+    "a green triangle to the left of a yellow star", "three purple hearts",
+)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 200
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a shard folder written by ``latentdit preprocess``
+    out: str = "runs/latentdit"
+    steps: int = 1000
+    batch_size: int = 64  # per process and micro-step
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    log_every: int = 50
+    preview_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10
+    preview_prompts: tuple[str, ...] = DEFAULT_PREVIEW_PROMPTS
+    init_from: str | None = None  # fine-tune: start from this model folder's weights
+    model: ModelConfig = field(default_factory=lambda: model_preset("small"))
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+# Objectives: (diffusion fields, model fields). "tld" is the original Transformer Latent Diffusion
+# recipe: x0 prediction on the linear path, t ~ Beta(1, 2.5), pooled text + noise level as two
+# cross-attention tokens, no adaLN.
+OBJECTIVES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "flow": ({"path": "flow", "time_density": "logit-normal(0, 1)"}, {"prediction": "flow"}),
+    "tld": ({"path": "flow", "time_density": "beta(1, 2.5)"},
+            {"prediction": "x0", "modulation": "none", "text_dim": 0}),
+    "dit": ({"path": "vp-linear", "time_density": "uniform"}, {"prediction": "eps"}),
+}
+
+# Named recipes: a model preset plus training fields, overridable from the CLI.
+RECIPES: dict[str, dict[str, Any]] = {
+    "tiny": {"preset": "tiny", "objective": "flow", "train": {"steps": 200, "batch_size": 16}},
+    "shapes-small": {"preset": "small", "objective": "flow",
+                     "train": {"steps": 6000, "batch_size": 64, "optim": {"lr": 5e-4, "warmup_steps": 300}}},
+    "shapes-tld": {"preset": "small", "objective": "tld",
+                   "train": {"steps": 6000, "batch_size": 64, "optim": {"lr": 5e-4, "warmup_steps": 300}}},
+}
+
+
+def recipe_dict(name: str, objective: str | None = None) -> dict[str, Any]:
+    """The TrainConfig dict of a named recipe, optionally with another objective."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    objective = objective or recipe["objective"]
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+    diffusion, model_fields = OBJECTIVES[objective]
+    model = to_dict(model_preset(recipe["preset"], **model_fields))
+    return _merge({"model": model, "diffusion": dict(diffusion)}, recipe["train"])
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(data: dict[str, Any]) -> TrainConfig:
+    return from_dict(TrainConfig, data)
+
+
+# -- the loss ----------------------------------------------------------------------------------
+def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: TrainConfig,
+                   gen: torch.Generator) -> Tensor:
+    """Mean squared error between the network output and the target named by its config."""
+    x0 = batch.latents
+    n, device = x0.shape[0], x0.device
+    t = sample_time(n, cfg.diffusion.time_density, shift=cfg.diffusion.time_shift, generator=gen).to(device)
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    drop = (torch.rand(n, generator=gen) < cfg.cond_dropout).to(device)
+    target = from_x0_eps(x0, eps, t, path, cfg.model.prediction)
+    text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
+    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled)
+    return (pred.float() - target).pow(2).mean()
+
+
+def _condition(batch: Batch, mcfg: ModelConfig) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    text = batch.tokens[:, : mcfg.max_text_len] if mcfg.text_dim else None
+    mask = batch.mask[:, : mcfg.max_text_len] if mcfg.text_dim else None
+    return text, mask, batch.pooled if mcfg.pooled_dim else None
+
+
+def _unwrap(model: torch.nn.Module) -> Denoiser:
+    return model.module if hasattr(model, "module") else model
+
+
+# -- schedule, EMA -------------------------------------------------------------------------------
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr (or constant)."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def ema_decay(step: int, cfg: TrainConfig) -> float:
+    """With warm-up the EMA forgets the random init quickly: min(decay, (1 + n) / (10 + n))."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, Tensor], model: Denoiser, decay: float) -> None:
+    """EMA matched by parameter name, so a reordered or wrapped model cannot misalign it."""
+    for name, p in model.named_parameters():
+        ema[name].lerp_(p.detach().float(), 1 - decay)
+
+
+# -- one optimisation step -----------------------------------------------------------------------
+def train_step(acc, model, opt, batches: list[Batch], path: NoisePath, cfg: TrainConfig,
+               gen: torch.Generator, step: int) -> tuple[Tensor, Tensor, bool]:
+    """Accumulate over micro-batches, clip, and step unless the gradient is not finite.
+    Returns (mean loss, grad norm, stepped). The norm is all-reduced, so every rank agrees."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(step, cfg)
+    total = torch.zeros(())
+    for i, batch in enumerate(batches):
+        sync = acc.no_sync(model) if i < len(batches) - 1 else _nullcontext()
+        with sync, _autocast(acc.device, cfg.mixed_precision):
+            loss = diffusion_loss(model, batch, path, cfg, gen) / len(batches)
+        acc.backward(loss)
+        total += loss.detach().float().cpu()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    ok = bool(torch.isfinite(norm)) and bool(torch.isfinite(total))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, norm.detach().float().cpu(), ok
+
+
+def _autocast(device: torch.device, mixed: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train, checkpoint, preview and export. ``resume``: "latest" or a checkpoint folder.
+    ``stop_after``: stop (with a checkpoint) after this many steps of this call, as a crash would."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    reader = ShardReader(cfg.data)
+    model, ema, opt, state = _setup(cfg, reader, acc, resume)
+    model, opt = acc.prepare(model, opt)
+    log = _Logger(cfg, acc, state.step, progress)
+    stream = _batches(reader, cfg, acc, state.step)
+    path = NoisePath(cfg.diffusion.path)
+    last = min(cfg.steps, state.step + stop_after) if stop_after else cfg.steps
+    while state.step < last:
+        micro = [next(stream) for _ in range(cfg.optim.grad_accum)]
+        loss, norm, ok = train_step(acc, model, opt, micro, path, cfg, state.generator, state.step)
+        _account(state, ok, cfg)
+        if ok:
+            update_ema(ema, _unwrap(model), ema_decay(state.step, cfg))
+        state.step += 1
+        log.step(state, loss, norm, ok, opt.param_groups[0]["lr"], micro)
+        _periodic(cfg, acc, model, ema, opt, state, reader, last)
+    log.close()
+    return _finish(cfg, acc, model, ema, reader, state, log)
+
+
+def _account(state: TrainState, ok: bool, cfg: TrainConfig) -> None:
+    """Count skipped (non-finite) steps; too many in a row means the run has diverged."""
+    state.bad_streak = 0 if ok else state.bad_streak + 1
+    state.bad_total += 0 if ok else 1
+    if state.bad_streak >= cfg.max_bad_steps:
+        raise RuntimeError(
+            f"{state.bad_streak} non-finite steps in a row at step {state.step}: training diverged. "
+            "Lower optim.lr, keep mixed_precision bf16 off fp16, or check the data for NaNs.")
+
+
+def _periodic(cfg, acc, model, ema, opt, state, reader, last) -> None:
+    if state.step % cfg.checkpoint_every == 0 or state.step == last:
+        save_state(Path(cfg.out), acc, _unwrap(model), ema, opt, state, to_dict(cfg))
+        if acc.is_main_process:
+            prune_checkpoints(Path(cfg.out), cfg.keep_checkpoints)
+    if cfg.preview_every and state.step % cfg.preview_every == 0 and acc.is_main_process:
+        write_preview(cfg, ema, reader, Path(cfg.out) / "previews" / f"step-{state.step:07d}.png")
+
+
+def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
+    """The shards must carry what the model consumes, at the sizes it expects."""
+    m = reader.manifest
+    for key in ("text_dim", "pooled_dim"):
+        want = getattr(mcfg, key)
+        if want and m.get(key) != want:
+            raise ValueError(f"model.{key} = {want} but the shards in {reader.directory} were encoded "
+                             f"with {m['text_encoder'].get('name')} ({key} {m.get(key)})")
+    if m["latent_shape"][0] != mcfg.in_channels:
+        raise ValueError(f"model.in_channels = {mcfg.in_channels} but the shards hold "
+                         f"{m['latent_shape'][0]}-channel latents")
+
+
+def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
+    check_data(reader, cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = Denoiser(cfg.model)
+    if cfg.init_from:
+        load_init_weights(model, cfg.init_from)
+    model.to(acc.device).train()
+    ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                            betas=(cfg.optim.beta1, cfg.optim.beta2))
+    state = TrainState(generator=torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index))
+    if resume:
+        found = find_checkpoint(Path(cfg.out), resume)
+        if found is not None:
+            load_state(found, model, ema, opt, state, acc.process_index)
+            if acc.is_main_process:
+                print(f"resumed from {found} at step {state.step}")
+        elif resume != "latest":
+            raise ValueError(f"checkpoint {resume} not found")
+    return model, ema, opt, state
+
+
+def load_init_weights(model: Denoiser, folder: str) -> None:
+    """Fine-tuning start: copy weights by name; a wider input conv keeps the new channels at zero
+    (the inpainting variant starts as the base model)."""
+    from .checkpoint import load_weights, resolve
+
+    own = model.state_dict()
+    for name, w in load_weights(resolve(folder)).items():
+        if name not in own:
+            continue
+        if own[name].shape == w.shape:
+            own[name].copy_(w)
+        elif name == "patch.weight" and own[name].shape[1] > w.shape[1]:
+            own[name][:, : w.shape[1]].copy_(w)
+        else:
+            raise ValueError(f"cannot fine-tune from {folder}: {name} has shape {tuple(w.shape)}, "
+                             f"the new model needs {tuple(own[name].shape)}")
+
+
+def _batches(reader: ShardReader, cfg: TrainConfig, acc, step: int) -> Iterator[Batch]:
+    """The deterministic stream from the resume position; micro-steps count as stream steps."""
+    accum = cfg.optim.grad_accum
+    stream = reader.batches(cfg.batch_size, seed=cfg.seed, start_step=step * accum,
+                            rank=acc.process_index, world_size=acc.num_processes)
+    for batch in stream:
+        yield batch if acc.device.type == "cpu" else batch.to(acc.device)
+
+
+# -- logging, previews, export -------------------------------------------------------------------
+class _Logger:
+    """tqdm bar + TensorBoard + metrics.jsonl. Losses accumulate as tensors between log lines so
+    the hot loop never forces a sync with ``.item()``."""
+
+    def __init__(self, cfg: TrainConfig, acc, start: int, progress: bool):
+        self.cfg, self.main = cfg, acc.is_main_process
+        self.world = acc.num_processes
+        self.loss_sum, self.count, self.images, self.t0 = torch.zeros(()), 0, 0, time.perf_counter()
+        self.bar = self.tb = None
+        self.history: list[dict[str, float]] = []
+        if self.main:
+            from tqdm.auto import tqdm
+
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
+            self.tb = _tensorboard(Path(cfg.out) / "tb")
+            self.jsonl = open(Path(cfg.out) / "metrics.jsonl", "a")
+
+    def step(self, state: TrainState, loss: Tensor, norm: Tensor, ok: bool, lr: float, micro) -> None:
+        if ok:
+            self.loss_sum += loss
+            self.count += 1
+        self.images += sum(b.latents.shape[0] for b in micro) * self.world
+        if not self.main:
+            return
+        self.bar.update(1)
+        if state.step % self.cfg.log_every == 0:
+            self._emit(state, norm, lr)
+
+    def _emit(self, state: TrainState, norm: Tensor, lr: float) -> None:
+        elapsed = time.perf_counter() - self.t0
+        row = {"step": state.step, "loss": float(self.loss_sum) / max(1, self.count), "lr": lr,
+               "grad_norm": float(norm), "images_per_s": self.images / max(elapsed, 1e-9),
+               "skipped": state.bad_total}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+        if self.tb is not None:
+            for k in ("loss", "lr", "grad_norm", "images_per_s"):
+                self.tb.add_scalar(f"train/{k}", row[k], state.step)
+        self.loss_sum, self.count, self.images, self.t0 = torch.zeros(()), 0, 0, time.perf_counter()
+
+    def close(self) -> None:
+        if self.main:
+            self.bar.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: logs still go to metrics.jsonl
+        return None
+    return SummaryWriter(str(folder))
+
+
+def ema_model(cfg: TrainConfig, ema: dict[str, Tensor]) -> Denoiser:
+    model = Denoiser(cfg.model)
+    missing = model.load_state_dict(ema, strict=False).missing_keys
+    buffers = [k for k in missing if k in dict(model.named_parameters())]
+    if buffers:
+        raise ValueError(f"EMA is missing parameters {buffers[:3]}")
+    return model.eval()
+
+
+@torch.no_grad()
+def write_preview(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: Path) -> Path:
+    """A grid from fixed prompts and seeds with the EMA weights: the same picture every time, so
+    previews across steps are comparable."""
+    from .pipeline import Text2Image, image_grid
+    from .vae import load_autoencoder
+
+    pipe = Text2Image(ema_model(cfg, ema), load_autoencoder(**_ae_args(reader)), _preview_encoder(reader),
+                      NoisePath(cfg.diffusion.path), cfg.sampling)
+    images = pipe(list(cfg.preview_prompts), seed=0, num_images_per_prompt=2, progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=2 * 2).save(out)
+    return out
+
+
+_ENCODERS: dict[str, Any] = {}
+
+
+def _preview_encoder(reader: ShardReader):
+    """The shards' text encoder, loaded once per process (MiniLM takes seconds to load)."""
+    from .text import load_text_encoder
+
+    desc = reader.manifest["text_encoder"]
+    key = json.dumps(desc, sort_keys=True)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_text_encoder(**{k: desc[k] for k in ("name", "path", "max_length") if k in desc})
+    return _ENCODERS[key]
+
+
+def _ae_args(reader: ShardReader) -> dict[str, Any]:
+    desc = reader.manifest["autoencoder"]
+    return {k: desc[k] for k in ("kind", "path") if k in desc}
+
+
+def export(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: Path,
+           dtype: torch.dtype | None = None) -> Path:
+    """EMA weights -> a ``from_pretrained`` folder, with the autoencoder copied in so the folder
+    works on its own."""
+    ae = dict(reader.manifest["autoencoder"])
+    extra = {}
+    if ae.get("kind") == "kl" and ae.get("path") and Path(ae["path"]).is_dir():
+        extra["vae"] = Path(ae["path"])
+        ae["path"] = "vae"
+    config = CheckpointConfig(model=cfg.model, diffusion=cfg.diffusion, sampling=cfg.sampling,
+                              text_encoder=reader.manifest["text_encoder"], autoencoder=ae,
+                              extra={"train": {"steps": cfg.steps, "data": cfg.data}})
+    return save_pretrained(ema_model(cfg, ema), out, config, dtype=dtype, extra_dirs=extra)
+
+
+def _finish(cfg, acc, model, ema, reader, state, log) -> dict[str, Any]:
+    result = {"step": state.step, "skipped_steps": state.bad_total, "history": log.history}
+    if acc.is_main_process and state.step >= cfg.steps:
+        result["model"] = str(export(cfg, ema, reader, Path(cfg.out) / "model"))
+        atomic_write_bytes(Path(cfg.out) / "result.json",
+                           json.dumps({k: v for k, v in result.items() if k != "history"}).encode())
+    acc.wait_for_everyone()
+    return result

@@ -1,0 +1,127 @@
+"""Resumable training state: atomic checkpoint folders of safetensors + JSON, never pickles.
+
+A checkpoint ``checkpoints/step-0000500/`` holds the raw weights, the EMA weights, the optimiser
+moments, one RNG state per process and ``state.json`` (step, skip counters, optimiser hyper-
+parameters, the run config). It is written into a hidden temp folder and renamed into place, so a
+crash mid-write never leaves a half checkpoint that ``--resume latest`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    step: int = 0
+    bad_streak: int = 0
+    bad_total: int = 0
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimiser state_dict into tensors (safetensors) and plain values (JSON)."""
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_state(out: Path, acc, model: torch.nn.Module, ema: dict[str, Tensor], opt, state: TrainState,
+               config: dict[str, Any]) -> Path:
+    """Every process writes its RNG state; the main one writes the rest and renames."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{state.step:07d}", root / f".tmp-step-{state.step:07d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_file({"generator": state.generator.get_state()}, tmp / f"rng-rank{acc.process_index}.safetensors")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _write_main(tmp, model, ema, opt, state, config, acc.num_processes)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write_main(tmp: Path, model, ema, opt, state: TrainState, config: dict[str, Any], world: int) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    tensors, meta = _flatten_optimizer(opt.state_dict())
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
+    info = {"step": state.step, "bad_streak": state.bad_streak, "bad_total": state.bad_total,
+            "world_size": world, "optimizer": meta, "config": config}
+    (tmp / "state.json").write_text(json.dumps(info, indent=1))
+
+
+def load_state(folder: Path, model: torch.nn.Module, ema: dict[str, Tensor], opt, state: TrainState,
+               rank: int) -> None:
+    info = json.loads((folder / "state.json").read_text())
+    model.load_state_dict(_load(folder / "model.safetensors"))
+    for name, value in _load(folder / "ema.safetensors").items():
+        ema[name].copy_(value)
+    opt.load_state_dict(_unflatten_optimizer(_load(folder / "optimizer.safetensors"), info["optimizer"]))
+    state.step, state.bad_streak, state.bad_total = info["step"], info["bad_streak"], info["bad_total"]
+    rng = folder / f"rng-rank{rank}.safetensors"
+    if rng.exists():
+        state.generator.set_state(_load(rng)["generator"])
+    else:  # resumed on more processes than were saved: new ranks get a fresh, distinct stream
+        state.generator.manual_seed(10_007 * (rank + 1) + state.step)
+
+
+def _load(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {file} is unreadable or truncated ({e})") from None
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / "state.json").exists())
+
+
+def find_checkpoint(out: Path, spec: str) -> Path | None:
+    """``latest`` -> the newest complete checkpoint (or None); anything else must be a folder."""
+    if spec == "latest":
+        found = list_checkpoints(out)
+        return found[-1][1] if found else None
+    folder = Path(spec)
+    if not (folder / "state.json").exists():
+        raise ValueError(f"{spec} is not a training checkpoint folder (no state.json)")
+    return folder
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (retention limit)."""
+    for _, folder in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,211 @@
+"""Training: loss goes down, resume is exact, NaNs are skipped, multi-process agrees, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentdit.config import to_dict
+from latentdit.train import TrainConfig, make_config, recipe_dict, train
+
+SIZE = 16  # shapes canvas; identity autoencoder -> 3x16x16 latents
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from latentdit.text import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=24)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, minilm):
+    from latentdit.data import preprocess, shapes_source
+    from latentdit.vae import load_autoencoder
+
+    out = tmp_path_factory.mktemp("shards")
+    preprocess(shapes_source(192, size=SIZE), out, autoencoder=load_autoencoder("identity"),
+               text_encoder=minilm, n=192, shard_size=64, progress=False)
+    return out
+
+
+def _config(shards, out, **over) -> TrainConfig:
+    base = recipe_dict("tiny")
+    base["model"].update(in_channels=3, text_dim=384, pooled_dim=384, max_text_len=24, base_size=SIZE,
+                         patch_size=4)
+    data = {**base, "data": str(shards), "out": str(out), "steps": 30, "batch_size": 8,
+            "log_every": 1, "preview_every": 0, "checkpoint_every": 10, "ema_decay": 0.9,
+            "optim": {"lr": 2e-3, "warmup_steps": 5}, **over}
+    return make_config(data)
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_training_lowers_loss_and_ema_differs(shards, tmp_path):
+    result = train(_config(shards, tmp_path), progress=False)
+    losses = [row["loss"] for row in result["history"]]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    ckpt = tmp_path / "checkpoints" / "step-0000030"
+    raw, ema = load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
+    assert any(not torch.allclose(raw[k], ema[k]) for k in ema)
+    exported = load_file(Path(result["model"]) / "model.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
+def test_resume_is_exact(shards, tmp_path):
+    kw = dict(steps=12, mixed_precision="no", checkpoint_every=100, keep_checkpoints=2)
+    full = tmp_path / "full"
+    train(_config(shards, full, **kw), progress=False)
+    part = tmp_path / "part"
+    first = train(_config(shards, part, **kw), progress=False, stop_after=5)
+    assert first["step"] == 5 and not (part / "model").exists()
+    train(_config(shards, part, **kw), resume="latest", progress=False)
+    np.testing.assert_allclose(_losses(part), _losses(full), rtol=1e-6, atol=1e-7)
+    a = load_file(full / "checkpoints" / "step-0000012" / "model.safetensors")
+    b = load_file(part / "checkpoints" / "step-0000012" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ea = load_file(full / "model" / "model.safetensors")
+    eb = load_file(part / "model" / "model.safetensors")
+    assert all(torch.allclose(ea[k], eb[k], atol=1e-6) for k in ea)
+    # retention: only the newest checkpoints are kept
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-0000005", "step-0000012"]
+
+
+def _poison(monkeypatch, bad_steps):
+    import latentdit.train as T
+
+    original = T._batches
+
+    def batches(reader, cfg, acc, step):
+        for i, batch in enumerate(original(reader, cfg, acc, step), start=step):
+            if i in bad_steps:
+                batch.latents = batch.latents.clone()
+                batch.latents[0, 0, 0, 0] = float("nan")
+            yield batch
+
+    monkeypatch.setattr(T, "_batches", batches)
+
+
+def test_nan_batch_is_skipped_and_counted(shards, tmp_path, monkeypatch):
+    _poison(monkeypatch, {3})
+    result = train(_config(shards, tmp_path, steps=8), progress=False)
+    assert result["step"] == 8 and result["skipped_steps"] == 1
+    weights = load_file(Path(result["model"]) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_diverging_run_stops_with_clear_message(shards, tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(100)))
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        train(_config(shards, tmp_path, steps=8, max_bad_steps=3), progress=False)
+
+
+def test_wrong_text_width_is_a_clear_error(shards, tmp_path):
+    cfg = _config(shards, tmp_path)
+    cfg.model.text_dim = 32
+    with pytest.raises(ValueError, match="text_dim = 32"):
+        train(cfg, progress=False)
+
+
+def test_objectives_train(shards, tmp_path):
+    from latentdit.train import OBJECTIVES
+
+    for objective in ("tld", "dit"):
+        diffusion, model_fields = OBJECTIVES[objective]
+        model = {**to_dict(_config(shards, tmp_path).model), **model_fields}
+        cfg = _config(shards, tmp_path / objective, steps=3, diffusion=diffusion, model=model)
+        assert train(cfg, progress=False)["step"] == 3
+
+
+def _cli(*args, cwd=None, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "latentdit", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_preprocess_train_export_generate_end_to_end(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = _cli("preprocess", "--source", "shapes", "--n", "64", "--size", str(SIZE), "--out", str(data),
+             "--max-length", "24", "--shard-size", "32", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = _cli("train", "--preset", "tiny", "--data", str(data), "--out", str(run), "--steps", "4",
+             "--batch_size", "8", "--model.in_channels", "3", "--model.text_dim", "384",
+             "--model.pooled_dim", "384", "--model.base_size", str(SIZE), "--preview_every", "2",
+             "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (run / "previews" / "step-0000002.png").exists()
+    r = _cli("export", "--run", str(run), "--out", str(tmp_path / "exported"), "--fp16")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "img.png"
+    r = _cli("generate", "a red circle", "--model", str(tmp_path / "exported"), "--out", str(out),
+             "--steps", "3", "--num-images", "2")
+    assert r.returncode == 0, r.stderr
+    for k in range(2):
+        img = Image.open(tmp_path / f"img_{k}.png")
+        assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+
+
+def test_cli_override_typo_names_nearest_key(tmp_path):
+    r = _cli("train", "--preset", "tiny", "--data", "x", "--model.deph", "3", "--print-config")
+    assert r.returncode == 2 and "did you mean 'depth'" in r.stderr
+    r = _cli("train", "--preset", "tiny", "--optim.lr", "1e-4", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["optim"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("cmd", ["info", "generate", "shapes", "preprocess", "train", "train-ae", "export"])
+def test_every_subcommand_help(cmd):
+    from latentdit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+
+
+def test_two_process_data_parallel_training_agrees(shards, tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = _config(shards, tmp_path / "ddp", steps=4, mixed_precision="no", checkpoint_every=4)
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(cfg)))
+    script = ("import sys, torch; from latentdit.train import make_config, train; import json;"
+              "from accelerate import PartialState; from safetensors.torch import save_file;"
+              "cfg = make_config(json.load(open(sys.argv[1])));"
+              "train(cfg, progress=False);"
+              "from latentdit.checkpoint import load_weights;"
+              "r = PartialState().process_index;"
+              "import latentdit.train as T;")
+    runner = tmp_path / "run.py"
+    runner.write_text(
+        "import json, sys\n"
+        "import torch\n"
+        "from accelerate import PartialState\n"
+        "from safetensors.torch import save_file\n"
+        "import latentdit.train as T\n"
+        "captured = {}\n"
+        "original = T._finish\n"
+        "def finish(cfg, acc, model, ema, reader, state, log):\n"
+        "    captured.update({k: v.detach().clone() for k, v in T._unwrap(model).state_dict().items()})\n"
+        "    return original(cfg, acc, model, ema, reader, state, log)\n"
+        "T._finish = finish\n"
+        "cfg = T.make_config(json.load(open(sys.argv[1])))\n"
+        "T.train(cfg, progress=False)\n"
+        "save_file(captured, sys.argv[2] + f'/rank{PartialState().process_index}.safetensors')\n")
+    del script
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        str(runner), str(tmp_path / "cfg.json"), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(torch.equal(start[k], a[k]) for k in a)
