@@ -69,6 +69,10 @@ def _param_groups(model) -> dict[str, int]:
 # -- generate --------------------------------------------------------------------------------
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
+    p.add_argument("--from-file", default=None,
+                   help="batch mode: a JSONL of {id, prompt[, negative, seed]} or a text file of one "
+                        "prompt per line; writes OUT/<id>_<k>.png")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --from-file mode")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
     p.add_argument("--out", default="out.png", help="output PNG (a folder with --from-file)")
     p.add_argument("--seed", type=int, default=0)
@@ -88,16 +92,63 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    if not args.prompt:
-        raise ValueError("give a prompt")
+    if bool(args.prompt) == bool(args.from_file):
+        raise ValueError("give either a prompt or --from-file FILE")
+    items = read_prompt_file(args.from_file) if args.from_file else None
     pipe = _random_tiny_pipeline() if args.random_tiny else _load_pipeline(args.model)
-    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                  guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
-                  num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-                  dtype=None if args.fp32 else torch.bfloat16)
-    for path in _write_images(images, Path(args.out)):
-        print(path)
+    kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+              num_images_per_prompt=args.num_images, height=args.height, width=args.width,
+              dtype=None if args.fp32 else torch.bfloat16)
+    if items is None:
+        images = pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw)
+        for path in _write_images(images, Path(args.out)):
+            print(path)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(items), max(1, args.batch_size)):
+        chunk = items[start: start + max(1, args.batch_size)]
+        seeds = [int(it.get("seed", args.seed + 1000 * (start + i))) + k for i, it in enumerate(chunk)
+                 for k in range(args.num_images)]
+        negative = [it.get("negative", args.negative or "") for it in chunk]
+        images = pipe([it["prompt"] for it in chunk], seed=seeds,
+                      negative_prompt=negative if any(negative) else None, **kw)
+        for j, img in enumerate(images):
+            path = out / f"{chunk[j // args.num_images]['id']}_{j % args.num_images}.png"
+            img.save(path)
+            print(path)
     return 0
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """JSONL lines ``{"id", "prompt", ...}`` (id defaults to the line number) or plain text, one
+    prompt per line (id = line number). Blank lines are skipped but still counted."""
+    text = Path(path).read_text()
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e.msg}") from None
+            if not isinstance(item.get("prompt"), str):
+                raise ValueError(f"{path}:{n} has no string 'prompt'")
+            item["id"] = _safe_id(str(item.get("id", n)), path, n)
+        else:
+            item = {"id": str(n), "prompt": line}
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def _safe_id(value: str, path: str, n: int) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", ".."):
+        raise ValueError(f"{path}:{n}: id {value!r} cannot be used as a file name")
+    return value
 
 
 def _write_images(images, out: Path) -> list[Path]:

@@ -153,6 +153,14 @@ def test_preprocess_train_export_generate_end_to_end(tmp_path):
     for k in range(2):
         img = Image.open(tmp_path / f"img_{k}.png")
         assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+    (tmp_path / "p.jsonl").write_text('{"id": "red", "prompt": "a red circle"}\n\n{"prompt": "two blue stars"}\n')
+    (tmp_path / "p.txt").write_text("a red circle\n\nthree green hearts\n")
+    for name, expected in (("p.jsonl", {"red_0.png", "red_1.png", "3_0.png", "3_1.png"}),
+                           ("p.txt", {"1_0.png", "1_1.png", "3_0.png", "3_1.png"})):
+        r = _cli("generate", "--from-file", str(tmp_path / name), "--model", str(tmp_path / "exported"),
+                 "--out", str(tmp_path / name.replace(".", "_")), "--steps", "2", "--num-images", "2")
+        assert r.returncode == 0, r.stderr
+        assert {p.name for p in (tmp_path / name.replace(".", "_")).iterdir()} == expected
 
 
 def test_cli_override_typo_names_nearest_key(tmp_path):

@@ -1,0 +1,52 @@
+import pytest
+
+from latentdit.cli import main, read_prompt_file
+from latentdit.cli_train import parse_overrides
+
+
+def test_read_prompt_file_jsonl_and_text(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "a", "prompt": "x", "seed": 4}\n\n{"prompt": "y"}\n')
+    assert read_prompt_file(str(f)) == [{"id": "a", "prompt": "x", "seed": 4}, {"id": "3", "prompt": "y"}]
+    f.write_text("first\n\nthird\n")
+    assert [it["id"] for it in read_prompt_file(str(f))] == ["1", "3"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"id": "../evil", "prompt": "x"}\n', "cannot be used as a file name"),
+    ('{"prompt": 3}\n', "no string 'prompt'"),
+    ("{broken\n", "not valid JSON"),
+    ("\n\n", "holds no prompts"),
+])
+def test_read_prompt_file_rejects(tmp_path, text, match):
+    f = tmp_path / "p.jsonl"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_prompt_file(str(f))
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--optim.lr", "1e-4", "--steps=10", "--model.mlp", "gelu",
+                            "--preview_prompts", '["a", "b"]']) == {
+        "optim": {"lr": 1e-4}, "steps": 10, "model": {"mlp": "gelu"}, "preview_prompts": ["a", "b"]}
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--steps"])
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_overrides(["steps"])
+
+
+def test_generate_needs_exactly_one_prompt_source(capsys):
+    assert main(["generate"]) == 2
+    assert "either a prompt or --from-file" in capsys.readouterr().err
+
+
+def test_unknown_flags_rejected_for_strict_commands():
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--bogus", "1"])
+    assert e.value.code == 2
+
+
+def test_info_prints_counts(capsys):
+    assert main(["info", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "0.194" in out
