@@ -20,7 +20,7 @@ from latentdit.config import model_preset
 from latentdit.data import Batch
 from latentdit.model import Denoiser
 from latentdit.schedules import Path
-from latentdit.train import TrainConfig, train_step
+from latentdit.train import TrainConfig, make_optimizer, train_step
 
 
 class _SingleProcess:
@@ -51,7 +51,7 @@ def make_batch(n: int, latent: tuple[int, int, int], text_len: int, dim: int) ->
 
 def time_steps(cfg: TrainConfig, batch: Batch, repeats: int, warmup: int) -> list[float]:
     model = Denoiser(cfg.model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, cfg)
     gen, acc, path = torch.Generator().manual_seed(0), _SingleProcess(), Path(cfg.diffusion.path)
     times = []
     for i in range(warmup + repeats):

@@ -58,9 +58,27 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
+EXPLICIT_ATTENTION_MAX = 512 * 512  # query x key tokens below which CPU uses the explicit product
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) with an optional (N, 1, 1, S) key mask.
+
+    Accelerators use ``scaled_dot_product_attention``. On CPU, for the short sequences of latent
+    DiTs, SDPA's flash kernel has a slow backward (measured 38 ms vs ~6 ms forward per call at 64
+    tokens); the explicit product is faster there, so it is used up to EXPLICIT_ATTENTION_MAX.
+    """
+    if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] > EXPLICIT_ATTENTION_MAX:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, heads, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head attention through SDPA; RMS-normed queries and keys keep logits bounded in bf16
-    (Dehghani et al. 2023, arXiv:2302.05442)."""
+    """Multi-head attention (see ``attend``); RMS-normed queries and keys keep logits bounded in
+    bf16 (Dehghani et al. 2023, arXiv:2302.05442)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True):
         super().__init__()
@@ -84,7 +102,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, heads, T, head_dim)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = attend(q, k, v, attn_mask)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
 
 

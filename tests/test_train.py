@@ -217,3 +217,19 @@ def test_two_process_data_parallel_training_agrees(shards, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(tmp_path / "ddp" / "checkpoints" / "step-0000004" / "model.safetensors")
     assert all(torch.equal(start[k], a[k]) for k in a)
+
+
+def test_accelerate_launch_module_entry_point(shards, tmp_path):
+    """`accelerate launch -m latentdit train ...` runs the CLI on every rank and exports once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "latentdit", "train", "--preset", "tiny", "--data", str(shards),
+                        "--out", str(tmp_path / "run"), "--steps", "2", "--batch_size", "4",
+                        "--model.in_channels", "3", "--model.text_dim", "384", "--model.pooled_dim", "384",
+                        "--model.max_text_len", "24", "--model.base_size", str(SIZE), "--model.patch_size", "4",
+                        "--preview_every", "0", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "rng-rank1.safetensors").exists()
