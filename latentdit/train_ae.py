@@ -1,0 +1,543 @@
+"""Train the image autoencoder: a small diffusers `AutoencoderKL` from scratch.
+
+No pretrained image autoencoder exists offline (DESIGN §4), and SD's is overkill for 64x64 flat
+shapes. The recipe is the KL-regularised autoencoder of LDM (Rombach et al. 2022,
+arXiv:2112.10752, Sec. 3 and App. G) without its perceptual and GAN terms: an L1 (or L2)
+reconstruction loss plus a tiny KL pull towards N(0, I), AdamW with linear warm-up and cosine decay.
+
+    out_dir/checkpoint.safetensors   weights + AdamW moments; its metadata holds the step, the
+                                     config and the optimiser's plain values (nothing pickled)
+    out_dir/checkpoint.json          the same metadata, readable (the safetensors file is the truth)
+    out_dir/autoencoder/             AutoencoderKL.from_pretrained / load_autoencoder("kl", ...)
+    out_dir/metrics.json             {"psnr", "scaling_factor", "shift_factor", "steps", "seconds", ...}
+    out_dir/reconstructions.png      held-out originals, each row above its reconstructions
+    out_dir/tb/                      TensorBoard: train/loss, train/rec, train/kl, train/lr, eval/psnr
+
+Batch k holds samples k * batch_size ... (k + 1) * batch_size - 1 and the KL noise of step k is
+seeded by (seed, k), so a resumed run is the same run: no data-loader or RNG state to restore.
+
+Latent normalisation: after training, `shift_factor` = mean and `scaling_factor` = 1 / std of the
+posterior means over `scale_batches` training batches (SD's recipe for 0.18215; the mean is only
+subtracted with `center_latents`, as SD3/Flux do). Both go into the exported config, so
+`latentdit.vae` hands the denoiser latents of mean ~0 and std ~1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .checkpoint import atomic_save_tensors, atomic_write_bytes
+from .config import from_dict, to_dict
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+CHECKPOINT = "checkpoint.safetensors"
+EXPORT_DIR = "autoencoder"
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Posterior log-variance at initialisation. diffusers starts it near 0 (std ~1) while the encoder's
+# means have std ~0.3, so the sampled latents are mostly noise and the decoder first learns to ignore
+# them: a plateau at a grey image for hundreds of steps. Starting nearly deterministic (std ~0.02)
+# removes it; the KL term is free to raise the variance again.
+_INIT_LOGVAR = -8.0
+# fields that may change when a run resumes; every other field must match the checkpoint
+_RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "log_every", "checkpoint_every"})
+
+
+@dataclass
+class AEConfig:
+    """`block_out_channels` has one width per resolution level: downsample 4 needs 3, 8 needs 4.
+    `kl_weight` has LDM's meaning (KL summed over latent elements vs. reconstruction summed over
+    pixels). `data`: "shapes" or an image folder (its last images are held out for evaluation)."""
+
+    image_size: int = 64
+    latent_channels: int = 4
+    downsample: Literal[4, 8] = 4
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    kl_weight: float = 1e-6
+    loss: Literal["l1", "l2"] = "l1"
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    seed: int = 0
+    eval_every: int = 500
+    log_every: int = 50
+    checkpoint_every: int = 250
+    eval_images: int = 16
+    scale_batches: int = 4
+    center_latents: bool = True
+    data: str = "shapes"
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if self.downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {self.downsample!r}")
+        levels = int(math.log2(self.downsample)) + 1
+        if len(self.block_out_channels) != levels:
+            raise ValueError(
+                f"downsample {self.downsample} needs {levels} block_out_channels (one per resolution "
+                f"level), got {len(self.block_out_channels)}: {self.block_out_channels}")
+        if self.image_size < 1 or self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} must be a positive multiple of the "
+                             f"downsample factor {self.downsample}")
+        if self.data == "shapes" and self.image_size % 8:
+            raise ValueError(f"the shapes dataset draws canvases that are multiples of 8, got "
+                             f"image_size {self.image_size}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        positive = ("latent_channels", "layers_per_block", "steps", "batch_size", "eval_every",
+                    "log_every", "checkpoint_every", "eval_images", "scale_batches")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if min(self.block_out_channels) < 1:
+            raise ValueError(f"block_out_channels must be positive, got {self.block_out_channels}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.kl_weight < 0 or not self.grad_clip > 0:
+            raise ValueError("need lr > 0, warmup_steps >= 0, kl_weight >= 0 and grad_clip > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.loss not in ("l1", "l2") or self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"loss must be 'l1' or 'l2' and mixed_precision 'no' or 'bf16', "
+                             f"got {self.loss!r} and {self.mixed_precision!r}")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def norm_groups(widths: tuple[int, ...], most: int = 32) -> int:
+    """The largest GroupNorm group count <= `most` that divides every width."""
+    common = math.gcd(*widths)
+    return max(g for g in range(1, most + 1) if common % g == 0)
+
+
+def build_autoencoder(cfg: AEConfig) -> torch.nn.Module:
+    """A randomly initialised AutoencoderKL, seeded by cfg.seed without touching the global RNG."""
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+            latent_channels=cfg.latent_channels, norm_num_groups=norm_groups(cfg.block_out_channels),
+            sample_size=cfg.image_size, scaling_factor=1.0)
+    with torch.no_grad():  # see _INIT_LOGVAR
+        vae.quant_conv.bias[cfg.latent_channels:] = _INIT_LOGVAR
+    return vae
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ImageSource:
+    """Training images by index (any index >= 0) and a fixed held-out evaluation batch."""
+
+    def __init__(self, train: Callable[[int], Image.Image], length: int | None,
+                 heldout: list[Image.Image]) -> None:
+        self._train, self.length, self.heldout = train, length, heldout
+
+    def image(self, index: int) -> Image.Image:
+        return self._train(index if self.length is None else index % self.length)
+
+
+def make_source(cfg: AEConfig) -> ImageSource:
+    if cfg.data == "shapes":
+        return _shapes_source(cfg)
+    return _folder_source(cfg)
+
+
+def _shapes_source(cfg: AEConfig) -> ImageSource:
+    from .datasets.shapes import ShapesDataset
+
+    train = ShapesDataset(size=cfg.image_size, split="train", seed=cfg.seed)
+    held = ShapesDataset(size=cfg.image_size, split="heldout", seed=cfg.seed)
+    return ImageSource(lambda i: train[i].image, None, [held[i].image for i in range(cfg.eval_images)])
+
+
+def _folder_source(cfg: AEConfig) -> ImageSource:
+    """An image folder (captions are not needed): the last images are held out."""
+    files = _folder_images(Path(cfg.data))
+    held = min(cfg.eval_images, max(1, len(files) // 10))
+    if len(files) < 2:
+        raise ValueError(f"image folder {cfg.data!r} needs at least 2 images (train + held out), "
+                         f"found {len(files)}")
+    cache: dict[int, Image.Image] = {}
+
+    def train(i: int) -> Image.Image:
+        if i not in cache:
+            cache[i] = _load_square(files[i], cfg.image_size)
+        return cache[i]
+
+    return ImageSource(train, len(files) - held, [_load_square(f, cfg.image_size) for f in files[-held:]])
+
+
+def _folder_images(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
+    try:
+        from .data import folder_source
+
+        return [entry[0] for entry in folder_source(root).entries]
+    except (ImportError, AttributeError):  # data.py without folder sources: plain listing
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{root} holds no {'/'.join(_IMAGE_EXTENSIONS)} images") from None
+        return files
+
+
+def _load_square(path: Path, size: int) -> Image.Image:
+    """Resize the short side to `size` and centre-crop (no flips: they break left/right)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def to_tensor(images: list[Image.Image]) -> Tensor:
+    """PIL RGB images -> (N, 3, H, W) float32 in [-1, 1]."""
+    import numpy as np
+
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
+    """Batch `step`: samples step * batch_size + row, so resuming needs no loader state."""
+    start = step * batch_size
+    return to_tensor([source.image(start + row) for row in range(batch_size)])
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def learning_rate(step: int, cfg: AEConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ae_losses(vae: torch.nn.Module, x: Tensor, cfg: AEConfig,
+              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(reconstruction, KL), both per pixel: LDM's summed losses divided by 3 * H * W, so
+    `kl_weight` keeps LDM's meaning. The posterior is read in float32 even under bf16."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    with _autocast(x.device, cfg.mixed_precision):
+        moments = vae.encode(x).latent_dist.parameters
+        posterior = DiagonalGaussianDistribution(moments.float())
+        recon = vae.decode(posterior.sample(generator=generator)).sample.float()  # (N, 3, H, W)
+    error = recon - x
+    rec = error.abs().mean() if cfg.loss == "l1" else error.square().mean()
+    kl = posterior.kl().mean() / x[0].numel()
+    return rec, kl
+
+
+def _autocast(device: torch.device, mixed: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
+
+
+def _noise(cfg: AEConfig, step: int, device: torch.device) -> torch.Generator:
+    """The posterior-sampling noise of step k depends only on (seed, k): exact resume."""
+    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def train_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, cfg: AEConfig,
+               step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One AdamW step; returns detached (loss, reconstruction loss, KL)."""
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(step, cfg)
+    rec, kl = ae_losses(vae, x, cfg, _noise(cfg, step, x.device))
+    loss = rec + cfg.kl_weight * kl
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), rec.detach(), kl.detach()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-image PSNR in dB, 10 log10(range^2 / MSE); images in [-1, 1] have range 2."""
+    if x.shape != y.shape or x.dim() < 2:
+        raise ValueError(f"psnr needs two batches (N, ...) of one shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    mse = (x.float() - y.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def reconstruct(vae: torch.nn.Module, x: Tensor) -> Tensor:
+    """Posterior mode -> decoder, in float32, clamped to [-1, 1] (what latentdit.vae returns)."""
+    was_training = vae.training
+    vae.eval()
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    vae.train(was_training)
+    return recon
+
+
+def evaluate(vae: torch.nn.Module, x: Tensor) -> float:
+    """Mean per-image reconstruction PSNR of the held-out batch."""
+    return float(psnr(reconstruct(vae, x), x).mean())
+
+
+@torch.no_grad()
+def latent_statistics(vae: torch.nn.Module, source: ImageSource, cfg: AEConfig,
+                      device: torch.device) -> tuple[float, float]:
+    """(mean, std) of the posterior means over the first `scale_batches` training batches."""
+    zs = [vae.encode(train_batch(source, k, cfg.batch_size).to(device)).latent_dist.mode().float()
+          for k in range(cfg.scale_batches)]
+    z = torch.cat(zs)
+    return float(z.mean()), float(z.std())
+
+
+def reconstruction_grid(originals: Tensor, recons: Tensor, cols: int = 8) -> Image.Image:
+    """Rows of `cols` originals, each above its reconstructions."""
+    from PIL import Image
+
+    from .vae import to_pil
+
+    n, h, w = originals.shape[0], originals.shape[-2], originals.shape[-1]
+    cols = min(cols, n)
+    pairs = math.ceil(n / cols)
+    grid = Image.new("RGB", (cols * w, 2 * pairs * h), (255, 255, 255))
+    for row, images in enumerate((to_pil(originals), to_pil(recons))):
+        for i, im in enumerate(images):
+            grid.paste(im, ((i % cols) * w, (2 * (i // cols) + row) * h))
+    return grid
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                    seconds: float, cfg: AEConfig) -> None:
+    """One atomic safetensors file: a crash mid-write leaves the previous checkpoint intact."""
+    tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+    optim_tensors, optim_meta = _flatten_optimizer(opt.state_dict())
+    tensors |= {f"optim.{k}": v for k, v in optim_tensors.items()}
+    meta = {"step": step, "seconds": seconds, "config": to_dict(cfg), "optimizer": optim_meta}
+    atomic_save_tensors(tensors, out / CHECKPOINT, metadata={"state": json.dumps(meta)})
+    atomic_write_bytes(out / "checkpoint.json", json.dumps(meta, indent=1).encode())
+
+
+def load_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
+                    cfg: AEConfig) -> tuple[int, float]:
+    """Restore weights and AdamW state; returns (step, seconds trained so far)."""
+    from safetensors import safe_open
+
+    file = out / CHECKPOINT
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["state"])
+    _check_same_run(from_dict(AEConfig, meta["config"]), cfg, file)
+    tensors = load_file(str(file))
+    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+    opt.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    return int(meta["step"]), float(meta["seconds"])
+
+
+def _check_same_run(saved: AEConfig, cfg: AEConfig, file: Path) -> None:
+    old, new = to_dict(saved), to_dict(cfg)
+    changed = sorted(k for k in new if old.get(k) != new[k] and k not in _RESUMABLE_CHANGES)
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ValueError(f"{file} was written by a different run ({diff}); use another out_dir "
+                         "or resume=False to start over")
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimiser state_dict -> tensors (safetensors) and plain values (JSON)."""
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            (tensors if isinstance(value, Tensor) else scalars)[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_autoencoder(vae: torch.nn.Module, directory: Path, shift: float | None, scale: float) -> Path:
+    """A `save_pretrained` folder with the data's latent statistics in its config, swapped in
+    atomically (written beside, then renamed)."""
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        _readable(tmp)
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; an exported model is meant to be shared."""
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _Log:
+    """tqdm bar + TensorBoard. Losses accumulate as tensors between log lines (no per-step sync)."""
+
+    def __init__(self, out: Path, cfg: AEConfig, start: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.cfg, self.sum, self.count, self.t0 = cfg, torch.zeros(3), 0, time.perf_counter()
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train-ae")
+        self.tb = _tensorboard(out / "tb")
+        self.history: list[dict[str, float]] = []
+
+    def step(self, step: int, losses: tuple[Tensor, Tensor, Tensor], lr: float) -> None:
+        self.sum += torch.stack(losses).float().cpu()
+        self.count += 1
+        self.bar.update(1)
+        if step % self.cfg.log_every == 0:
+            self._emit(step, lr)
+
+    def _emit(self, step: int, lr: float) -> None:
+        loss, rec, kl = (self.sum / max(1, self.count)).tolist()
+        if not math.isfinite(loss):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss}); lower lr or use "
+                               "mixed_precision 'no'")
+        rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
+        self.history.append({"step": step, "loss": loss, "rec": rec, "kl": kl, "lr": lr, "steps_per_s": rate})
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}")
+        self.scalars(step, {"train/loss": loss, "train/rec": rec, "train/kl": kl, "train/lr": lr,
+                            "train/steps_per_s": rate})
+        self.sum, self.count, self.t0 = torch.zeros(3), 0, time.perf_counter()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder), flush_secs=30)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress: bool = True,
+                      resume: bool = True, stop_after: int | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train (resuming from out_dir's checkpoint unless `resume=False`), then export.
+
+    `stop_after`: stop after this many steps of this call with a checkpoint, as a crash would; the
+    export happens only once `config.steps` is reached. Returns the metrics written to
+    out_dir/metrics.json (without export keys when stopped early)."""
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 (or None), got {stop_after}")
+    out, device = Path(out_dir), torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    source, vae = make_source(config), build_autoencoder(config).to(device).train()
+    # beta2 0.99: the second moment adapts within ~100 steps, which matters in runs of a few thousand
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, seconds = (0, 0.0)
+    if resume and (out / CHECKPOINT).exists():
+        step, seconds = load_checkpoint(out, vae, opt, config)
+    heldout = to_tensor(source.heldout).to(device)
+    first, last = step, min(config.steps, step + stop_after) if stop_after is not None else config.steps
+    log, evals, t0, cpu0 = _Log(out, config, step, progress), [], time.perf_counter(), time.process_time()
+    while step < last:
+        x = train_batch(source, step, config.batch_size).to(device)
+        losses = train_step(vae, opt, x, config, step)
+        step += 1
+        log.step(step, losses, opt.param_groups[0]["lr"])
+        if step % config.eval_every == 0 or step == config.steps:
+            evals.append(_eval(vae, heldout, step, log))
+        if step % config.checkpoint_every == 0 or step == last:
+            save_checkpoint(out, vae, opt, step, seconds + time.perf_counter() - t0, config)
+    log.close()
+    elapsed = time.perf_counter() - t0
+    metrics = {"steps": step, "seconds": round(seconds + elapsed, 1), "evals": evals, "log": log.history,
+               "steps_per_s": (step - first) / elapsed if step > first else None,
+               "cpu_seconds": round(time.process_time() - cpu0, 1)}  # this call, all threads
+    if step < config.steps:
+        return metrics
+    return _finish(out, vae, source, heldout, config, metrics, device)
+
+
+def _eval(vae: torch.nn.Module, heldout: Tensor, step: int, log: _Log) -> dict[str, float]:
+    value = evaluate(vae, heldout)
+    log.scalars(step, {"eval/psnr": value})
+    log.bar.write(f"step {step}: held-out PSNR {value:.2f} dB")
+    return {"step": step, "psnr": value}
+
+
+def _finish(out: Path, vae: torch.nn.Module, source: ImageSource, heldout: Tensor, cfg: AEConfig,
+            metrics: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Latent statistics, export, reconstruction grid and metrics.json."""
+    vae.eval()
+    mean, std = latent_statistics(vae, source, cfg, device)
+    shift = mean if cfg.center_latents else None
+    export_autoencoder(vae, out / EXPORT_DIR, shift, 1.0 / std)
+    recons = reconstruct(vae, heldout)
+    reconstruction_grid(heldout.cpu(), recons.cpu()).save(out / "reconstructions.png")
+    metrics = {"psnr": float(psnr(recons, heldout).mean()), "scaling_factor": 1.0 / std,
+               "shift_factor": shift, "latent_mean": mean, "latent_std": std, **metrics,
+               "autoencoder": str(out / EXPORT_DIR), "config": to_dict(cfg)}
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    return metrics
+
+
+__all__ = ["AEConfig", "train_autoencoder", "build_autoencoder", "psnr", "learning_rate", "norm_groups",
+           "export_autoencoder"]

@@ -1,0 +1,191 @@
+"""Autoencoder training (latentdit.train_ae): tiny configs, CPU, seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from latentdit.config import from_dict, to_dict  # noqa: E402
+from latentdit.train_ae import (  # noqa: E402
+    CHECKPOINT,
+    AEConfig,
+    learning_rate,
+    make_source,
+    norm_groups,
+    psnr,
+    train_autoencoder,
+    train_batch,
+)
+
+TINY = dict(image_size=32, block_out_channels=(8, 16, 32), batch_size=4, warmup_steps=5, lr=2e-3,
+            eval_images=8, scale_batches=2, log_every=1)
+
+
+def tiny(**kw) -> AEConfig:
+    return AEConfig(**{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 30-step bf16 run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("ae")
+    metrics = train_autoencoder(tiny(steps=30, eval_every=10), out, progress=False)
+    return out, metrics
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_loss_decreases_over_30_steps(run):
+    _, metrics = run
+    rec = [row["rec"] for row in metrics["log"]]
+    assert len(rec) == 30 and all(math.isfinite(r) for r in rec)
+    assert sum(rec[-5:]) / 5 < 0.95 * sum(rec[:5]) / 5
+    evals = [e["psnr"] for e in metrics["evals"]]
+    assert [e["step"] for e in metrics["evals"]] == [10, 20, 30]
+    assert evals[-1] > evals[0]
+
+
+def test_outputs_written(run):
+    from PIL import Image
+
+    out, metrics = run
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("psnr", "scaling_factor", "shift_factor", "steps", "seconds"):
+        assert saved[key] == pytest.approx(metrics[key])
+    assert saved["steps"] == 30 and saved["scaling_factor"] > 0
+    with Image.open(out / "reconstructions.png") as grid:  # 8 held-out images: originals, recons
+        assert grid.size == (8 * 32, 2 * 32)
+    assert (out / CHECKPOINT).exists() and (out / "tb").is_dir()
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 30
+
+
+def test_export_loads_in_diffusers_and_latentdit(run):
+    from diffusers import AutoencoderKL
+
+    from latentdit.vae import load_autoencoder
+
+    out, metrics = run
+    vae = AutoencoderKL.from_pretrained(out / "autoencoder")
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert vae.config.shift_factor == pytest.approx(metrics["shift_factor"])
+    ae = load_autoencoder("kl", str(out / "autoencoder"), latent_channels=4, downsample=4)
+    assert float(ae.scale) == pytest.approx(metrics["scaling_factor"])
+    assert float(ae.shift) == pytest.approx(metrics["shift_factor"])
+
+    cfg = tiny(steps=30)
+    source = make_source(cfg)
+    x = torch.cat([train_batch(source, k, cfg.batch_size) for k in range(cfg.scale_batches)])
+    z = ae.encode(x)  # the statistics were measured on exactly these batches
+    assert z.shape == (8, 4, 8, 8)
+    assert float(z.mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(z.std()) == pytest.approx(1.0, abs=1e-4)
+
+    held = train_batch_heldout(cfg)
+    assert float(psnr(ae.decode(ae.encode(held)), held).mean()) == pytest.approx(metrics["psnr"], abs=0.05)
+
+
+def train_batch_heldout(cfg: AEConfig) -> torch.Tensor:
+    from latentdit.train_ae import to_tensor
+
+    return to_tensor(make_source(cfg).heldout)
+
+
+def test_resume_is_exact(tmp_path):
+    """10 steps, 'crash', resume 10 more == 20 steps straight (fp32, so bit-for-bit up to 1e-6)."""
+    from safetensors.torch import load_file
+
+    cfg = tiny(steps=20, mixed_precision="no", eval_every=5, checkpoint_every=100)
+    first = train_autoencoder(cfg, tmp_path / "a", progress=False, stop_after=10)
+    assert first["steps"] == 10 and "psnr" not in first
+    assert not (tmp_path / "a" / "autoencoder").exists()
+    resumed = train_autoencoder(cfg, tmp_path / "a", progress=False)
+    straight = train_autoencoder(cfg, tmp_path / "b", progress=False)
+    assert resumed["steps"] == straight["steps"] == 20
+
+    a, b = load_file(tmp_path / "a" / CHECKPOINT), load_file(tmp_path / "b" / CHECKPOINT)
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
+
+    with pytest.raises(ValueError, match="different run"):  # a changed recipe must not resume
+        train_autoencoder(dataclasses.replace(cfg, lr=1e-2), tmp_path / "a", progress=False)
+
+
+# ----------------------------------------------------------------------------- config and helpers
+
+
+def test_bad_configs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs 4 block_out_channels"):
+        AEConfig(downsample=8, block_out_channels=(32, 64, 128))
+    with pytest.raises(ValueError, match="needs 3 block_out_channels"):
+        AEConfig(downsample=4, block_out_channels=(32, 64, 128, 128))
+    with pytest.raises(ValueError, match="multiple of the downsample factor 8"):
+        AEConfig(image_size=60, downsample=8, block_out_channels=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        AEConfig(image_size=36)
+    with pytest.raises(ValueError, match="downsample must be 4 or 8"):
+        AEConfig(downsample=2, block_out_channels=(8, 16))
+    with pytest.raises(ValueError, match="batch_size"):
+        AEConfig(batch_size=0)
+    with pytest.raises(ValueError, match="not one of"):
+        from_dict(AEConfig, {"loss": "l3"})
+    with pytest.raises(ValueError, match="unknown key"):
+        from_dict(AEConfig, {"downsampel": 8})
+    with pytest.raises(ValueError, match="stop_after"):
+        train_autoencoder(tiny(), tmp_path, progress=False, stop_after=0)
+
+
+def test_config_json_round_trip():
+    cfg = AEConfig(downsample=8, block_out_channels=(16, 32, 64, 64), loss="l2", mixed_precision="no")
+    data = json.loads(json.dumps(to_dict(cfg)))
+    assert from_dict(AEConfig, data) == cfg
+
+
+def test_psnr_known_values():
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.full_like(x, 0.1)  # MSE 0.01 on a range of 2 (images in [-1, 1]): 10 log10(4 / 0.01)
+    assert psnr(x, y).tolist() == pytest.approx([10 * math.log10(400)] * 2, abs=1e-4)
+    assert float(psnr(x / 2 + 0.5, y / 2 + 0.5, data_range=1.0)[0]) == pytest.approx(26.0206, abs=1e-3)
+    y[1] = 1.0  # per-image: MSE 1 -> 10 log10(4) = 6.02 dB
+    assert psnr(x, y)[1].item() == pytest.approx(6.0206, abs=1e-3)
+    assert torch.isfinite(psnr(x, x)).all()
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        psnr(x, x[:1])
+
+
+def test_learning_rate_and_norm_groups():
+    cfg = AEConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(1e-5)
+    assert learning_rate(99, cfg) == pytest.approx(1e-3)
+    assert learning_rate(1000, cfg) == pytest.approx(1e-4)
+    assert norm_groups((32, 64, 128)) == 32 and norm_groups((8, 16, 32)) == 8 and norm_groups((24, 36)) == 12
+
+
+def test_batches_are_a_function_of_the_step():
+    cfg = tiny()
+    source = make_source(cfg)
+    a, b = train_batch(source, 3, 4), train_batch(source, 3, 4)
+    assert a.shape == (4, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(train_batch(source, 1, 4)[2:], train_batch(source, 0, 8)[6:])
+
+
+def test_image_folder_source_holds_out_the_last_images(tmp_path):
+    from PIL import Image
+
+    for i in range(12):
+        Image.new("RGB", (48, 40), (20 * i, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    source = make_source(tiny(data=str(tmp_path), eval_images=4))
+    assert source.length == 11 and len(source.heldout) == 1  # a tenth, at least one
+    assert source.heldout[0].size == (32, 32) and source.heldout[0].getpixel((5, 5))[0] == 220
+    assert source.image(11).getpixel((0, 0)) == source.image(0).getpixel((0, 0))  # wraps, skips held-out
+    with pytest.raises(ValueError, match="neither"):
+        make_source(tiny(data=str(tmp_path / "missing")))
