@@ -52,6 +52,13 @@ class CheckpointConfig:
         return from_dict(cls, data)
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what open() would have given (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename: a crash leaves the old file."""
     path = Path(path)
@@ -61,6 +68,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,6 +82,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,6 +105,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, config: Check
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2))
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, tmp / name)
+        os.chmod(tmp, _umask_mode(0o777))
         _swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

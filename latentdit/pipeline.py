@@ -88,7 +88,8 @@ class Text2Image:
                    Path(config.diffusion.path), config.sampling, device)
 
     # -- conditioning -----------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str | int], negative: Sequence[str] | None = None) -> tuple[Condition, Condition]:
+    def encode(self, prompts: Sequence[str | int],
+               negative: Sequence[str] | None = None) -> tuple[Condition, Condition]:
         """(conditional, unconditional) rows. Without a negative prompt the unconditional row
         is the model's learned null condition, as in training."""
         n = len(prompts)

@@ -27,7 +27,7 @@ def expand(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1))) if v.dim() == 1 else v
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vp_linear_table() -> Tensor:
     """log(alpha_bar) at t = k/1000, k = 0..1000, for DDPM's betas linspace(1e-4, 0.02, 1000).
 
@@ -47,7 +47,7 @@ def _interp_table(t: Tensor) -> tuple[Tensor, Tensor]:
     return table[k] + (u - k) * slope, slope * VP_TRAIN_STEPS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cosine_tmax() -> float:
     """Stretch of t so that alpha(1) = _COSINE_MIN_ALPHA instead of exactly 0."""
     c0 = math.cos(math.pi / 2 * _COSINE_S / (1 + _COSINE_S))

@@ -109,3 +109,20 @@ def test_loader_never_unpickles():
 
     source = inspect.getsource(ckpt)
     assert "torch.load(" not in source and "import pickle" not in source
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from latentdit.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        model = _model()
+        save_pretrained(model, tmp_path / "m", _config(model))
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644

@@ -183,13 +183,6 @@ def test_two_process_data_parallel_training_agrees(shards, tmp_path):
     pytest.importorskip("accelerate")
     cfg = _config(shards, tmp_path / "ddp", steps=4, mixed_precision="no", checkpoint_every=4)
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(cfg)))
-    script = ("import sys, torch; from latentdit.train import make_config, train; import json;"
-              "from accelerate import PartialState; from safetensors.torch import save_file;"
-              "cfg = make_config(json.load(open(sys.argv[1])));"
-              "train(cfg, progress=False);"
-              "from latentdit.checkpoint import load_weights;"
-              "r = PartialState().process_index;"
-              "import latentdit.train as T;")
     runner = tmp_path / "run.py"
     runner.write_text(
         "import json, sys\n"
@@ -206,7 +199,6 @@ def test_two_process_data_parallel_training_agrees(shards, tmp_path):
         "cfg = T.make_config(json.load(open(sys.argv[1])))\n"
         "T.train(cfg, progress=False)\n"
         "save_file(captured, sys.argv[2] + f'/rank{PartialState().process_index}.safetensors')\n")
-    del script
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

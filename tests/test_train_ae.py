@@ -143,6 +143,15 @@ def test_bad_configs_raise_clear_errors(tmp_path):
         train_autoencoder(tiny(), tmp_path, progress=False, stop_after=0)
 
 
+def test_presets():
+    from latentdit.train_ae import ae_preset
+
+    cfg = ae_preset("shapes-fast", steps=10)
+    assert cfg.block_out_channels == (16, 32, 64) and cfg.loss == "l2" and cfg.steps == 10
+    with pytest.raises(ValueError, match="unknown autoencoder preset"):
+        ae_preset("shapes-slow")
+
+
 def test_config_json_round_trip():
     cfg = AEConfig(downsample=8, block_out_channels=(16, 32, 64, 64), loss="l2", mixed_precision="no")
     data = json.loads(json.dumps(to_dict(cfg)))
