@@ -88,12 +88,13 @@ OBJECTIVES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 # Named recipes: a model preset plus training fields, overridable from the CLI.
+_SHAPES_TRAIN = {"steps": 800, "batch_size": 64, "ema_decay": 0.998, "checkpoint_every": 50,
+                 "keep_checkpoints": 2, "optim": {"lr": 1e-3, "warmup_steps": 150}}
 RECIPES: dict[str, dict[str, Any]] = {
-    "tiny": {"preset": "tiny", "objective": "flow", "train": {"steps": 200, "batch_size": 16}},
-    "shapes-small": {"preset": "small", "objective": "flow",
-                     "train": {"steps": 6000, "batch_size": 64, "optim": {"lr": 5e-4, "warmup_steps": 300}}},
-    "shapes-tld": {"preset": "small", "objective": "tld",
-                   "train": {"steps": 6000, "batch_size": 64, "optim": {"lr": 5e-4, "warmup_steps": 300}}},
+    "tiny": {"preset": "tiny", "objective": "flow", "model": {}, "train": {"steps": 200, "batch_size": 16}},
+    # The packaged shapes model: MiniLM text (24 tokens), 16x16x4 latents of the shapes autoencoder.
+    "shapes-small": {"preset": "small", "objective": "flow", "model": {"max_text_len": 24}, "train": _SHAPES_TRAIN},
+    "shapes-tld": {"preset": "small", "objective": "tld", "model": {"max_text_len": 24}, "train": _SHAPES_TRAIN},
 }
 
 
@@ -106,7 +107,7 @@ def recipe_dict(name: str, objective: str | None = None) -> dict[str, Any]:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     diffusion, model_fields = OBJECTIVES[objective]
-    model = to_dict(model_preset(recipe["preset"], **model_fields))
+    model = to_dict(model_preset(recipe["preset"], **{**recipe["model"], **model_fields}))
     return _merge({"model": model, "diffusion": dict(diffusion)}, recipe["train"])
 
 
