@@ -105,6 +105,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, config: Check
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2))
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, tmp / name)
+        for f in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):
+            os.chmod(f, _umask_mode(0o666))
         os.chmod(tmp, _umask_mode(0o777))
         _swap_into_place(tmp, directory)
     except BaseException:

@@ -126,3 +126,4 @@ def test_written_files_are_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
