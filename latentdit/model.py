@@ -47,8 +47,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm whose weight follows the input dtype, so under bf16 autocast it stays on the fused
-    kernel instead of falling back to a slow mixed-dtype path."""
+    """RMSNorm whose weight follows the input dtype (avoids a mixed-dtype warning under bf16
+    autocast). On CPU torch still decomposes rms_norm into small ops: ~20-33 ms of a small-preset
+    bf16 training step; a QK LayerNorm measured 1.19x vs PixArt instead of 1.10x."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
