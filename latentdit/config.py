@@ -206,6 +206,18 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     return from_dict(ModelConfig, {**PRESETS[name], **overrides})
 
 
+def parse_dtype(dtype: Any) -> Any:
+    """``None``, a ``torch.dtype`` or its name ("bfloat16", "torch.float16") -> torch.dtype or None."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(parsed, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'")
+    return parsed
+
+
 def save_json(obj: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(obj if isinstance(obj, dict) else to_dict(obj), indent=2))
 
@@ -221,5 +233,5 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "DiffusionConfig", "ModelConfig", "SamplingConfig", "PRESETS", "from_dict", "to_dict",
-    "model_preset", "parse_density", "save_json", "load_json",
+    "model_preset", "parse_density", "parse_dtype", "save_json", "load_json",
 ]

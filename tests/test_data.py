@@ -465,7 +465,8 @@ def test_batch_to_keeps_mask_bool(stream_dir):
 def test_warnings_do_not_leak_from_a_clean_run(tmp_path, te):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _run(_samples(3), tmp_path, te)
+        manifest = _run(_samples(3), tmp_path, te)
+    assert manifest["num_samples"] == 3 and manifest["skipped"] == 0
 
 
 def test_progress_bar_and_non_json_attributes(tmp_path, te, capsys):
