@@ -21,6 +21,7 @@ PathKind = Literal["flow", "vp-linear", "vp-cosine"]
 Prediction = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
 GridName = Literal["uniform", "shifted", "karras"]
+QKNorm = Literal["layer", "rms", "none"]
 
 T = TypeVar("T")
 
@@ -34,6 +35,9 @@ def _check_literal(cls_name: str, key: str, value: Any, hint: Any) -> None:
     if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
         allowed = ", ".join(repr(a) for a in typing.get_args(hint))
         raise ValueError(f"{cls_name}.{key} = {value!r} is not one of {allowed}")
+
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _coerce(cls_name: str, key: str, value: Any, hint: Any) -> Any:
@@ -52,9 +56,9 @@ def _coerce(cls_name: str, key: str, value: Any, hint: Any) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value)
     if hint is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        if value.lower() not in _BOOL_WORDS:
             raise ValueError(f"{cls_name}.{key} expects true/false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
+        return _BOOL_WORDS[value.lower()]
     if hint in (int, float) and not isinstance(value, bool):
         try:
             return hint(value)
@@ -68,6 +72,8 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys raise a ValueError naming the nearest key."""
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+    upgrade = getattr(cls, "upgrade", None)
+    data = upgrade(data) if callable(upgrade) else data
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -127,10 +133,21 @@ class ModelConfig:
     max_text_len: int = 32
     num_classes: int = 0
     base_size: int = 16  # latent side the position-embedding grid is defined on
-    qk_norm: bool = True
+    qk_norm: QKNorm = "layer"  # per-head norm of queries and keys; JSON true/false = "rms"/"none"
     prediction: Prediction = "flow"
 
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """Read configs written before ``qk_norm`` named its kind (a bool meant RMS or nothing)."""
+        value = data.get("qk_norm")
+        if isinstance(value, bool) or isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            truthy = value if isinstance(value, bool) else _BOOL_WORDS[value.lower()]
+            data = {**data, "qk_norm": "rms" if truthy else "none"}
+        return data
+
     def __post_init__(self) -> None:
+        if isinstance(self.qk_norm, bool):
+            self.qk_norm = "rms" if self.qk_norm else "none"
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if (self.width // self.heads) % 2:

@@ -49,7 +49,17 @@ def test_literal_and_type_checks():
 def test_cli_strings_are_coerced():
     cfg = from_dict(SamplingConfig, {"steps": "12", "guidance_scale": "3.5"})
     assert cfg.steps == 12 and cfg.guidance_scale == 3.5
-    assert from_dict(ModelConfig, {"qk_norm": "false"}).qk_norm is False
+    assert from_dict(ModelConfig, {"qk_norm": "false"}).qk_norm == "none"
+
+
+def test_qk_norm_reads_configs_that_stored_a_bool():
+    """Checkpoints written when qk_norm was a bool (true meant RMS) keep loading as RMS."""
+    assert from_dict(ModelConfig, {"qk_norm": True}).qk_norm == "rms"
+    assert from_dict(ModelConfig, {"qk_norm": False}).qk_norm == "none"
+    assert ModelConfig(qk_norm=True).qk_norm == "rms"
+    assert from_dict(ModelConfig, {"qk_norm": "layer"}).qk_norm == "layer"
+    with pytest.raises(ValueError, match="qk_norm"):
+        from_dict(ModelConfig, {"qk_norm": "batch"})
 
 
 @pytest.mark.parametrize("spec,expected", [

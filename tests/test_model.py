@@ -28,7 +28,8 @@ def test_output_shape_for_many_sizes(hw):
     assert model(x, t, text, mask, pooled).shape == x.shape
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mlp": "dwconv"}, {"modulation": "none"}, {"qk_norm": False}])
+@pytest.mark.parametrize("overrides", [{}, {"mlp": "dwconv"}, {"modulation": "none"},
+                                       {"qk_norm": "none"}, {"qk_norm": "rms"}])
 def test_zero_output_at_init(overrides):
     model = build_denoiser("tiny", **overrides)
     x, t, text, mask, pooled = _inputs()
@@ -155,3 +156,31 @@ def test_bf16_autocast_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x, t, text, mask, pooled).float()
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_head_norm_matches_its_definition(kind):
+    from latentdit.model import HeadNorm
+
+    norm = HeadNorm(8, kind)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 5, 8) * 4 + 1
+    centred = x - x.mean(-1, keepdim=True) if kind == "layer" else x
+    denom = (centred.var(-1, unbiased=False, keepdim=True) if kind == "layer"
+             else x.pow(2).mean(-1, keepdim=True))
+    expected = centred / torch.sqrt(denom + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_attention_matches_sdpa_in_bf16():
+    import torch.nn.functional as F
+
+    from latentdit.model import attend
+
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., 6:] = False
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(attend(q, k, v, mask).float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(attend(q.float(), k.float(), v.float(), mask), ref)
