@@ -8,6 +8,7 @@ network output for a fixed x_t, mixing x0 equals mixing eps or v.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class Text2Image:
         self.path = path or Path("flow")
         self.sampling = sampling or SamplingConfig()
         self.device = torch.device(device)
+        self._cast: tuple[tuple, Denoiser] | None = None
         if model.config.is_text and text_encoder is None:
             raise ValueError("this model is text-conditional: pass a text_encoder")
 
@@ -116,12 +118,13 @@ class Text2Image:
         guided = uncond is not None and guidance_scale != 1.0
         both = Condition.cat(cond, uncond) if guided else cond
         prediction = self.model.config.prediction
+        model = self.inference_model(dtype)
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
             with autocast(self.device, dtype):
-                pred = self.model(xin, tin, **both.kwargs())
+                pred = model(xin, tin, **both.kwargs())
             x0 = to_x0(pred.float(), xin, tin, self.path, prediction)
             if not guided:
                 return x0
@@ -129,6 +132,22 @@ class Text2Image:
             return x0_u + guidance_scale * (x0_c - x0_u)
 
         return denoise
+
+    def inference_model(self, dtype: torch.dtype | None) -> Denoiser:
+        """The denoiser for sampling under ``autocast(dtype)``: a copy whose linear and conv
+        weights are stored in ``dtype``, which is exactly what autocast would cast them to on
+        every call (on CPU those casts were ~12% of a sampling run). Rebuilt when the model's
+        weights change; the model itself is returned for fp32."""
+        if dtype is None or dtype == torch.float32:
+            return self.model
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.model.parameters()))
+        if self._cast is None or self._cast[0] != key:
+            cast = copy.deepcopy(self.model).requires_grad_(False)
+            for module in cast.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    module.to(dtype)
+            self._cast = (key, cast)
+        return self._cast[1]
 
     # -- sampling ---------------------------------------------------------------------------
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:

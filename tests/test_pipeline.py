@@ -144,3 +144,28 @@ def test_class_conditional_pipeline(tiny_vae):
     assert len(pipe([0, 4], progress=False)) == 2
     with pytest.raises(ValueError, match="class ids"):
         pipe([7], progress=False)
+
+
+def test_bf16_inference_copy_equals_autocast_and_follows_weight_changes(tiny_clip, tiny_vae):
+    """Sampling uses a copy with bf16 linear/conv weights: it must give exactly what autocast
+    gives on the fp32 model, and be rebuilt when the model's weights change."""
+    pipe = _pipe(tiny_clip, tiny_vae)
+    cond, _ = pipe.encode(["a red circle"])
+    x, t = torch.randn(1, 4, 8, 8), torch.full((1,), 0.4)
+
+    def reference():
+        from latentdit.schedules import to_x0
+
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = pipe.model(x, t, **cond.kwargs()).float()
+        return to_x0(pred, x, t, pipe.path, "flow")
+
+    fast = pipe.denoiser(cond, None, 1.0, dtype=torch.bfloat16)
+    torch.testing.assert_close(fast(x, t), reference(), atol=0, rtol=0)
+    assert pipe.inference_model(torch.bfloat16) is pipe.inference_model(torch.bfloat16)
+    assert pipe.inference_model(None) is pipe.model
+    with torch.no_grad():
+        pipe.model.final.bias.add_(0.5)
+    refreshed = pipe.denoiser(cond, None, 1.0, dtype=torch.bfloat16)
+    torch.testing.assert_close(refreshed(x, t), reference(), atol=0, rtol=0)
+    assert not torch.equal(refreshed(x, t), fast(x, t))
