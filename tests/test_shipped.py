@@ -1,0 +1,46 @@
+"""The packaged shapes model: loads offline, is deterministic, follows colours."""
+
+import numpy as np
+import pytest
+
+from latentdit.checkpoint import PACKAGED
+from latentdit.datasets.shapes import prompt_set
+from latentdit.evaluate import run_alignment
+from latentdit.pipeline import Text2Image
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Text2Image.from_pretrained("shapes")
+
+
+def test_packaged_model_is_in_the_package():
+    folder = PACKAGED["shapes"]
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 50 * 2**20
+
+
+def test_same_seed_same_image(pipe):
+    a = pipe("a red circle above a blue square", seed=7, steps=10, progress=False)[0]
+    b = pipe("a red circle above a blue square", seed=7, steps=10, progress=False)[0]
+    c = pipe("a red circle above a blue square", seed=8, steps=10, progress=False)[0]
+    assert a.size == (64, 64)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_smoke_alignment_colour(pipe):
+    items = [it for it in prompt_set("train", 40, seed=11) if it["expect"].get("scene") == "single"][:8]
+    report = run_alignment(pipe, items, samples=1, steps=20, progress=False)
+    assert report["per_category"]["color"] >= 0.7
+
+
+def test_generate_uses_the_packaged_model_by_default(tmp_path):
+    from PIL import Image
+
+    from latentdit.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle above a blue square", "--out", str(out), "--steps", "4"]) == 0
+    assert Image.open(out).size == (64, 64)
