@@ -50,6 +50,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .config import from_dict, to_dict
+from .train_state import flatten_optimizer, unflatten_optimizer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -354,7 +355,7 @@ def save_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
                     seconds: float, cfg: AEConfig) -> None:
     """One atomic safetensors file: a crash mid-write leaves the previous checkpoint intact."""
     tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-    optim_tensors, optim_meta = _flatten_optimizer(opt.state_dict())
+    optim_tensors, optim_meta = flatten_optimizer(opt.state_dict())
     tensors |= {f"optim.{k}": v for k, v in optim_tensors.items()}
     meta = {"step": step, "seconds": seconds, "config": to_dict(cfg), "optimizer": optim_meta}
     atomic_save_tensors(tensors, out / CHECKPOINT, metadata={"state": json.dumps(meta)})
@@ -373,7 +374,7 @@ def load_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
     tensors = load_file(str(file))
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-    opt.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+    opt.load_state_dict(unflatten_optimizer(optim, meta["optimizer"]))
     return int(meta["step"]), float(meta["seconds"])
 
 
@@ -384,23 +385,6 @@ def _check_same_run(saved: AEConfig, cfg: AEConfig, file: Path) -> None:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
         raise ValueError(f"{file} was written by a different run ({diff}); use another out_dir "
                          "or resume=False to start over")
-
-
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Optimiser state_dict -> tensors (safetensors) and plain values (JSON)."""
-    tensors, scalars = {}, {}
-    for idx, slots in sd["state"].items():
-        for key, value in slots.items():
-            (tensors if isinstance(value, Tensor) else scalars)[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 # ----------------------------------------------------------------------------- export

@@ -31,7 +31,7 @@ class TrainState:
     bad_total: int = 0
 
 
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split an optimiser state_dict into tensors (safetensors) and plain values (JSON)."""
     tensors, scalars = {}, {}
     for idx, slots in sd["state"].items():
@@ -43,7 +43,7 @@ def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str,
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         idx, key = flat.split(".", 1)
@@ -73,7 +73,7 @@ def save_state(out: Path, acc, model: torch.nn.Module, ema: dict[str, Tensor], o
 def _write_main(tmp: Path, model, ema, opt, state: TrainState, config: dict[str, Any], world: int) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    tensors, meta = _flatten_optimizer(opt.state_dict())
+    tensors, meta = flatten_optimizer(opt.state_dict())
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
     info = {"step": state.step, "bad_streak": state.bad_streak, "bad_total": state.bad_total,
             "world_size": world, "optimizer": meta, "config": config}
@@ -86,7 +86,7 @@ def load_state(folder: Path, model: torch.nn.Module, ema: dict[str, Tensor], opt
     model.load_state_dict(_load(folder / "model.safetensors"))
     for name, value in _load(folder / "ema.safetensors").items():
         ema[name].copy_(value)
-    opt.load_state_dict(_unflatten_optimizer(_load(folder / "optimizer.safetensors"), info["optimizer"]))
+    opt.load_state_dict(unflatten_optimizer(_load(folder / "optimizer.safetensors"), info["optimizer"]))
     state.step, state.bad_streak, state.bad_total = info["step"], info["bad_streak"], info["bad_total"]
     rng = folder / f"rng-rank{rank}.safetensors"
     if rng.exists():
