@@ -17,9 +17,9 @@ import time
 import torch
 
 from latentdit.config import model_preset
-from latentdit.data import Batch
 from latentdit.model import Denoiser
 from latentdit.schedules import Path
+from latentdit.shards import Batch
 from latentdit.train import TrainConfig, make_optimizer, train_step
 
 

@@ -216,7 +216,7 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from .data import ShardReader
+    from .shards import ShardReader
     from .train import export, make_config
     from .train_state import find_checkpoint
 

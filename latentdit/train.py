@@ -20,10 +20,10 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
-from .data import Batch, ShardReader
 from .model import Denoiser
 from .schedules import Path as NoisePath
 from .schedules import add_noise, from_x0_eps, sample_time
+from .shards import Batch, ShardReader
 from .train_state import TrainState, find_checkpoint, load_state, prune_checkpoints, save_state
 
 DEFAULT_PREVIEW_PROMPTS = (

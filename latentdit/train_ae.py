@@ -208,7 +208,7 @@ def _folder_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
     try:
-        from .data import folder_source
+        from .sources import folder_source
 
         return [entry[0] for entry in folder_source(root).entries]
     except (ImportError, AttributeError):  # data.py without folder sources: plain listing
