@@ -23,6 +23,18 @@ _EXPORTS = {
     "load_autoencoder": "vae",
     "save_pretrained": "checkpoint",
     "load_denoiser": "checkpoint",
+    "img2img": "edit",
+    "inpaint": "edit",
+    "outpaint": "edit",
+    "invert": "edit",
+    "reconstruct": "edit",
+    "edit_image": "edit",
+    "interpolate": "edit",
+    "pan": "edit",
+    "sample_guided": "edit",
+    "color_loss": "edit",
+    "save_animation": "edit",
+    "Inversion": "edit",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_optional_commands() -> None:
     """Subcommands defined in other modules of this layer register themselves on import."""
-    from . import cli_eval, cli_train  # noqa: F401
+    from . import cli_edit, cli_eval, cli_train  # noqa: F401
 
 
 ACCEPTS_OVERRIDES = {"train", "train-ae"}

@@ -113,18 +113,21 @@ class Text2Image:
         return cond, null.map(lambda v: v.detach())
 
     def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
-                 dtype: torch.dtype | None = torch.bfloat16) -> Callable[[Tensor, Tensor], Tensor]:
-        """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1."""
+                 dtype: torch.dtype | None = torch.bfloat16,
+                 mask_latent: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1.
+        ``mask_latent``: an inpainting variant's extra input channels, one row per image."""
         guided = uncond is not None and guidance_scale != 1.0
         both = Condition.cat(cond, uncond) if guided else cond
         prediction = self.model.config.prediction
         model = self.inference_model(dtype)
+        extra = {} if mask_latent is None else {"mask_latent": torch.cat([mask_latent] * (2 if guided else 1))}
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor) -> Tensor:
             xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
             with autocast(self.device, dtype):
-                pred = model(xin, tin, **both.kwargs())
+                pred = model(xin, tin, **both.kwargs(), **extra)
             x0 = to_x0(pred.float(), xin, tin, self.path, prediction)
             if not guided:
                 return x0
