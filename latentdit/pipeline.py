@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, component_path, load_denoiser
 from .config import SamplingConfig
+from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
 from .samplers import get_sampler, time_grid
 from .schedules import Path, to_x0
@@ -208,8 +209,11 @@ class Text2Image:
         negative = _negatives(negative_prompt, len(prompts))
         seeds = _seeds(seed, len(prompts) * k)
         cond, uncond = self.encode(prompts, negative)
-        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype)
         x = self.noise(seeds, self.latent_shape(height, width))
+        # An inpainting variant generating from nothing: everything is to be painted.
+        repaint_all = (masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
+                       if is_inpainting(self.model.config) else None)
+        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, repaint_all)
         name = sampler or self.sampling.sampler
         opts = {"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {}
         latents = self.sample(x, denoise, self.grid(steps, grid, shift), sampler=name,

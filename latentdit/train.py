@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
+from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import Path as NoisePath
 from .schedules import add_noise, from_x0_eps, sample_time
@@ -135,7 +136,9 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     drop = (torch.rand(n, generator=gen) < cfg.cond_dropout).to(device)
     target = from_x0_eps(x0, eps, t, path, cfg.model.prediction)
     text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
-    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled)
+    # The inpainting variant sees the clean latents outside a random box, and the box.
+    extra = {"mask_latent": training_mask_latent(x0, gen)} if cfg.model.extra_in_channels else {}
+    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
     return (pred.float() - target).pow(2).mean()
 
 
@@ -265,6 +268,10 @@ def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
     if m["latent_shape"][0] != mcfg.in_channels:
         raise ValueError(f"model.in_channels = {mcfg.in_channels} but the shards hold "
                          f"{m['latent_shape'][0]}-channel latents")
+    if mcfg.extra_in_channels and not is_inpainting(mcfg):
+        raise ValueError(f"model.extra_in_channels = {mcfg.extra_in_channels}: training knows one kind "
+                         f"of extra input, the inpainting variant's masked latent + mask "
+                         f"({mcfg.in_channels + 1} channels)")
 
 
 def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):

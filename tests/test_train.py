@@ -225,3 +225,32 @@ def test_accelerate_launch_module_entry_point(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "rng-rank1.safetensors").exists()
+
+
+def test_inpainting_variant_trains_from_the_base_weights(shards, tmp_path):
+    """A variant fine-tuned from a base model: starts from its weights, learns (the mask channels
+    leave zero), and samples from nothing with the pipeline."""
+    from latentdit.inpainting import masked_condition
+    from latentdit.pipeline import Text2Image
+
+    base = train(_config(shards, tmp_path / "base", steps=10), progress=False)
+    cfg = _config(shards, tmp_path / "inpaint", steps=10, init_from=base["model"])
+    cfg.model.extra_in_channels = cfg.model.in_channels + 1
+    result = train(cfg, progress=False)
+    pipe = Text2Image.from_pretrained(result["model"])
+    extra = pipe.model.patch.weight[:, cfg.model.in_channels:]
+    assert extra.abs().sum() > 0  # the mask channels were trained
+    image = pipe("a red circle", steps=2, output_type="tensor", progress=False)
+    assert image.shape == (1, 3, SIZE, SIZE) and torch.isfinite(image).all()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    box = torch.zeros(1, 1, SIZE, SIZE)
+    box[..., 4:12, 4:12] = 1
+    cond = masked_condition(x, box)
+    assert torch.equal(cond[:, :3], x * (1 - box)) and torch.equal(cond[:, 3:], box)
+
+
+def test_unknown_extra_channels_are_refused(shards, tmp_path):
+    cfg = _config(shards, tmp_path, steps=2)
+    cfg.model.extra_in_channels = 2
+    with pytest.raises(ValueError, match="inpainting"):
+        train(cfg, progress=False)
