@@ -5,22 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-Setup = Callable[[argparse.ArgumentParser], None]
-Run = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Setup, Run, str]] = {}
-
-
-def command(name: str, help: str):
-    """Register ``setup(parser)`` under ``name``; the decorated function runs it."""
-    def wrap(setup):
-        def deco(run):
-            COMMANDS[name] = (setup, run, help)
-            return run
-        return deco
-    return wrap
+from .cli_base import COMMANDS, command, write_images
 
 
 # -- info ------------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
               dtype=None if args.fp32 else torch.bfloat16)
     if items is None:
         images = pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw)
-        for path in _write_images(images, Path(args.out)):
+        for path in write_images(images, Path(args.out)):
             print(path)
         return 0
     out = Path(args.out)
@@ -149,17 +136,6 @@ def _safe_id(value: str, path: str, n: int) -> str:
     if not value or "/" in value or "\\" in value or value in (".", ".."):
         raise ValueError(f"{path}:{n}: id {value!r} cannot be used as a file name")
     return value
-
-
-def _write_images(images, out: Path) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(images) == 1:
-        images[0].save(out)
-        return [out]
-    paths = [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}") for k in range(len(images))]
-    for img, path in zip(images, paths):
-        img.save(path)
-    return paths
 
 
 def _load_pipeline(model: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _write_images, command
+from .cli_base import command, write_images
 
 SAMPLERS = ["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
 
@@ -52,7 +52,7 @@ def _repaint(args: argparse.Namespace) -> dict:
 
 
 def _save(images, out: str) -> int:
-    for path in _write_images(images, Path(out)):
+    for path in write_images(images, Path(out)):
         print(path)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli import command
+from .cli_base import command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import json
 import typing
 from typing import Any
 
-from .cli import command
+from .cli_base import command
 
 OVERRIDES_HELP = ("any config field as --key value or --section.key value "
                   "(e.g. --steps 500 --optim.lr 1e-4 --model.depth 6)")
