@@ -74,6 +74,13 @@ class Autoencoder(ABC):
                 )
         return images.clamp(-1, 1)
 
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images from scaled latents with gradients flowing back to the latents, not clamped:
+        for guidance by a loss on pixels (``decode`` runs without gradients)."""
+        self._check_latents(latents)
+        z = latents / self.scale.to(latents) + self.shift.to(latents)
+        return self._decode_raw(z).float()
+
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records so `load_autoencoder(**d)` reloads the same autoencoder."""
         return {

@@ -194,3 +194,12 @@ def test_missing_folder_is_one_clear_error(tmp_path):
         load_autoencoder("kl")
     with pytest.raises(ValueError, match="kl, identity"):
         load_autoencoder("vqgan")
+
+
+def test_differentiable_decode_matches_decode_and_passes_gradients():
+    ae = KLAutoencoder(_tiny_kl())
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    images = ae.decode_differentiable(z)
+    torch.testing.assert_close(images.clamp(-1, 1), ae.decode(z.detach()))
+    (grad,) = torch.autograd.grad(images.mean(), z)
+    assert grad.shape == z.shape and grad.abs().sum() > 0

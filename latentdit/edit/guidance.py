@@ -18,7 +18,6 @@ from torch import Tensor
 
 from ..pipeline import Text2Image
 from ..samplers import Denoise
-from ..vae import Autoencoder
 from .core import OutputType, check_output, finish, prompt_denoiser, resolve_steps, run_sampler, seed_list
 
 LossFn = Callable[[Tensor], Tensor]  # (N, C, H, W) x0, pixels in [-1, 1] or latents -> (N,) or ()
@@ -66,17 +65,6 @@ def loss_guided(denoise: Denoise, loss_fn: LossFn, scale: float,
     return guided
 
 
-def differentiable_decoder(autoencoder: Autoencoder) -> Callable[[Tensor], Tensor]:
-    """The autoencoder's decoder with gradients to the latents, not clamped. ``Autoencoder.decode``
-    runs under no_grad because sampling never needs gradients; pixel-space guidance does."""
-
-    def decode(latents: Tensor) -> Tensor:
-        z = latents / autoencoder.scale.to(latents) + autoencoder.shift.to(latents)
-        return autoencoder._decode_raw(z).float()
-
-    return decode
-
-
 @torch.no_grad()
 def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale: float = 0.1,
                   space: Literal["pixel", "latent"] = "pixel", steps: int | None = None,
@@ -95,7 +83,7 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
     check_output(output_type)
     seeds = seed_list(seed, num_images)
     denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds))
-    decode = differentiable_decoder(pipe.autoencoder) if space == "pixel" else None
+    decode = pipe.autoencoder.decode_differentiable if space == "pixel" else None
     x = pipe.noise(seeds, pipe.latent_shape(height, width))
     latents = run_sampler(pipe, x, loss_guided(denoise, loss_fn, scale, decode), pipe.grid(resolve_steps(pipe, steps)),
                           sampler, seeds[0], progress=progress)
