@@ -367,14 +367,24 @@ def test_mix_conditions_pads_and_unions_masks():
         edit.mix_conditions(Condition(labels=torch.tensor([1])), Condition(labels=torch.tensor([2])), 0.5)
 
 
-def test_animation_paths_are_checked_before_sampling(tmp_path):
+def test_animation_paths_are_checked_before_sampling(tmp_path, monkeypatch):
+    import sys
+
     with pytest.raises(ValueError, match=".gif or .mp4"):
         edit.check_animation_path(tmp_path / "a.avi")
-    try:
-        import imageio  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="MP4 needs imageio"):
-            edit.save_animation([_image(0)], tmp_path / "a.mp4")
+    monkeypatch.setitem(sys.modules, "imageio", None)  # as if imageio were not installed
+    with pytest.raises(ValueError, match="MP4 needs imageio"):
+        edit.save_animation([_image(0)], tmp_path / "a.mp4")
+
+
+def test_mp4_has_the_frames_written(tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    pytest.importorskip("imageio_ffmpeg")
+    frames = [Image.new("RGB", (64, 48), c) for c in ("red", "green", "blue", "white")]
+    path = edit.save_animation(frames, tmp_path / "a.mp4", fps=4)
+    video = iio.imread(path)
+    assert video.shape == (4, 48, 64, 3)
+    assert video[0, ..., 0].mean() > 200 and video[2, ..., 2].mean() > 200  # red first, blue third
 
 
 # -------------------------------------------------------------------------------- sizes
