@@ -73,14 +73,15 @@ def main(out_dir: str = "docs/edit") -> None:
     save_animation(pan(pipe, source, "a red circle", direction="right", step=16, frames=8),
                    out / "pan.gif", fps=4)
 
-    strip([pipe("a red circle above a blue square", seed=0, progress=False)[0],
-           pipe("a red circle above a blue square", seed=0, height=128, width=128, progress=False)[0],
-           pipe("a red circle above a blue square", seed=0, height=64, width=128, progress=False)[0]]
+    strip([pipe("two blue hearts", seed=0, progress=False)[0],
+           pipe("two blue hearts", seed=0, height=128, width=128, progress=False)[0],
+           pipe("two blue hearts", seed=0, height=64, width=128, progress=False)[0]]
           ).save(out / "sizes.png")
 
-    strip([pipe("a circle", seed=3, progress=False)[0],
-           sample_guided(pipe, "a circle", color_loss("blue"), scale=0.1, seed=3)[0],
-           sample_guided(pipe, "a circle", color_loss("yellow"), scale=0.1, seed=3)[0]]
+    prompt = "a large red circle in the center"
+    strip([pipe(prompt, seed=0, progress=False)[0],
+           sample_guided(pipe, prompt, color_loss("blue"), scale=0.1, seed=0)[0],
+           sample_guided(pipe, prompt, color_loss("yellow"), scale=0.1, seed=0)[0]]
           ).save(out / "guidance.png")
     print(f"wrote {len(list(out.iterdir()))} files to {out}")
 

@@ -7,7 +7,7 @@ set -euo pipefail
 RUN=${RUN:-runs/shapes}
 N=${N:-30000}
 AE_STEPS=${AE_STEPS:-3600}
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-2000}
 DEST=${DEST:-latentdit/weights/shapes}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
