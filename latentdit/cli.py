@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_base import COMMANDS, command, write_images
+from .cli_base import COMMANDS, SAMPLER_NAMES, autocast_dtype, command, load_pipeline, save_images
 
 
 # -- info ------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--sampler", default=None, choices=["euler", "heun", "ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--height", type=int, default=None)
@@ -77,20 +77,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "generate images from a prompt")(_generate_args)
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
     if bool(args.prompt) == bool(args.from_file):
         raise ValueError("give either a prompt or --from-file FILE")
     items = read_prompt_file(args.from_file) if args.from_file else None
-    pipe = _random_tiny_pipeline() if args.random_tiny else _load_pipeline(args.model)
+    pipe = _random_tiny_pipeline() if args.random_tiny else load_pipeline(args.model)
     kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
               num_images_per_prompt=args.num_images, height=args.height, width=args.width,
-              dtype=None if args.fp32 else torch.bfloat16)
+              dtype=autocast_dtype(args.fp32))
     if items is None:
-        images = pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw)
-        for path in write_images(images, Path(args.out)):
-            print(path)
-        return 0
+        return save_images(pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw), args.out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(items), max(1, args.batch_size)):
@@ -136,12 +131,6 @@ def _safe_id(value: str, path: str, n: int) -> str:
     if not value or "/" in value or "\\" in value or value in (".", ".."):
         raise ValueError(f"{path}:{n}: id {value!r} cannot be used as a file name")
     return value
-
-
-def _load_pipeline(model: str):
-    from .pipeline import Text2Image
-
-    return Text2Image.from_pretrained(model)
 
 
 def _random_tiny_pipeline():

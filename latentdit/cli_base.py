@@ -1,4 +1,5 @@
-"""What the ``latentdit`` subcommand modules share: the command registry and the image writer.
+"""What the ``latentdit`` subcommand modules share: the command registry, the sampler names,
+loading a pipeline and writing its images.
 
 ``cli.py`` builds the parser from ``COMMANDS``; ``cli_train``, ``cli_eval`` and ``cli_edit``
 register their subcommands here, so no subcommand module imports ``cli.py`` back.
@@ -7,12 +8,16 @@ register their subcommands here, so no subcommand module imports ``cli.py`` back
 from __future__ import annotations
 
 import argparse
+import typing
 from collections.abc import Callable
 from pathlib import Path
+
+from .config import SamplerName
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Setup, Run, str]] = {}
+SAMPLER_NAMES = list(typing.get_args(SamplerName))  # the config's names; samplers.py need not load
 
 
 def command(name: str, help: str):
@@ -35,3 +40,24 @@ def write_images(images, out: Path) -> list[Path]:
     for img, path in zip(images, paths):
         img.save(path)
     return paths
+
+
+def save_images(images, out: str | Path) -> int:
+    """``write_images`` and print each path written; a subcommand's exit status."""
+    for path in write_images(images, Path(out)):
+        print(path)
+    return 0
+
+
+def load_pipeline(model: str):
+    """A ``Text2Image`` for a model folder, packaged name or hub id."""
+    from .pipeline import Text2Image
+
+    return Text2Image.from_pretrained(model)
+
+
+def autocast_dtype(fp32: bool):
+    """The sampling dtype of ``--fp32``: None (no autocast) or bf16."""
+    import torch
+
+    return None if fp32 else torch.bfloat16

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_base import command, write_images
-
-SAMPLERS = ["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
+from .cli_base import SAMPLER_NAMES, autocast_dtype, command, load_pipeline, save_images
 
 
 def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = None) -> None:
@@ -24,37 +22,21 @@ def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = Non
 
 
 def _repaint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default=None, choices=SAMPLERS)
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--num-images", type=int, default=1)
 
 
-def _pipeline(model: str):
-    """Load the model (a seam tests replace to load the packaged model once)."""
-    from .pipeline import Text2Image
-
-    return Text2Image.from_pretrained(model)
-
-
-def _dtype(args: argparse.Namespace):
-    import torch
-
-    return None if args.fp32 else torch.bfloat16
+_pipeline = load_pipeline  # the seam tests replace to load the packaged model once
 
 
 def _sampling(args: argparse.Namespace) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.guidance, dtype=_dtype(args))
+    return dict(steps=args.steps, guidance_scale=args.guidance, dtype=autocast_dtype(args.fp32))
 
 
 def _repaint(args: argparse.Namespace) -> dict:
     return dict(_sampling(args), sampler=args.sampler, negative_prompt=args.negative,
                 num_images=args.num_images, seed=args.seed)
-
-
-def _save(images, out: str) -> int:
-    for path in write_images(images, Path(out)):
-        print(path)
-    return 0
 
 
 # -- img2img ---------------------------------------------------------------------------------
@@ -75,7 +57,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     check_strength(args.strength)
     image = load_image(args.image)
     pipe = _pipeline(args.model)
-    return _save(img2img(pipe, image, args.prompt, strength=args.strength, **_repaint(args)), args.out)
+    return save_images(img2img(pipe, image, args.prompt, strength=args.strength, **_repaint(args)), args.out)
 
 
 # -- inpaint ---------------------------------------------------------------------------------
@@ -100,7 +82,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = _pipeline(args.model)
     images = inpaint(pipe, image, mask, args.prompt, mask_blur=args.mask_blur, strength=args.strength,
                      **_repaint(args))
-    return _save(images, args.out)
+    return save_images(images, args.out)
 
 
 # -- outpaint --------------------------------------------------------------------------------
@@ -121,7 +103,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
     sides = dict(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
     extend_canvas(image, **sides)  # checks the sizes before the model loads
     pipe = _pipeline(args.model)
-    return _save(outpaint(pipe, image, args.prompt, **sides, **_repaint(args)), args.out)
+    return save_images(outpaint(pipe, image, args.prompt, **sides, **_repaint(args)), args.out)
 
 
 # -- invert ----------------------------------------------------------------------------------
@@ -143,13 +125,13 @@ def run_invert(args: argparse.Namespace) -> int:
         raise ValueError(f"--t-stop must be in (0, 1], got {args.t_stop}")
     pipe = _pipeline(args.model)
     inv = invert(pipe, image, args.prompt, steps=args.steps, t_stop=args.t_stop,
-                 fixed_point_iters=args.fixed_point_iters, dtype=_dtype(args))
+                 fixed_point_iters=args.fixed_point_iters, dtype=autocast_dtype(args.fp32))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     inv.save(args.out)
     print(args.out)
     if args.reconstruct:
-        rec = reconstruct(pipe, inv, dtype=_dtype(args), output_type="tensor")
-        _save(_to_pil(rec), args.reconstruct)
+        rec = reconstruct(pipe, inv, dtype=autocast_dtype(args.fp32), output_type="tensor")
+        save_images(_to_pil(rec), args.reconstruct)
         print(f"reconstruction PSNR {psnr(rec, image):.2f} dB")
     return 0
 
@@ -178,7 +160,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("editing needs --strength > 0")
     image = load_image(args.image)
     pipe = _pipeline(args.model)
-    return _save(edit_image(pipe, image, args.source, args.target, strength=args.strength, **_sampling(args)),
+    return save_images(edit_image(pipe, image, args.source, args.target, strength=args.strength, **_sampling(args)),
                  args.out)
 
 
@@ -190,7 +172,7 @@ def _interpolate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--sampler", default=None, choices=SAMPLERS)
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     _sampling_args(p, "interpolate.gif")
 
 

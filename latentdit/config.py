@@ -139,15 +139,10 @@ class ModelConfig:
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
         """Read configs written before ``qk_norm`` named its kind (a bool meant RMS or nothing)."""
-        value = data.get("qk_norm")
-        if isinstance(value, bool) or isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            truthy = value if isinstance(value, bool) else _BOOL_WORDS[value.lower()]
-            data = {**data, "qk_norm": "rms" if truthy else "none"}
-        return data
+        return {**data, "qk_norm": _qk_norm_kind(data["qk_norm"])} if "qk_norm" in data else data
 
     def __post_init__(self) -> None:
-        if isinstance(self.qk_norm, bool):
-            self.qk_norm = "rms" if self.qk_norm else "none"
+        self.qk_norm = _qk_norm_kind(self.qk_norm)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if (self.width // self.heads) % 2:
@@ -170,6 +165,13 @@ class ModelConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels
+
+
+def _qk_norm_kind(value: Any) -> Any:
+    """A bool (or "true"/"false") as older configs stored qk_norm -> "rms"/"none"; else unchanged."""
+    if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        value = _BOOL_WORDS[value.lower()]
+    return ("rms" if value else "none") if isinstance(value, bool) else value
 
 
 @dataclass
