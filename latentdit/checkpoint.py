@@ -22,7 +22,7 @@ from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, to_
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm (format 1 always normed cross-attention)
 PACKAGED = {"shapes": Path(__file__).parent / "weights" / "shapes"}
 
 
@@ -49,6 +49,9 @@ class CheckpointConfig:
         if version > FORMAT_VERSION:
             raise ValueError(f"checkpoint format {version} is newer than this latentdit "
                              f"understands ({FORMAT_VERSION}); upgrade latentdit")
+        if version < 2 and isinstance(data.get("model"), dict):
+            data["model"] = {"cross_norm": True, **data["model"]}
+        data["format_version"] = FORMAT_VERSION
         return from_dict(cls, data)
 
 

@@ -134,6 +134,9 @@ class ModelConfig:
     num_classes: int = 0
     base_size: int = 16  # latent side the position-embedding grid is defined on
     qk_norm: QKNorm = "layer"  # per-head norm of queries and keys; JSON true/false = "rms"/"none"
+    # A LayerNorm before cross-attention and qk_norm inside it. PixArt has neither (its text tokens
+    # are normed by the caption projection); checkpoint format 1 always had both.
+    cross_norm: bool = False
     prediction: Prediction = "flow"
 
     @staticmethod

@@ -150,8 +150,9 @@ class Block(nn.Module):
         self.adaln = cfg.modulation == "adaln-single"
         self.norm1 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
         self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
-        self.norm_x = nn.LayerNorm(d, eps=1e-6) if cross else None
-        self.cross = Attention(d, cfg.heads, context_dim=d, qk_norm=cfg.qk_norm) if cross else None
+        self.norm_x = nn.LayerNorm(d, eps=1e-6) if cross and cfg.cross_norm else nn.Identity()
+        cross_qk = cfg.qk_norm if cfg.cross_norm else "none"
+        self.cross = Attention(d, cfg.heads, context_dim=d, qk_norm=cross_qk) if cross else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
         self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp)
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None

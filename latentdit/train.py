@@ -89,7 +89,7 @@ OBJECTIVES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 # Named recipes: a model preset plus training fields, overridable from the CLI.
-_SHAPES_MODEL = {"max_text_len": 24, "qk_norm": "rms"}
+_SHAPES_MODEL = {"max_text_len": 24, "qk_norm": "rms", "cross_norm": True}  # as the packaged model
 _SHAPES_TRAIN = {"steps": 2000, "batch_size": 64, "ema_decay": 0.998, "checkpoint_every": 50,
                  "keep_checkpoints": 2, "optim": {"lr": 1e-3, "warmup_steps": 150}}
 RECIPES: dict[str, dict[str, Any]] = {

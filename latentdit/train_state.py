@@ -83,7 +83,12 @@ def _write_main(tmp: Path, model, ema, opt, state: TrainState, config: dict[str,
 def load_state(folder: Path, model: torch.nn.Module, ema: dict[str, Tensor], opt, state: TrainState,
                rank: int) -> None:
     info = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(_load(folder / "model.safetensors"))
+    try:
+        model.load_state_dict(_load(folder / "model.safetensors"))
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise ValueError(f"{folder} holds weights for a different architecture than this run's "
+                         f"model config ({first}); resume with the options the run started with") from None
     for name, value in _load(folder / "ema.safetensors").items():
         ema[name].copy_(value)
     opt.load_state_dict(unflatten_optimizer(_load(folder / "optimizer.safetensors"), info["optimizer"]))

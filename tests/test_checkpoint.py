@@ -94,6 +94,19 @@ def test_newer_format_is_refused(tmp_path):
         load_config(tmp_path / "m")
 
 
+def test_format_1_configs_load_with_normed_cross_attention(tmp_path):
+    model = Denoiser(model_preset("tiny", cross_norm=True))
+    save_pretrained(model, tmp_path / "m", _config(model))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["format_version"] == 2 and cfg["model"]["cross_norm"] is True
+    del cfg["model"]["cross_norm"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    loaded, config, _ = load_denoiser(tmp_path / "m")  # weights with norm_x load into a format-1 config
+    assert config.model.cross_norm is True and config.format_version == 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))  # format 2: absent means the default
+    assert load_config(tmp_path / "m").model.cross_norm is False
+
+
 def test_missing_folder_and_offline_hub_id(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor a hub id"):
         load_denoiser(tmp_path / "nope")

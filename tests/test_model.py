@@ -29,14 +29,25 @@ def test_output_shape_for_many_sizes(hw):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"mlp": "dwconv"}, {"modulation": "none"},
-                                       {"qk_norm": "none"}, {"qk_norm": "rms"}])
+                                       {"qk_norm": "none"}, {"qk_norm": "rms"}, {"cross_norm": True}])
 def test_zero_output_at_init(overrides):
     model = build_denoiser("tiny", **overrides)
     x, t, text, mask, pooled = _inputs()
     assert torch.count_nonzero(model(x, t, text, mask, pooled)) == 0
 
 
-@pytest.mark.parametrize("overrides", [{}, {"modulation": "none"}])
+def test_cross_norm_adds_a_norm_before_cross_attention_and_qk_norm_inside_it():
+    plain = {n for n, _ in build_denoiser("tiny", qk_norm="rms").named_parameters()}
+    normed = {n for n, _ in build_denoiser("tiny", qk_norm="rms", cross_norm=True).named_parameters()}
+    added = normed - plain
+    assert plain < normed
+    assert {n.split(".", 2)[2] for n in added} == {
+        "norm_x.weight", "norm_x.bias", "cross.q_norm.weight", "cross.k_norm.weight"}
+    # self-attention keeps its QK norm either way
+    assert "blocks.0.attn.q_norm.weight" in plain
+
+
+@pytest.mark.parametrize("overrides", [{}, {"modulation": "none"}, {"cross_norm": True}])
 def test_padded_text_tokens_do_not_change_output(overrides):
     model = _randomize(build_denoiser("tiny", **overrides))
     x, t, text, mask, pooled = _inputs()

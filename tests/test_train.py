@@ -81,6 +81,15 @@ def test_resume_is_exact(shards, tmp_path):
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-0000005", "step-0000012"]
 
 
+def test_resume_with_another_architecture_is_refused_clearly(shards, tmp_path):
+    kw = dict(steps=6, mixed_precision="no", checkpoint_every=100)
+    train(_config(shards, tmp_path, **kw), progress=False, stop_after=3)
+    other = _config(shards, tmp_path, **kw)
+    other.model.cross_norm = True
+    with pytest.raises(ValueError, match="different architecture.*options the run started with"):
+        train(other, resume="latest", progress=False)
+
+
 def _poison(monkeypatch, bad_steps):
     import latentdit.train as T
 
