@@ -29,6 +29,7 @@ _EXPORTS = {
     "invert": "edit",
     "reconstruct": "edit",
     "edit_image": "edit",
+    "edit_mask": "edit",
     "interpolate": "edit",
     "pan": "edit",
     "sample_guided": "edit",

@@ -148,20 +148,38 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a prompt describing the input")
     p.add_argument("target", help="the prompt to edit it towards")
     p.add_argument("--strength", type=float, default=0.8, help="how far to invert (0..1]; higher changes more")
+    p.add_argument("--mask", default=None,
+                   help="confine the edit: 'auto' (where the two prompts disagree) or a mask image (white = edit)")
+    p.add_argument("--mask-threshold", type=float, default=0.3, help="for --mask auto: share of the largest "
+                   "disagreement a latent cell needs to be edited (default 0.3)")
+    p.add_argument("--negative", default=None, help="negative prompt for CFG (the source prompt works well)")
+    p.add_argument("--save-mask", default=None, help="also write the mask used to this PNG")
     _sampling_args(p, "edit.png")
 
 
 @command("edit", "edit an image by inversion under one prompt and sampling with another")(_edit_args)
 def run_edit(args: argparse.Namespace) -> int:
-    from .edit import edit_image, load_image
+    from .edit import edit_image, edit_mask, load_image, load_mask
     from .edit.core import check_strength
+    from .vae import to_pil
 
     if check_strength(args.strength) == 0.0:
         raise ValueError("editing needs --strength > 0")
     image = load_image(args.image)
+    mask = args.mask
+    if mask is not None and mask != "auto":
+        mask = load_mask(mask, (image.shape[-1], image.shape[-2]))
+    if not 0.0 < args.mask_threshold < 1.0:
+        raise ValueError(f"--mask-threshold must be in (0, 1), got {args.mask_threshold}")
     pipe = _pipeline(args.model)
-    return save_images(edit_image(pipe, image, args.source, args.target, strength=args.strength, **_sampling(args)),
-                 args.out)
+    if mask == "auto" and args.save_mask:
+        mask = edit_mask(pipe, image, args.source, args.target, threshold=args.mask_threshold,
+                         dtype=autocast_dtype(args.fp32))
+    if args.save_mask and mask is not None:
+        save_images(to_pil(mask.expand(-1, 3, -1, -1) * 2 - 1), args.save_mask)
+    return save_images(edit_image(pipe, image, args.source, args.target, strength=args.strength, mask=mask,
+                                  mask_threshold=args.mask_threshold, negative_prompt=args.negative,
+                                  **_sampling(args)), args.out)
 
 
 # -- interpolate -----------------------------------------------------------------------------

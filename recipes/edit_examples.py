@@ -63,9 +63,12 @@ def main(out_dir: str = "docs/edit") -> None:
            outpaint(pipe, source, "a red circle", left=32, top=32, seed=1)[0]]).save(out / "outpaint.png")
 
     inv = invert(pipe, source, "a red circle in the center", steps=20)
+    src = "a red circle in the center on a white background"
+    local = dict(strength=0.5, mask="auto", mask_threshold=0.5, negative_prompt=src, guidance_scale=6.0)
     strip([source, reconstruct(pipe, inv)[0],
            edit_image(pipe, source, "a red circle in the center", "a blue circle in the center")[0],
-           edit_image(pipe, source, "a red circle in the center", "a yellow circle in the center")[0]]
+           edit_image(pipe, source, src, src.replace("red", "blue"), **local)[0],
+           edit_image(pipe, source, src, src.replace("red", "yellow"), **local)[0]]
           ).save(out / "invert_edit.png")
 
     save_animation(interpolate(pipe, ["a red circle in the top left", "a blue square in the bottom right"],

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..pipeline import Text2Image
@@ -22,12 +24,15 @@ from .core import (
     check_strength,
     encode,
     finish,
+    noised,
     partial_steps,
     prompt_denoiser,
     resolve_steps,
     run_sampler,
+    seed_list,
 )
-from .images import ImageInput, load_image
+from .images import ImageInput, load_image, load_mask
+from .repaint import latent_mask
 
 DEFAULT_FIXED_POINT_ITERS = 3  # 20-step PSNR on the shipped model: ~7 dB without, ~30 dB with 3
 
@@ -79,7 +84,8 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
         fixed_point_iters = DEFAULT_FIXED_POINT_ITERS if sampler == "ddim" else 0
     denoise = prompt_denoiser(pipe, prompt, None, 1.0, dtype)
     latents = invert_latents(denoise, x0, ts, pipe.path, sampler=sampler, fixed_point_iters=fixed_point_iters)
-    return Inversion(latents, ts, prompt, sampler)
+    # contiguous, as a saved and loaded copy is: bf16 kernels can differ by layout in the last bit
+    return Inversion(latents.contiguous(), ts, prompt, sampler)
 
 
 @torch.no_grad()
@@ -100,20 +106,74 @@ def psnr(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
+def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
+              threshold: float = 0.3, t: float = 0.5, samples: int = 8, seed: int = 0,
+              dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+    """Where an edit from ``source_prompt`` to ``target_prompt`` should act (DiffEdit, Couairon et
+    al. 2022, arXiv:2210.11427): noise the image to ``t`` with ``samples`` seeds, average the
+    absolute difference of the two prompts' clean-latent estimates over seeds and channels, and
+    keep the latent cells where it reaches ``threshold`` times its maximum. Returns a (1, 1, H, W)
+    pixel mask of 0/1 (1 = edit) made of whole latent cells."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"mask threshold must be in (0, 1), got {threshold}")
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"mask noise level t must be in (0, 1), got {t}")
+    if samples < 1:
+        raise ValueError(f"mask samples must be >= 1, got {samples}")
+    x0 = encode(pipe, load_image(image))
+    x = noised(pipe, x0.expand(samples, -1, -1, -1), pipe.noise(seed_list(seed, samples), tuple(x0.shape[1:])), t)
+    tt = torch.full((samples,), float(t), device=x.device)
+    estimates = [prompt_denoiser(pipe, p, None, 1.0, dtype, samples)(x, tt) for p in (source_prompt, target_prompt)]
+    diff = (estimates[0] - estimates[1]).abs().mean(dim=(0, 1))  # (h, w)
+    if not bool(diff.max() > 0):
+        raise ValueError("the two prompts give the same estimates: there is nothing to locate an edit by")
+    cells = (diff >= threshold * diff.max()).float()[None, None]
+    return F.interpolate(cells, scale_factor=pipe.autoencoder.downsample, mode="nearest").cpu()
+
+
+@torch.no_grad()
 def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
-               strength: float = 0.8, steps: int | None = None, guidance_scale: float | None = None,
-               sampler: str = "ddim", fixed_point_iters: int | None = None,
+               strength: float = 0.8, mask: ImageInput | Literal["auto"] | None = None,
+               mask_threshold: float = 0.3, negative_prompt: str | None = None, steps: int | None = None,
+               guidance_scale: float | None = None, sampler: str = "ddim", fixed_point_iters: int | None = None,
                dtype: torch.dtype | None = torch.bfloat16, output_type: OutputType = "pil",
                progress: bool = False):
     """Prompt editing: invert ``image`` under ``source_prompt`` to ``t = strength`` (in
     ``round(steps * strength)`` steps), then sample from there with ``target_prompt`` and CFG.
-    Lower strength keeps more of the input; higher lets the new prompt change more."""
+    Lower strength keeps more of the input; higher lets the new prompt change more.
+
+    ``mask`` confines the edit (white = edit; ``"auto"``: ``edit_mask`` with ``mask_threshold``,
+    grown by one latent cell): a second row samples ``source_prompt`` from the same inverted state
+    without CFG, which retraces the input, and after every step the edited row takes it outside
+    the mask; the decoded image keeps the input's pixels there. ``negative_prompt`` replaces the
+    null condition in CFG; the source prompt is a good one, so guidance pushes along what the two
+    prompts differ in rather than towards the target prompt as a whole."""
     strength = check_strength(strength)
     check_output(output_type)
     if strength == 0.0:
         raise ValueError("editing needs strength > 0 (at 0 the image is returned unchanged)")
-    inv = invert(pipe, image, source_prompt, steps=partial_steps(resolve_steps(pipe, steps), strength),
+    pixels = load_image(image)
+    if isinstance(mask, str) and mask == "auto":
+        region = edit_mask(pipe, pixels, source_prompt, target_prompt, threshold=mask_threshold, dtype=dtype)
+    else:
+        region = None if mask is None else load_mask(mask, (pixels.shape[-1], pixels.shape[-2]))
+    if region is not None and not bool((region > 0).any()):
+        raise ValueError("the edit mask is all black: nothing to edit (white = edit)")
+    inv = invert(pipe, pixels, source_prompt, steps=partial_steps(resolve_steps(pipe, steps), strength),
                  t_stop=strength, sampler=sampler, fixed_point_iters=fixed_point_iters, dtype=dtype)
-    denoise = prompt_denoiser(pipe, target_prompt, None, guidance_scale, dtype)
-    latents = run_sampler(pipe, inv.latents, denoise, inv.ts, sampler, 0, progress=progress)
-    return finish(pipe, latents, output_type)
+    denoise = prompt_denoiser(pipe, target_prompt, negative_prompt, guidance_scale, dtype)
+    if region is None:
+        return finish(pipe, run_sampler(pipe, inv.latents, denoise, inv.ts, sampler, 0, progress=progress),
+                      output_type)
+    cells = F.max_pool2d(latent_mask(pipe, region).to(inv.latents.device), 3, stride=1, padding=1)
+    source = prompt_denoiser(pipe, source_prompt, None, 1.0, dtype)
+
+    def both(x: Tensor, t: Tensor) -> Tensor:  # row 0 retraces the input, row 1 is the edit
+        return torch.cat([source(x[:1], t[:1]), denoise(x[1:], t[1:])])
+
+    def keep_outside(i: int, t: Tensor, x: Tensor, x0: Tensor) -> Tensor:
+        return torch.cat([x[:1], cells * x[1:] + (1 - cells) * x[:1]])
+
+    latents = run_sampler(pipe, inv.latents.repeat(2, 1, 1, 1), both, inv.ts, sampler, 0, keep_outside, progress)
+    pixel_cells = F.interpolate(cells, scale_factor=pipe.autoencoder.downsample, mode="nearest").cpu()
+    return finish(pipe, latents[1:], output_type, (pixels, pixel_cells))
