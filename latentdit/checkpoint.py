@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, to_dict
+from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, to_dict, upgrade_stored_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm (format 1 always normed cross-attention)
+FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm and .gelu (format 1: normed cross-attention, tanh GELU)
 PACKAGED = {"shapes": Path(__file__).parent / "weights" / "shapes"}
 
 
@@ -50,7 +50,7 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint format {version} is newer than this latentdit "
                              f"understands ({FORMAT_VERSION}); upgrade latentdit")
         if version < 2 and isinstance(data.get("model"), dict):
-            data["model"] = {"cross_norm": True, **data["model"]}
+            data["model"] = upgrade_stored_model(data["model"])
         data["format_version"] = FORMAT_VERSION
         return from_dict(cls, data)
 

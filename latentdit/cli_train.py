@@ -216,6 +216,7 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from .config import upgrade_stored_model
     from .shards import ShardReader
     from .train import export, make_config
     from .train_state import find_checkpoint
@@ -223,7 +224,8 @@ def run_export(args: argparse.Namespace) -> int:
     folder = find_checkpoint(Path(args.run), args.checkpoint)
     if folder is None:
         raise ValueError(f"no checkpoint in {args.run}/checkpoints")
-    cfg = make_config(json.loads((folder / "state.json").read_text())["config"])
+    stored = json.loads((folder / "state.json").read_text())["config"]
+    cfg = make_config({**stored, "model": upgrade_stored_model(stored["model"])})
     ema = load_file(folder / "ema.safetensors")
     out = export(cfg, ema, ShardReader(cfg.data), Path(args.out), torch.float16 if args.fp16 else None)
     print(out)

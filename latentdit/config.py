@@ -137,6 +137,9 @@ class ModelConfig:
     # A LayerNorm before cross-attention and qk_norm inside it. PixArt has neither (its text tokens
     # are normed by the caption projection); checkpoint format 1 always had both.
     cross_norm: bool = False
+    # The MLP's GELU: "exact" (erf) or "tanh" (PixArt's approximation, within ~5e-4 of it). On CPU
+    # in bf16 the tanh kernel is ~4x slower; checkpoint format 1 always used it.
+    gelu: Literal["exact", "tanh"] = "exact"
     prediction: Prediction = "flow"
 
     @staticmethod
@@ -168,6 +171,16 @@ class ModelConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels
+
+
+# Fields added to ModelConfig since checkpoint format 1, with what files written before them meant.
+# A stored model dict (checkpoint config.json, a run's state.json) always held every field.
+STORED_BEFORE_FORMAT_2 = {"cross_norm": True, "gelu": "tanh"}
+
+
+def upgrade_stored_model(data: dict[str, Any]) -> dict[str, Any]:
+    """A complete ModelConfig dict written before format 2, with the later fields it implied."""
+    return {**STORED_BEFORE_FORMAT_2, **data}
 
 
 def _qk_norm_kind(value: Any) -> Any:
@@ -254,6 +267,6 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "DiffusionConfig", "ModelConfig", "SamplingConfig", "PRESETS", "from_dict", "to_dict",
+    "DiffusionConfig", "ModelConfig", "SamplingConfig", "PRESETS", "from_dict", "to_dict", "upgrade_stored_model",
     "model_preset", "parse_density", "parse_dtype", "save_json", "load_json",
 ]

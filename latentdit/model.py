@@ -125,18 +125,19 @@ class MLP(nn.Module):
     """GELU MLP, or with a 3x3 depthwise conv between the projections (LocalViT, Li et al. 2021,
     arXiv:2104.05707; the original Transformer Latent Diffusion) for cheap local mixing."""
 
-    def __init__(self, dim: int, ratio: float, kind: str):
+    def __init__(self, dim: int, ratio: float, kind: str, gelu: str = "exact"):
         super().__init__()
         hidden = int(dim * ratio)
+        self.approximate = "tanh" if gelu == "tanh" else "none"
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if kind == "dwconv" else None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = F.gelu(self.fc1(x), approximate="tanh")
+        x = F.gelu(self.fc1(x), approximate=self.approximate)
         if self.dw is not None:
             n, t, c = x.shape
             grid = x.transpose(1, 2).reshape(n, c, *hw)  # (N, hidden, h, w)
-            x = F.gelu(self.dw(grid), approximate="tanh").flatten(2).transpose(1, 2)
+            x = F.gelu(self.dw(grid), approximate=self.approximate).flatten(2).transpose(1, 2)
         return self.fc2(x)
 
 
@@ -154,7 +155,7 @@ class Block(nn.Module):
         cross_qk = cfg.qk_norm if cfg.cross_norm else "none"
         self.cross = Attention(d, cfg.heads, context_dim=d, qk_norm=cross_qk) if cross else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
-        self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp)
+        self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp, cfg.gelu)
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
 
     def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,

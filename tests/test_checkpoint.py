@@ -99,12 +99,12 @@ def test_format_1_configs_load_with_normed_cross_attention(tmp_path):
     save_pretrained(model, tmp_path / "m", _config(model))
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["format_version"] == 2 and cfg["model"]["cross_norm"] is True
-    del cfg["model"]["cross_norm"]
+    del cfg["model"]["cross_norm"], cfg["model"]["gelu"]
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
     loaded, config, _ = load_denoiser(tmp_path / "m")  # weights with norm_x load into a format-1 config
-    assert config.model.cross_norm is True and config.format_version == 2
+    assert (config.model.cross_norm, config.model.gelu, config.format_version) == (True, "tanh", 2)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))  # format 2: absent means the default
-    assert load_config(tmp_path / "m").model.cross_norm is False
+    assert (load_config(tmp_path / "m").model.cross_norm, load_config(tmp_path / "m").model.gelu) == (False, "exact")
 
 
 def test_missing_folder_and_offline_hub_id(tmp_path):

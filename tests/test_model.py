@@ -47,6 +47,21 @@ def test_cross_norm_adds_a_norm_before_cross_attention_and_qk_norm_inside_it():
     assert "blocks.0.attn.q_norm.weight" in plain
 
 
+@pytest.mark.parametrize("mlp", ["gelu", "dwconv"])
+def test_gelu_kinds_are_the_exact_and_tanh_activations(mlp):
+    exact = _randomize(build_denoiser("tiny", mlp=mlp))
+    tanh = build_denoiser("tiny", mlp=mlp, gelu="tanh")
+    tanh.load_state_dict(exact.state_dict())
+    x, t, text, mask, pooled = _inputs()
+    a, b = exact(x, t, text, mask, pooled), tanh.eval()(x, t, text, mask, pooled)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-3)
+    h = torch.linspace(-4, 4, 101)[None, :, None].expand(1, 101, 64).contiguous()
+    block = exact.blocks[0].mlp
+    ref = block.fc2(torch.nn.functional.gelu(block.fc1(h)))
+    if mlp == "gelu":  # the plain MLP's activation is exactly erf GELU
+        torch.testing.assert_close(block(h, (1, 101)), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"modulation": "none"}, {"cross_norm": True}])
 def test_padded_text_tokens_do_not_change_output(overrides):
     model = _randomize(build_denoiser("tiny", **overrides))

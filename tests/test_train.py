@@ -90,6 +90,23 @@ def test_resume_with_another_architecture_is_refused_clearly(shards, tmp_path):
         train(other, resume="latest", progress=False)
 
 
+def test_export_reads_a_run_state_written_before_cross_norm_and_gelu(shards, tmp_path):
+    """A state.json from before format 2 has no cross_norm/gelu: they meant True and "tanh"."""
+    kw = dict(steps=3, mixed_precision="no", checkpoint_every=100)
+    cfg = _config(shards, tmp_path / "run", **kw)
+    cfg.model.cross_norm, cfg.model.gelu = True, "tanh"
+    train(cfg, progress=False)
+    state = tmp_path / "run" / "checkpoints" / "step-0000003" / "state.json"
+    info = json.loads(state.read_text())
+    for key in ("cross_norm", "gelu"):
+        del info["config"]["model"][key]
+    state.write_text(json.dumps(info))
+    r = _cli("export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+    assert r.returncode == 0, r.stderr
+    model = json.loads((tmp_path / "exported" / "config.json").read_text())["model"]
+    assert (model["cross_norm"], model["gelu"]) == (True, "tanh")
+
+
 def _poison(monkeypatch, bad_steps):
     import latentdit.train as T
 
