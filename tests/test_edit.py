@@ -443,12 +443,17 @@ def test_sampling_at_a_non_square_size(shapes):
 def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
     target = np.array(COLORS["blue"], dtype=np.float64)
     loss = edit.color_loss("blue")
+    # Measured (distance unguided -> guided at 0.3): seed 1 145 -> 137, seed 2 209 -> 154, seed 3
+    # 235 -> 151. At scale 0.1 the shift is only 3-20 and varies with the CPU's bf16 kernels.
+    gains = []
     for seed in (1, 2, 3):
         plain = edit.sample_guided(shapes, "a red circle in the center", loss, scale=0.0, seed=seed)[0]
-        guided = edit.sample_guided(shapes, "a red circle in the center", loss, scale=0.1, seed=seed)[0]
+        guided = edit.sample_guided(shapes, "a red circle in the center", loss, scale=0.3, seed=seed)[0]
         d_plain, d_guided = (float(np.linalg.norm(_arr(i).reshape(-1, 3).mean(0) - target)) for i in (plain, guided))
         print(f"\nseed {seed}: mean colour distance to blue {d_plain:.1f} unguided, {d_guided:.1f} guided")
         assert d_guided < d_plain - 3
+        gains.append(d_plain - d_guided)
+    assert np.mean(gains) > 25, gains
 
 
 def test_guidance_scale_zero_is_the_plain_sample_and_latent_guidance_pulls_to_a_target(tiny):
