@@ -307,21 +307,32 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def load_init_weights(model: Denoiser, folder: str) -> None:
-    """Fine-tuning start: copy weights by name; a wider input conv keeps the new channels at zero
-    (the inpainting variant starts as the base model)."""
-    from .checkpoint import load_weights, resolve
+    """Fine-tuning start: copy every weight by name; a wider input conv keeps the new channels at
+    zero (the inpainting variant starts as the base model). Any other difference in architecture
+    is refused, naming the config fields that differ, so that no trained weight is dropped."""
+    from dataclasses import asdict
 
+    from .checkpoint import load_config, load_weights, resolve
+
+    directory = resolve(folder)
     own = model.state_dict()
-    for name, w in load_weights(resolve(folder)).items():
-        if name not in own:
-            continue
-        if own[name].shape == w.shape:
-            own[name].copy_(w)
-        elif name == "patch.weight" and own[name].shape[1] > w.shape[1]:
-            own[name][:, : w.shape[1]].copy_(w)
-        else:
-            raise ValueError(f"cannot fine-tune from {folder}: {name} has shape {tuple(w.shape)}, "
-                             f"the new model needs {tuple(own[name].shape)}")
+    weights = load_weights(directory)
+    problems = [f"{n} has shape {tuple(w.shape)}, the new model needs {tuple(own[n].shape)}"
+                for n, w in weights.items() if n in own and own[n].shape != w.shape
+                and not (n == "patch.weight" and own[n].shape[1] > w.shape[1])]
+    problems += [f"{n} is not in the new model" for n in weights if n not in own]
+    problems += [f"{n} is missing from it" for n in own if n not in weights]
+    if problems:
+        theirs = asdict(load_config(directory).model)
+        ours = asdict(model.config)
+        hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
+                         if k != "extra_in_channels" and ours.get(k) != v)
+        raise ValueError(f"cannot fine-tune from {folder}: its architecture differs ("
+                         + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
+                         + ")" + (f". Its model config differs in: {hint}" if hint else ""))
+    for name, w in weights.items():
+        target = own[name] if own[name].shape == w.shape else own[name][:, : w.shape[1]]
+        target.copy_(w)
 
 
 def _batches(reader: ShardReader, cfg: TrainConfig, acc, step: int) -> Iterator[Batch]:

@@ -280,3 +280,15 @@ def test_unknown_extra_channels_are_refused(shards, tmp_path):
     cfg.model.extra_in_channels = 2
     with pytest.raises(ValueError, match="inpainting"):
         train(cfg, progress=False)
+
+
+def test_fine_tuning_from_another_architecture_names_the_difference(shards, tmp_path):
+    """No trained weight is silently dropped: a different option (here the cross-attention norm,
+    whose weights the new model would not have) is refused with the flag that fixes it."""
+    base = train(_config(shards, tmp_path / "base", steps=2), progress=False)
+    cfg = _config(shards, tmp_path / "ft", steps=2, init_from=base["model"])
+    cfg.model.cross_norm = not cfg.model.cross_norm
+    with pytest.raises(ValueError, match=r"cannot fine-tune .*--model\.cross_norm"):
+        train(cfg, progress=False)
+    cfg.model.cross_norm = not cfg.model.cross_norm
+    train(cfg, progress=False)  # the same architecture starts from the base weights
