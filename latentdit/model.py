@@ -50,8 +50,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class HeadNorm(nn.Module):
     """Per-head normalisation of queries or keys: LayerNorm ("layer", as in ViT-22B) or RMSNorm
     ("rms"), with an optional learned per-channel scale that follows the input dtype (no
-    mixed-dtype warning under bf16 autocast). On CPU torch decomposes rms_norm into small ops but
-    has a fused layer_norm: in a small-preset bf16 training step RMS costs ~20-33 ms more."""
+    mixed-dtype warning under bf16 autocast). On CPU torch has a fused layer_norm but decomposes
+    rms_norm into small ops; "rms" is therefore computed here from one fused fp32 ``vector_norm``
+    reduction and two products (on a strided (8, 64, 6, 64) bf16 query: 445 vs 694 us a call,
+    2.1 vs 2.5 ms forward + backward; a shapes-small bf16 training step at batch 64 took 1.44 s
+    instead of 1.73 s)."""
 
     def __init__(self, dim: int, kind: str, affine: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -61,9 +64,12 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        norm = F.layer_norm if self.kind == "layer" else F.rms_norm
         weight = None if self.weight is None else self.weight.to(x.dtype)
-        return norm(x, (x.shape[-1],), weight, eps=self.eps)
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), weight, eps=self.eps)
+        length = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        y = x * torch.rsqrt(length.square() / x.shape[-1] + self.eps).to(x.dtype)
+        return y if weight is None else y * weight
 
 
 EXPLICIT_ATTENTION_MAX = 512 * 512  # query x key tokens below which CPU uses the explicit product

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latentdit.model import Denoiser, build_denoiser, sincos_2d
 
@@ -197,6 +198,17 @@ def test_head_norm_matches_its_definition(kind):
              else x.pow(2).mean(-1, keepdim=True))
     expected = centred / torch.sqrt(denom + 1e-6) * norm.weight
     torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    # gradients agree with torch's own norms, and stay finite on an all-zero head
+    ref_fn = F.layer_norm if kind == "layer" else F.rms_norm
+    x = torch.cat([x, torch.zeros(3, 1, 8)], dim=1).requires_grad_(True)
+    mine, = torch.autograd.grad((norm(x) * torch.arange(8.0)).sum(), x)
+    ref, = torch.autograd.grad((ref_fn(x, (8,), norm.weight, eps=1e-6) * torch.arange(8.0)).sum(), x)
+    assert torch.isfinite(mine).all()
+    torch.testing.assert_close(mine, ref, atol=1e-3, rtol=1e-4)
+    low = x.detach().bfloat16()
+    assert norm(low).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(low).float(), ref_fn(low.float(), (8,), norm.weight, eps=1e-6),
+                               atol=0.05, rtol=0.02)
 
 
 def test_explicit_attention_matches_sdpa_in_bf16():
