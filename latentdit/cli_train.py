@@ -144,7 +144,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 # -- train-ae ----------------------------------------------------------------------------------
 def _train_ae_args(p: argparse.ArgumentParser) -> None:
-    from .train_ae import PRESETS, AEConfig
+    from .train_config import AE_PRESETS as PRESETS
+    from .train_config import AEConfig
 
     p.add_argument("--out", required=True, help="run folder; the autoencoder lands in OUT/autoencoder")
     p.add_argument("--preset", default="shapes-fast", choices=sorted(PRESETS) + ["none"],
@@ -169,7 +170,7 @@ def run_train_ae(args: argparse.Namespace) -> int:
 
 # -- train -------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train import OBJECTIVES, RECIPES, TrainConfig
+    from .train_config import OBJECTIVES, RECIPES, TrainConfig
 
     p.add_argument("--preset", default="shapes-small", choices=sorted(RECIPES), help="named recipe")
     p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES),
@@ -186,7 +187,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train a denoiser on preprocessed shards (accelerate launch -m latentdit train ...)")(_train_args)
 def run_train(args: argparse.Namespace) -> int:
     from .config import to_dict
-    from .train import make_config, recipe_dict, train
+    from .train_config import make_config, recipe_dict
 
     data = merge(merge(recipe_dict(args.preset, args.objective), load_config_file(args.config)),
                  parse_overrides(args.overrides))
@@ -196,6 +197,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data:
         raise ValueError("--data is required: a shard folder written by `latentdit preprocess`")
+    from .train import train
+
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0

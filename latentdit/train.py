@@ -11,118 +11,29 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
-from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
+from .config import ModelConfig, to_dict
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import Path as NoisePath
 from .schedules import add_noise, from_x0_eps, sample_time
 from .shards import Batch, ShardReader
-from .train_state import TrainState, find_checkpoint, load_state, prune_checkpoints, save_state
-
-DEFAULT_PREVIEW_PROMPTS = (
-    "a large red circle in the center", "a small blue square in the top left",
-    "a green triangle to the left of a yellow star", "three purple hearts",
+from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where users look)
+    DEFAULT_PREVIEW_PROMPTS,
+    OBJECTIVES,
+    RECIPES,
+    OptimConfig,
+    TrainConfig,
+    make_config,
+    recipe_dict,
 )
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    warmup_steps: int = 200
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-
-
-@dataclass
-class TrainConfig:
-    data: str = ""  # a shard folder written by ``latentdit preprocess``
-    out: str = "runs/latentdit"
-    steps: int = 1000
-    batch_size: int = 64  # per process and micro-step
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
-    cond_dropout: float = 0.1
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
-    log_every: int = 50
-    preview_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 10
-    preview_prompts: tuple[str, ...] = DEFAULT_PREVIEW_PROMPTS
-    init_from: str | None = None  # fine-tune: start from this model folder's weights
-    model: ModelConfig = field(default_factory=lambda: model_preset("small"))
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-# Objectives: (diffusion fields, model fields). "tld" is the original Transformer Latent Diffusion
-# recipe: x0 prediction on the linear path, t ~ Beta(1, 2.5), pooled text + noise level as two
-# cross-attention tokens, no adaLN.
-OBJECTIVES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "flow": ({"path": "flow", "time_density": "logit-normal(0, 1)"}, {"prediction": "flow"}),
-    "tld": ({"path": "flow", "time_density": "beta(1, 2.5)"},
-            {"prediction": "x0", "modulation": "none", "text_dim": 0}),
-    "dit": ({"path": "vp-linear", "time_density": "uniform"}, {"prediction": "eps"}),
-}
-
-# Named recipes: a model preset plus training fields, overridable from the CLI.
-_SHAPES_MODEL = {"max_text_len": 24, "qk_norm": "rms", "cross_norm": True}  # as the packaged model
-_SHAPES_TRAIN = {"steps": 2000, "batch_size": 64, "ema_decay": 0.998, "checkpoint_every": 50,
-                 "keep_checkpoints": 2, "optim": {"lr": 1e-3, "warmup_steps": 150}}
-RECIPES: dict[str, dict[str, Any]] = {
-    "tiny": {"preset": "tiny", "objective": "flow", "model": {}, "train": {"steps": 200, "batch_size": 16}},
-    # The packaged shapes model: MiniLM text (24 tokens), 16x16x4 latents of the shapes autoencoder,
-    # QK RMS-norm (what the packaged weights were trained with).
-    "shapes-small": {"preset": "small", "objective": "flow", "model": _SHAPES_MODEL, "train": _SHAPES_TRAIN},
-    "shapes-tld": {"preset": "small", "objective": "tld", "model": _SHAPES_MODEL, "train": _SHAPES_TRAIN},
-}
-
-
-def recipe_dict(name: str, objective: str | None = None) -> dict[str, Any]:
-    """The TrainConfig dict of a named recipe, optionally with another objective."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
-    recipe = RECIPES[name]
-    objective = objective or recipe["objective"]
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
-    diffusion, model_fields = OBJECTIVES[objective]
-    model = to_dict(model_preset(recipe["preset"], **{**recipe["model"], **model_fields}))
-    return _merge({"model": model, "diffusion": dict(diffusion)}, recipe["train"])
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def make_config(data: dict[str, Any]) -> TrainConfig:
-    return from_dict(TrainConfig, data)
+from .train_state import TrainState, find_checkpoint, load_state, prune_checkpoints, save_state
 
 
 # -- the loss ----------------------------------------------------------------------------------

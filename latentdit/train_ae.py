@@ -40,9 +40,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -50,6 +49,8 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .config import from_dict, to_dict
+from .train_config import AE_PRESETS as PRESETS
+from .train_config import AEConfig, ae_preset
 from .train_state import flatten_optimizer, unflatten_optimizer
 
 if TYPE_CHECKING:
@@ -68,69 +69,6 @@ _INIT_LOGVAR = -8.0
 # finished run raises the learning rate again, which is how a run is continued for more quality.
 _RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "log_every", "checkpoint_every", "eval_images",
                                 "scale_batches", "center_latents"})
-
-
-@dataclass
-class AEConfig:
-    """`block_out_channels` has one width per resolution level: downsample 4 needs 3, 8 needs 4.
-    `kl_weight` has LDM's meaning (KL summed over latent elements vs. reconstruction summed over
-    pixels). `data`: "shapes" or an image folder (its last images are held out for evaluation)."""
-
-    image_size: int = 64
-    latent_channels: int = 4
-    downsample: Literal[4, 8] = 4
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    kl_weight: float = 1e-6
-    loss: Literal["l1", "l2"] = "l1"
-    grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
-    seed: int = 0
-    eval_every: int = 500
-    log_every: int = 50
-    checkpoint_every: int = 250
-    eval_images: int = 16
-    scale_batches: int = 16  # latent statistics: a mean from 32 images was off by 0.2 std
-    center_latents: bool = True
-    data: str = "shapes"
-
-    def __post_init__(self) -> None:
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        if self.downsample not in (4, 8):
-            raise ValueError(f"downsample must be 4 or 8, got {self.downsample!r}")
-        levels = int(math.log2(self.downsample)) + 1
-        if len(self.block_out_channels) != levels:
-            raise ValueError(
-                f"downsample {self.downsample} needs {levels} block_out_channels (one per resolution "
-                f"level), got {len(self.block_out_channels)}: {self.block_out_channels}")
-        if self.image_size < 1 or self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} must be a positive multiple of the "
-                             f"downsample factor {self.downsample}")
-        if self.data == "shapes" and self.image_size % 8:
-            raise ValueError(f"the shapes dataset draws canvases that are multiples of 8, got "
-                             f"image_size {self.image_size}")
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
-        positive = ("latent_channels", "layers_per_block", "steps", "batch_size", "eval_every",
-                    "log_every", "checkpoint_every", "eval_images", "scale_batches")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if min(self.block_out_channels) < 1:
-            raise ValueError(f"block_out_channels must be positive, got {self.block_out_channels}")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.kl_weight < 0 or not self.grad_clip > 0:
-            raise ValueError("need lr > 0, warmup_steps >= 0, kl_weight >= 0 and grad_clip > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.loss not in ("l1", "l2") or self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"loss must be 'l1' or 'l2' and mixed_precision 'no' or 'bf16', "
-                             f"got {self.loss!r} and {self.mixed_precision!r}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -533,22 +471,6 @@ def _finish(out: Path, vae: torch.nn.Module, source: ImageSource, heldout: Tenso
                "autoencoder": str(out / EXPORT_DIR), "config": to_dict(cfg)}
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     return metrics
-
-
-# ----------------------------------------------------------------------------- presets
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~30 dB on shapes: 29.2 dB at 2400 steps, 31.5 continued to 3600 (~17 min on one core)
-    "shapes-fast": dict(block_out_channels=(16, 32, 64), batch_size=8, lr=2e-3, loss="l2", steps=3600,
-                        warmup_steps=50, eval_every=250),
-}
-
-
-def ae_preset(name: str, **overrides: Any) -> AEConfig:
-    """A named recipe with field overrides, e.g. `ae_preset("shapes-fast", steps=5000)`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown autoencoder preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return from_dict(AEConfig, {**PRESETS[name], **overrides})
 
 
 __all__ = ["AEConfig", "PRESETS", "ae_preset", "train_autoencoder", "build_autoencoder", "psnr",

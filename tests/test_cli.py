@@ -50,3 +50,18 @@ def test_info_prints_counts(capsys):
     assert main(["info", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "0.194" in out
+
+
+def test_help_and_argument_errors_do_not_load_torch():
+    """Every subcommand's flags are built without torch (train and train-ae read their configs
+    from train_config), so `latentdit --help` answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom latentdit import cli\n"
+            "for argv in (['--help'], ['train', '--help'], ['train-ae', '--help'], ['train', '--steps', 'x']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().endswith("torch not loaded"), r.stdout[-500:] + r.stderr[-2000:]
+    assert "TrainConfig.steps expects int" in r.stderr
