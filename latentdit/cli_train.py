@@ -144,11 +144,10 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 # -- train-ae ----------------------------------------------------------------------------------
 def _train_ae_args(p: argparse.ArgumentParser) -> None:
-    from .train_config import AE_PRESETS as PRESETS
-    from .train_config import AEConfig
+    from .train_config import AE_PRESETS, AEConfig
 
     p.add_argument("--out", required=True, help="run folder; the autoencoder lands in OUT/autoencoder")
-    p.add_argument("--preset", default="shapes-fast", choices=sorted(PRESETS) + ["none"],
+    p.add_argument("--preset", default="shapes-fast", choices=sorted(AE_PRESETS) + ["none"],
                    help="named recipe the config file and overrides apply on top of ('none': AEConfig defaults)")
     p.add_argument("--config", default=None, help="JSON file of AEConfig fields")
     p.add_argument("--no-progress", action="store_true")
@@ -159,9 +158,10 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
 @command("train-ae", "train the image autoencoder (diffusers AutoencoderKL)")(_train_ae_args)
 def run_train_ae(args: argparse.Namespace) -> int:
     from .config import from_dict
-    from .train_ae import PRESETS, AEConfig, train_autoencoder
+    from .train_ae import train_autoencoder
+    from .train_config import AE_PRESETS, AEConfig
 
-    base = {} if args.preset == "none" else dict(PRESETS[args.preset])
+    base = {} if args.preset == "none" else dict(AE_PRESETS[args.preset])
     data = merge(merge(base, load_config_file(args.config)), parse_overrides(args.overrides))
     metrics = train_autoencoder(from_dict(AEConfig, data), args.out, progress=not args.no_progress)
     print(json.dumps(metrics))

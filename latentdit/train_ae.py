@@ -24,7 +24,7 @@ subtracted with `center_latents`, as SD3/Flux do). Both go into the exported con
 Speed on the 2-core CPU (one thread, bf16, 64x64; fp32 is ~1.4x slower): widths (32, 64, 128)
 2.5 s/step at batch 32, downsample 8 with (32, 64, 128, 128) 2.0 s, (16, 32, 64) 0.87 s at batch 32
 or 0.25-0.29 s at batch 8. The high-resolution levels dominate (CPU convolutions are memory-bound),
-so the first width sets the cost. PRESETS["shapes-fast"] (L2, which PSNR measures, and batch 8)
+so the first width sets the cost. train_config.AE_PRESETS["shapes-fast"] (L2, which PSNR measures, batch 8)
 reached 29.2 dB held-out PSNR after 2400 steps (~700 s on one core) and 31.5 dB when that run
 was continued to 3600 steps.
 On a machine other jobs also load, use ONE thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1)):
@@ -49,7 +49,6 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .config import from_dict, to_dict
-from .train_config import AE_PRESETS as PRESETS
 from .train_config import AEConfig, ae_preset
 from .train_state import flatten_optimizer, unflatten_optimizer
 
@@ -473,5 +472,5 @@ def _finish(out: Path, vae: torch.nn.Module, source: ImageSource, heldout: Tenso
     return metrics
 
 
-__all__ = ["AEConfig", "PRESETS", "ae_preset", "train_autoencoder", "build_autoencoder", "psnr",
+__all__ = ["AEConfig", "ae_preset", "train_autoencoder", "build_autoencoder", "psnr",
            "learning_rate", "norm_groups", "export_autoencoder"]
