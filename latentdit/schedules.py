@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .config import Prediction, parse_density
+from .config import Prediction, parse_time_density
 
 VP_TRAIN_STEPS = 1000
 _COSINE_S = 0.008
@@ -187,15 +187,25 @@ def time_shift(t: Tensor, shift: float) -> Tensor:
 
 def sample_time(n: int, density: str, *, shift: float = 1.0,
                 generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> Tensor:
-    """Draw n training times from ``uniform``, ``logit-normal(m, s)`` (SD3) or ``beta(a, b)``."""
-    name, params = parse_density(density)
-    if name == "uniform":
-        t = torch.rand(n, generator=generator, device=device)
-    elif name == "logit-normal":
-        t = torch.sigmoid(params[0] + params[1] * torch.randn(n, generator=generator, device=device))
-    else:
-        t = _sample_beta(n, *params, generator=generator, device=device)
+    """Draw n training times from ``uniform``, ``logit-normal(m, s)`` (SD3), ``beta(a, b)`` or a
+    weighted mixture of them (``"0.9*logit-normal(0, 1) + 0.1*uniform"``)."""
+    terms = parse_time_density(density)
+    t = _sample_one(n, terms[0][1], terms[0][2], generator, device)
+    if len(terms) > 1:
+        weights = torch.tensor([w for w, _, _ in terms], device=device)
+        pick = torch.multinomial(weights, n, replacement=True, generator=generator)
+        for k, (_, name, params) in enumerate(terms[1:], start=1):
+            t = torch.where(pick == k, _sample_one(n, name, params, generator, device), t)
     return time_shift(t.clamp(1e-5, 1 - 1e-5), shift)
+
+
+def _sample_one(n: int, name: str, params: tuple[float, ...], generator: torch.Generator | None,
+                device: str | torch.device) -> Tensor:
+    if name == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if name == "logit-normal":
+        return torch.sigmoid(params[0] + params[1] * torch.randn(n, generator=generator, device=device))
+    return _sample_beta(n, *params, generator=generator, device=device)
 
 
 def _sample_beta(n: int, a: float, b: float, *, generator: torch.Generator | None,

@@ -9,6 +9,7 @@ from latentdit.config import (
     from_dict,
     model_preset,
     parse_density,
+    parse_time_density,
     to_dict,
 )
 
@@ -76,6 +77,18 @@ def test_parse_density(spec, expected):
 def test_parse_density_rejects(bad):
     with pytest.raises(ValueError):
         parse_density(bad)
+
+
+def test_time_density_mixtures():
+    assert parse_time_density("beta(1, 2.5)") == [(1.0, "beta", (1.0, 2.5))]
+    assert parse_time_density("0.9*logit-normal(0, 1) + 0.1*uniform") == [
+        (0.9, "logit-normal", (0.0, 1.0)), (0.1, "uniform", ())]
+    assert DiffusionConfig(time_density="0.5*uniform+0.5*beta(1,3)").time_density
+    for bad, message in [("0.5*uniform + 0.4*beta(1, 2)", "sum to 1"), ("0.5*uniform", "no weight"),
+                         ("x*uniform + 0.5*uniform", "not a number"), ("-1*uniform+2*uniform", "positive"),
+                         ("0.5*uniform + 0.5*gauss", "must be 'uniform'")]:
+        with pytest.raises(ValueError, match=message):
+            DiffusionConfig(time_density=bad)
 
 
 def test_presets_sizes():

@@ -161,6 +161,20 @@ def test_time_shift():
     assert drawn.mean() > 0.6  # E[3u/(1+2u)] = 1.5 - 0.75 ln 3 ~ 0.676
 
 
+def test_time_density_mixture_draws_each_term_with_its_weight():
+    """0.8 logit-normal(0, 1) + 0.2 uniform: P(t < 0.1) = 0.8 * Phi(logit 0.1) + 0.2 * 0.1 = 0.0312
+    and P(t > 0.97) = 0.8 * 0.00025 + 0.2 * 0.03 = 0.0062, ten times logit-normal's own tail."""
+    spec = "0.8*logit-normal(0, 1) + 0.2*uniform"
+    t = sample_time(N_DRAWS, spec, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (N_DRAWS,) and 0 < t.min() and t.max() < 1
+    assert abs((t < 0.1).float().mean().item() - 0.0312) < 3e-3
+    assert abs((t > 0.97).float().mean().item() - 0.0062) < 1.5e-3
+    assert abs(t.mean().item() - 0.5) < 5e-3
+    mixed = sample_time(N_DRAWS, "0.5*beta(1, 2.5) + 0.5*uniform", generator=torch.Generator().manual_seed(0))
+    assert abs(mixed.mean().item() - (0.5 / 3.5 + 0.25)) < 5e-3
+    assert torch.equal(t, sample_time(N_DRAWS, spec, generator=torch.Generator().manual_seed(0)))
+
+
 @pytest.mark.parametrize("bad", ["gauss", "logit-normal(0)", "beta(0, 1)", "logit-normal(0, -1)",
                                  "beta(a, b)", "uniform(1)", ""])
 def test_bad_density_strings_raise(bad):

@@ -153,6 +153,16 @@ def test_objectives_train(shards, tmp_path):
         assert train(cfg, progress=False)["step"] == 3
 
 
+def test_recipe_density_applies_to_its_own_objective_only():
+    """shapes-small mixes uniform times into logit-normal; asking it for the TLD objective (the
+    equal-compute comparison) must give TLD's own Beta(1, 2.5), and shapes-tld likewise."""
+    assert recipe_dict("shapes-small")["diffusion"]["time_density"] == "0.9*logit-normal(0, 1) + 0.1*uniform"
+    assert recipe_dict("shapes-small", "tld")["diffusion"]["time_density"] == "beta(1, 2.5)"
+    assert recipe_dict("shapes-tld")["diffusion"]["time_density"] == "beta(1, 2.5)"
+    assert recipe_dict("tiny")["diffusion"]["time_density"] == "logit-normal(0, 1)"
+    assert make_config({**recipe_dict("shapes-small"), "data": "d", "out": "o"}).diffusion.path == "flow"
+
+
 def _cli(*args, cwd=None, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "latentdit", *args], capture_output=True, text=True,
