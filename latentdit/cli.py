@@ -65,6 +65,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only while LO <= t <= HI (t = 1 is pure noise); default: every step")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -81,7 +83,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("give either a prompt or --from-file FILE")
     items = read_prompt_file(args.from_file) if args.from_file else None
     pipe = _random_tiny_pipeline() if args.random_tiny else load_pipeline(args.model)
-    kw = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+    kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
+              sampler=args.sampler,
               num_images_per_prompt=args.num_images, height=args.height, width=args.width,
               dtype=autocast_dtype(args.fp32))
     if items is None:

@@ -18,6 +18,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only while LO <= t <= HI; default: the model's sampling config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
 
@@ -35,7 +37,8 @@ def run_eval(args: argparse.Namespace) -> int:
         items = prompt_set(args.split, args.n, seed=args.seed)
     pipe = Text2Image.from_pretrained(args.model)
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
-                           guidance_scale=args.guidance, seed=args.seed, out_dir=args.out)
+                           guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
+                           seed=args.seed, out_dir=args.out)
     print(json.dumps({k: report[k] for k in ("overall", "image_accuracy", "per_category", "heldout_pairs",
                                              "prompts", "samples_per_prompt", "seconds")}, indent=1))
     return 0

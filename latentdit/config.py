@@ -229,6 +229,17 @@ class DiffusionConfig:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
 
 
+def check_guidance_interval(interval: Any) -> tuple[float, float]:
+    """``(lo, hi)`` with 0 <= lo < hi <= 1, as floats."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two numbers (lo, hi), got {interval!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+    return lo, hi
+
+
 @dataclass
 class SamplingConfig:
     """Defaults for generation; every field can be overridden per call."""
@@ -239,8 +250,12 @@ class SamplingConfig:
     grid: GridName = "uniform"
     shift: float = 1.0
     eta: float = 0.0
+    # Guidance only while lo <= t <= hi (Kynkaanniemi et al. 2024, arXiv:2404.07724); elsewhere one
+    # conditional pass, half the batch. (0, 1): every step.
+    guidance_interval: tuple[float, ...] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.shift <= 0:
@@ -293,5 +308,6 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "DiffusionConfig", "ModelConfig", "SamplingConfig", "PRESETS", "from_dict", "to_dict", "upgrade_stored_model",
-    "model_preset", "parse_density", "parse_time_density", "parse_dtype", "save_json", "load_json",
+    "check_guidance_interval", "model_preset", "parse_density", "parse_time_density", "parse_dtype", "save_json",
+    "load_json",
 ]

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointConfig, component_path, load_denoiser
-from .config import SamplingConfig
+from .config import SamplingConfig, check_guidance_interval
 from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
 from .samplers import get_sampler, time_grid
@@ -114,24 +114,29 @@ class Text2Image:
         return cond, null.map(lambda v: v.detach())
 
     def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
-                 dtype: torch.dtype | None = torch.bfloat16,
-                 mask_latent: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1.
+                 dtype: torch.dtype | None = torch.bfloat16, mask_latent: Tensor | None = None,
+                 guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Callable[[Tensor, Tensor], Tensor]:
+        """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1 and
+        ``guidance_interval[0] <= t <= guidance_interval[1]`` (one conditional pass elsewhere).
         ``mask_latent``: an inpainting variant's extra input channels, one row per image."""
         guided = uncond is not None and guidance_scale != 1.0
+        lo, hi = check_guidance_interval(guidance_interval)
         both = Condition.cat(cond, uncond) if guided else cond
         prediction = self.model.config.prediction
         model = self.inference_model(dtype)
-        extra = {} if mask_latent is None else {"mask_latent": torch.cat([mask_latent] * (2 if guided else 1))}
+        extra = {} if mask_latent is None else {"mask_latent": mask_latent}
+
+        def run(x: Tensor, t: Tensor, c: Condition, kw: dict[str, Tensor]) -> Tensor:
+            with autocast(self.device, dtype):
+                pred = model(x, t, **c.kwargs(), **kw)
+            return to_x0(pred.float(), x, t, self.path, prediction)
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor) -> Tensor:
-            xin, tin = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
-            with autocast(self.device, dtype):
-                pred = model(xin, tin, **both.kwargs(), **extra)
-            x0 = to_x0(pred.float(), xin, tin, self.path, prediction)
-            if not guided:
-                return x0
+            if not guided or not lo <= float(t.reshape(-1)[0]) <= hi:
+                return run(x, t, cond, extra)
+            doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
+            x0 = run(torch.cat([x, x]), torch.cat([t, t]), both, doubled)
             x0_c, x0_u = x0.chunk(2)
             return x0_u + guidance_scale * (x0_c - x0_u)
 
@@ -197,9 +202,11 @@ class Text2Image:
                  seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
                  output_type: str = "pil", progress: bool = True, shift: float | None = None,
-                 grid: str | None = None, eta: float | None = None) -> list[Image.Image] | Tensor:
+                 grid: str | None = None, eta: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> list[Image.Image] | Tensor:
         """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
-        seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent"."""
+        seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
+        ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's)."""
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -213,7 +220,8 @@ class Text2Image:
         # An inpainting variant generating from nothing: everything is to be painted.
         repaint_all = (masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
                        if is_inpainting(self.model.config) else None)
-        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, repaint_all)
+        interval = self.sampling.guidance_interval if guidance_interval is None else guidance_interval
+        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, repaint_all, interval)
         name = sampler or self.sampling.sampler
         opts = {"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {}
         latents = self.sample(x, denoise, self.grid(steps, grid, shift), sampler=name,

@@ -65,3 +65,11 @@ def test_help_and_argument_errors_do_not_load_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().endswith("torch not loaded"), r.stdout[-500:] + r.stderr[-2000:]
     assert "TrainConfig.steps expects int" in r.stderr
+
+
+def test_generate_guidance_interval_flag(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    base = ["generate", "a red circle", "--random-tiny", "--steps", "3", "--out", str(out)]
+    assert main([*base, "--guidance-interval", "0.2", "1"]) == 0 and out.exists()
+    assert main([*base, "--guidance-interval", "0.9", "0.1"]) == 2
+    assert "guidance_interval must satisfy 0 <= lo < hi <= 1" in capsys.readouterr().err

@@ -66,6 +66,41 @@ def test_batched_guidance_equals_separate_passes(tiny_clip, tiny_vae, path, pred
     torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_interval_guides_inside_and_runs_one_conditional_pass_outside(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    cond, uncond = pipe.encode(["a red circle"])
+    x = torch.randn(1, 4, 8, 8)
+    batches = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        interval = pipe.denoiser(cond, uncond, 3.0, dtype=None, guidance_interval=(0.3, 0.7))
+        always = pipe.denoiser(cond, uncond, 3.0, dtype=None)
+        plain = pipe.denoiser(cond, None, 1.0, dtype=None)
+        for tv in (0.3, 0.5, 0.7):  # inside, ends included: full guidance
+            t = torch.full((1,), tv)
+            torch.testing.assert_close(interval(x, t), always(x, t))
+        assert batches == [2, 2] * 3
+        for tv in (0.1, 0.29, 0.9, 1.0):  # outside: the conditional prediction, one row
+            t = torch.full((1,), tv)
+            batches.clear()
+            out = interval(x, t)
+            assert batches == [1]
+            torch.testing.assert_close(out, plain(x, t))
+            assert not torch.allclose(out, always(x, t))
+    finally:
+        hook.remove()
+    whole = pipe("a red circle", seed=2, output_type="latent", progress=False)
+    late = pipe("a red circle", seed=2, output_type="latent", progress=False, guidance_interval=(0.5, 1.0))
+    assert not torch.allclose(whole, late)
+    torch.testing.assert_close(pipe("a red circle", seed=2, output_type="latent", progress=False,
+                                    guidance_interval=(0.0, 1.0)), whole)
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.5), (1,), "x"]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            pipe("a red circle", guidance_interval=bad, progress=False)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        SamplingConfig(guidance_interval=(0.8, 0.2))
+
+
 def test_batch_does_not_change_an_image(tiny_clip, tiny_vae):
     pipe = _pipe(tiny_clip, tiny_vae)
     kw = dict(output_type="latent", progress=False, dtype=None)

@@ -48,8 +48,9 @@ def has_heldout_pair(expect: dict) -> bool:
 
 
 def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, steps: int = 20,
-                  guidance_scale: float | None = None, seed: int = 0, batch_size: int = 16,
-                  out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                  guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
+                  seed: int = 0, batch_size: int = 16, out_dir: str | Path | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """Generate ``samples`` images per prompt and score them. Writes ``report.json`` and
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
     accuracy on prompts naming a held-out colour-shape pair."""
@@ -59,7 +60,8 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
         chunk = items[start: start + max(1, batch_size // samples)]
         seeds = [seed + 1000 * (start + i) + k for i in range(len(chunk)) for k in range(samples)]
         images = pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
-                      steps=steps, guidance_scale=guidance_scale, progress=False)
+                      steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                      progress=False)
         for i, item in enumerate(chunk):
             for k in range(samples):
                 img = images[i * samples + k]
