@@ -250,7 +250,7 @@ class SamplingConfig:
     grid: GridName = "uniform"
     shift: float = 1.0
     eta: float = 0.0
-    # Guidance only while lo <= t <= hi (Kynkaanniemi et al. 2024, arXiv:2404.07724); elsewhere one
+    # Guidance only while lo <= t <= hi (limited-interval guidance, arXiv:2404.07724); elsewhere one
     # conditional pass, half the batch. (0, 1): every step.
     guidance_interval: tuple[float, ...] = (0.0, 1.0)
 
