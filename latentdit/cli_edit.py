@@ -150,8 +150,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.8, help="how far to invert (0..1]; higher changes more")
     p.add_argument("--mask", default=None,
                    help="confine the edit: 'auto' (where the two prompts disagree) or a mask image (white = edit)")
-    p.add_argument("--mask-threshold", type=float, default=0.3, help="for --mask auto: share of the largest "
-                   "disagreement a latent cell needs to be edited (default 0.3)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="for --mask auto: share of the largest "
+                   "disagreement a latent cell needs to be edited (default 0.5, as in DiffEdit)")
     p.add_argument("--negative", default=None, help="negative prompt for CFG (the source prompt works well)")
     p.add_argument("--save-mask", default=None, help="also write the mask used to this PNG")
     _sampling_args(p, "edit.png")

@@ -107,7 +107,7 @@ def psnr(a: Tensor, b: Tensor) -> float:
 
 @torch.no_grad()
 def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
-              threshold: float = 0.3, t: float = 0.5, samples: int = 8, seed: int = 0,
+              threshold: float = 0.5, t: float = 0.5, samples: int = 8, seed: int = 0,
               dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
     """Where an edit from ``source_prompt`` to ``target_prompt`` should act (DiffEdit, Couairon et
     al. 2022, arXiv:2210.11427): noise the image to ``t`` with ``samples`` seeds, average the
@@ -134,7 +134,7 @@ def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, ta
 @torch.no_grad()
 def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
                strength: float = 0.8, mask: ImageInput | Literal["auto"] | None = None,
-               mask_threshold: float = 0.3, negative_prompt: str | None = None, steps: int | None = None,
+               mask_threshold: float = 0.5, negative_prompt: str | None = None, steps: int | None = None,
                guidance_scale: float | None = None, sampler: str = "ddim", fixed_point_iters: int | None = None,
                dtype: torch.dtype | None = torch.bfloat16, output_type: OutputType = "pil",
                progress: bool = False):
