@@ -21,6 +21,16 @@ def test_packaged_model_is_in_the_package():
     assert size <= 50 * 2**20
 
 
+def test_packaged_model_guides_on_a_limited_interval(pipe):
+    """Its sampling config guides for t in [0.3, 0.9] only (50.8% held-out alignment against 47.4%
+    guided on every step); an explicit (0, 1) still guides everywhere and gives another image."""
+    assert pipe.sampling.guidance_interval == (0.3, 0.9)
+    kw = dict(seed=3, steps=6, progress=False, output_type="latent")
+    limited = pipe("a red circle above a blue square", **kw)
+    everywhere = pipe("a red circle above a blue square", guidance_interval=(0.0, 1.0), **kw)
+    assert not np.allclose(limited.numpy(), everywhere.numpy())
+
+
 def test_same_seed_same_image(pipe):
     a = pipe("a red circle above a blue square", seed=7, steps=10, progress=False)[0]
     b = pipe("a red circle above a blue square", seed=7, steps=10, progress=False)[0]

@@ -321,6 +321,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     assert report["prompts"] == 2 and report["samples_per_prompt"] == 4
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
     assert trained["diffusion"]["time_density"] == "0.9*logit-normal(0, 1) + 0.1*uniform"
+    assert trained["sampling"]["guidance_interval"] == [0.3, 0.9]
     weights = (tmp_path / "run" / "train" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
