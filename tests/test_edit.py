@@ -348,7 +348,11 @@ def test_edit_red_circle_to_blue_keeps_its_position(shapes):
 # -------------------------------------------------------------------------------- interpolation
 
 
-def test_interpolation_endpoints_are_the_plain_samples(tiny, tmp_path):
+@pytest.mark.parametrize("interval", [False, True])
+def test_interpolation_endpoints_are_the_plain_samples(tiny, tiny_clip, tiny_vae, tmp_path, interval):
+    if interval:  # sampled as pipe(...) samples: with the model's guidance interval
+        tiny = Text2Image(tiny.model, tiny_vae, tiny_clip, Path("flow"),
+                          SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
     prompts = ("a red circle", "two small blue hearts at the bottom left")  # different token lengths
     frames = edit.interpolate(tiny, prompts, (3, 4), frames=4, steps=3)
     kw = dict(steps=3, progress=False)
@@ -445,8 +449,9 @@ def test_sampling_at_a_non_square_size(shapes):
 def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
     target = np.array(COLORS["blue"], dtype=np.float64)
     loss = edit.color_loss("blue")
-    # Measured (distance unguided -> guided at 0.3): seed 1 145 -> 137, seed 2 209 -> 154, seed 3
-    # 235 -> 151. At scale 0.1 the shift is only 3-20 and varies with the CPU's bf16 kernels.
+    # Measured (distance unguided -> guided at 0.3) with the model's guidance interval: seed 1
+    # 146 -> 136, seed 2 209 -> 140, seed 3 246 -> 137. At scale 0.1 the shift was only 3-20 (CFG
+    # on every step then) and varied with the CPU's bf16 kernels.
     gains = []
     for seed in (1, 2, 3):
         plain = edit.sample_guided(shapes, "a red circle in the center", loss, scale=0.0, seed=seed)[0]
@@ -458,11 +463,16 @@ def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
     assert np.mean(gains) > 25, gains
 
 
-def test_guidance_scale_zero_is_the_plain_sample_and_latent_guidance_pulls_to_a_target(tiny):
+def test_guidance_scale_zero_is_the_plain_sample_and_latent_guidance_pulls_to_a_target(tiny, tiny_clip, tiny_vae):
+    limited = Text2Image(tiny.model, tiny_vae, tiny_clip, Path("flow"),
+                         SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
+    for pipe in (tiny, limited):  # with and without a guidance interval in the sampling config
+        plain = pipe("a red circle", seed=3, output_type="latent", progress=False)
+        zero = edit.sample_guided(pipe, "a red circle", edit.color_loss((0, 0, 255)), scale=0.0, seed=3,
+                                  output_type="latent")
+        assert torch.equal(zero, plain)
+    assert not torch.equal(plain, tiny("a red circle", seed=3, output_type="latent", progress=False))
     plain = tiny("a red circle", seed=3, output_type="latent", progress=False)
-    zero = edit.sample_guided(tiny, "a red circle", edit.color_loss((0, 0, 255)), scale=0.0, seed=3,
-                              output_type="latent")
-    assert torch.equal(zero, plain)
     target = torch.full_like(plain, 0.5)
     to_target = lambda z: ((z - target) ** 2).mean(dim=(1, 2, 3))
     pulled = edit.sample_guided(tiny, "a red circle", to_target, scale=0.25, space="latent", seed=3,

@@ -87,7 +87,8 @@ def interpolate(pipe: Text2Image, prompts: str | Sequence[str], seeds: int | Seq
     for k in range(frames):
         w = k / (frames - 1)
         cond = ends[0] if pa == pb else mix_conditions(*ends, w)  # seeds only: one prompt (or class)
-        denoise = pipe.denoiser(cond, null_like(pipe, cond), g, dtype)
+        denoise = pipe.denoiser(cond, null_like(pipe, cond), g, dtype,
+                                guidance_interval=pipe.sampling.guidance_interval)
         latents = run_sampler(pipe, slerp(*noise, w), denoise, ts, sampler, sb if w == 1 else sa, progress=progress)
         images += pipe.decode(latents, "pil")
     return images

@@ -58,15 +58,18 @@ def seed_list(seed: int, n: int) -> list[int]:
 
 def prompt_denoiser(pipe: Text2Image, prompt: str | int | None, negative_prompt: str | None,
                     guidance_scale: float | None, dtype: torch.dtype | None, k: int = 1,
-                    mask_latent: Tensor | None = None) -> Denoise:
+                    mask_latent: Tensor | None = None,
+                    guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Denoise:
     """The CFG denoiser for one prompt repeated k times; ``prompt=None`` is the model's null
-    condition alone (unconditional, no CFG). ``mask_latent``: an inpainting variant's channels."""
+    condition alone (unconditional, no CFG). ``mask_latent``: an inpainting variant's channels.
+    Edits guide on every step; tools that sample from noise as ``pipe(...)`` does pass the
+    model's ``sampling.guidance_interval``."""
     if prompt is None:
         null = pipe.encode([0 if pipe.model.config.num_classes else ""])[1]
         return pipe.denoiser(null.repeat(k), None, 1.0, dtype, mask_latent)
     g = pipe.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
     cond, uncond = pipe.encode([prompt], None if negative_prompt is None else [negative_prompt])
-    return pipe.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, mask_latent)
+    return pipe.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, mask_latent, guidance_interval)
 
 
 def null_like(pipe: Text2Image, cond: Condition) -> Condition:

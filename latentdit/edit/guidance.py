@@ -82,7 +82,8 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
         raise ValueError(f"scale must be finite, got {scale}")
     check_output(output_type)
     seeds = seed_list(seed, num_images)
-    denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds))
+    denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds),
+                              guidance_interval=pipe.sampling.guidance_interval)  # as pipe(...)
     decode = pipe.autoencoder.decode_differentiable if space == "pixel" else None
     x = pipe.noise(seeds, pipe.latent_shape(height, width))
     latents = run_sampler(pipe, x, loss_guided(denoise, loss_fn, scale, decode), pipe.grid(resolve_steps(pipe, steps)),
