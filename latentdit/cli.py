@@ -66,7 +66,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only while LO <= t <= HI (t = 1 is pure noise); default: every step")
+                   help="guide only while LO <= t <= HI (t = 1 is pure noise); default: the model's sampling config")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--negative", default=None, help="negative prompt")

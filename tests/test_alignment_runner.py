@@ -18,6 +18,7 @@ class Oracle:
 
     def __call__(self, prompts, num_images_per_prompt, seed, **kw):
         self.calls.append((list(prompts), list(seed)))
+        self.kwargs = kw
         return [render_scene(self.expect[p]) for p in prompts for _ in range(num_images_per_prompt)]
 
 
@@ -39,6 +40,9 @@ def test_oracle_scores_high_blank_scores_low(tmp_path):
     # every image got its own seed, and no seed repeats
     seeds = [s for _, batch in oracle.calls for s in batch]
     assert len(seeds) == 24 and len(set(seeds)) == 24
+    assert good["guidance_interval"] is None  # a pipeline without a sampling config
+    limited = run_alignment(oracle, items[:2], samples=1, guidance_interval=(0.3, 0.9), progress=False)
+    assert limited["guidance_interval"] == [0.3, 0.9] and oracle.kwargs["guidance_interval"] == (0.3, 0.9)
 
 
 def test_load_prompts_validates(tmp_path):

@@ -44,6 +44,7 @@ def test_smoke_alignment_colour(pipe):
     items = [it for it in prompt_set("train", 40, seed=11) if it["expect"].get("scene") == "single"][:8]
     report = run_alignment(pipe, items, samples=1, steps=20, progress=False)
     assert report["per_category"]["color"] >= 0.7
+    assert report["guidance_interval"] == [0.3, 0.9]  # the report says how it sampled
 
 
 def test_generate_uses_the_packaged_model_by_default(tmp_path):

@@ -73,7 +73,10 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     report = aggregate([r["checks"] for r in rows])
     held = [r["checks"] for r in rows if r["heldout"]]
     report[HELDOUT_PAIRS_KEY] = aggregate(held)["overall"] if held else None
+    sampling = getattr(pipe, "sampling", None)
+    interval = guidance_interval or (sampling.guidance_interval if sampling is not None else None)
     report.update({"prompts": len(items), "samples_per_prompt": samples, "steps": steps,
+                   "guidance_interval": list(interval) if interval is not None else None,
                    "seconds": round(time.perf_counter() - t0, 1)})
     if out_dir is not None:
         _write(Path(out_dir), report, rows, images_all, samples)
