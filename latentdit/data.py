@@ -39,6 +39,7 @@ from .shards import (
     crc,
     jsonable,
     read_manifest,
+    same_description,
     sidecar_name,
     sidecar_ok,
 )
@@ -185,12 +186,22 @@ def _check_preprocess_args(n, shard_size, batch_size, latent_format, image_size)
         raise ValueError(f"image_size must be a positive int, got {image_size}")
 
 
+def _absolute_path(desc: dict) -> dict:
+    """A local folder is recorded absolute: training, previews and export read it back from
+    wherever they run. Hub ids and names stay as they are."""
+    path = desc.get("path")
+    if path and Path(path).is_dir():
+        desc = {**desc, "path": str(Path(path).resolve())}
+    return desc
+
+
 def _start_manifest(out: Path, ae: Autoencoder, te: TextEncoder, latent_format: str) -> dict:
     """The existing manifest (checked, with any damaged shards dropped) or a fresh one."""
-    ae_desc, te_desc = jsonable(ae.describe()), jsonable(te.describe())
+    ae_desc, te_desc = _absolute_path(jsonable(ae.describe())), _absolute_path(jsonable(te.describe()))
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        if manifest["autoencoder"] != ae_desc or manifest["text_encoder"] != te_desc:
+        if not (same_description(manifest["autoencoder"], ae_desc)
+                and same_description(manifest["text_encoder"], te_desc)):
             raise ValueError(
                 f"{out} holds shards made with autoencoder {manifest['autoencoder']} and text encoder "
                 f"{manifest['text_encoder']}, but this run uses autoencoder {ae_desc} and text encoder "

@@ -270,6 +270,11 @@ class ShardReader:
         return [json.loads(line) for line in (self.directory / name).read_text(encoding="utf-8").splitlines()]
 
 
+def same_description(a: dict, b: dict) -> bool:
+    """Two encoder descriptions with the same keys and values (paths compared as files)."""
+    return a.keys() == b.keys() and all(_same_value(k, a[k], b[k]) for k in a)
+
+
 def _same_value(key: str, a: Any, b: Any) -> bool:
     if key != "path" or a is None or b is None:
         return a == b

@@ -108,6 +108,24 @@ def _shard_tensors(directory, name):
 # ----------------------------------------------------------------------------- round trip
 
 
+def test_a_local_autoencoder_folder_is_recorded_absolute(tmp_path, te, monkeypatch):
+    """Shards preprocessed with `--autoencoder rel/vae` still find it when training, previews and
+    export run from another directory; resuming with the same folder named absolutely is accepted."""
+    from latentdit.vae import load_autoencoder as load
+
+    _tiny_kl().vae.save_pretrained(tmp_path / "work" / "vae")
+    monkeypatch.chdir(tmp_path / "work")
+    manifest = _run(_samples(4, size=16), tmp_path / "shards", te, load("kl", path="vae"))
+    assert manifest["autoencoder"]["path"] == str((tmp_path / "work" / "vae").resolve())
+    monkeypatch.chdir(tmp_path)
+    again = _run(_samples(6, size=16), tmp_path / "shards", te, load("kl", path=str(tmp_path / "work" / "vae")))
+    assert again["num_samples"] == 6
+    reloaded = load(**{k: manifest["autoencoder"][k] for k in ("kind", "path")})
+    assert reloaded.latent_channels == 4
+    with pytest.raises(ValueError, match="holds shards made with autoencoder"):
+        _run(_samples(6, size=16), tmp_path / "shards", te, _tiny_kl())
+
+
 @pytest.mark.parametrize("latent_format", ["fp16", "uint8"])
 def test_round_trip_kl_autoencoder(tmp_path, te, latent_format):
     ae, samples = _tiny_kl(), _samples(10, size=16)
