@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_base import COMMANDS, SAMPLER_NAMES, autocast_dtype, command, load_pipeline, save_images
+from .cli_base import (
+    COMMANDS,
+    SAMPLER_NAMES,
+    add_guidance_interval_arg,
+    autocast_dtype,
+    command,
+    load_pipeline,
+    save_images,
+)
 
 
 # -- info ------------------------------------------------------------------------------------
@@ -65,8 +73,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only while LO <= t <= HI (t = 1 is pure noise); default: the model's sampling config")
+    add_guidance_interval_arg(p)
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--negative", default=None, help="negative prompt")

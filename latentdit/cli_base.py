@@ -56,6 +56,13 @@ def load_pipeline(model: str):
     return Text2Image.from_pretrained(model)
 
 
+def add_guidance_interval_arg(p: argparse.ArgumentParser) -> None:
+    """``--guidance-interval LO HI`` of the commands that sample from noise as ``pipe(...)`` does."""
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only while LO <= t <= HI (t = 1 is pure noise); default: the model's "
+                        "sampling config")
+
+
 def autocast_dtype(fp32: bool):
     """The sampling dtype of ``--fp32``: None (no autocast) or bf16."""
     import torch

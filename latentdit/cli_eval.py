@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_base import command
+from .cli_base import add_guidance_interval_arg, command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +18,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only while LO <= t <= HI; default: the model's sampling config")
+    add_guidance_interval_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
 
