@@ -5,6 +5,11 @@ clipping, AdamW) on synthetic latents/text of the shapes model's sizes, the two 
 interleaved so background load hits both alike. Ends with one JSON line of every figure.
 
     python benchmarks/bench_train.py --preset small --batch 64
+    python benchmarks/bench_train.py --recipes shapes-small shapes-tld   # bf16 step time per recipe
+
+With ``--recipes`` it times named training recipes instead (bf16, as they train), interleaved
+round by round, and reports each one's step time relative to the first: the step ratio that makes
+an equal-wall-clock comparison of two recipes (``steps_b = steps_a * step_a / step_b``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from latentdit.model import Denoiser
 from latentdit.schedules import Path
 from latentdit.shards import Batch
 from latentdit.train import TrainConfig, make_optimizer, train_step
+from latentdit.train_config import make_config, recipe_dict
 
 
 class _SingleProcess:
@@ -43,9 +49,11 @@ class _Null:
         return False
 
 
-def make_batch(n: int, latent: tuple[int, int, int], text_len: int, dim: int) -> Batch:
+def make_batch(n: int, latent: tuple[int, int, int], text_len: int, dim: int, pooled_dim: int | None = None
+               ) -> Batch:
+    pooled_dim = dim if pooled_dim is None else pooled_dim
     return Batch(latents=torch.randn(n, *latent), tokens=torch.randn(n, text_len, dim),
-                 mask=torch.ones(n, text_len, dtype=torch.bool), pooled=torch.randn(n, dim),
+                 mask=torch.ones(n, text_len, dtype=torch.bool), pooled=torch.randn(n, pooled_dim),
                  captions=[""] * n, index=torch.arange(n))
 
 
@@ -62,6 +70,30 @@ def time_steps(cfg: TrainConfig, batch: Batch, repeats: int, warmup: int) -> lis
     return times
 
 
+def compare_recipes(args: argparse.Namespace) -> None:
+    """bf16 step time of each named recipe, interleaved; ratios against the first."""
+    cfgs = {}
+    for name in args.recipes:
+        data = recipe_dict(name)
+        data["batch_size"], data["mixed_precision"] = args.batch, "bf16"
+        cfgs[name] = make_config(data)
+    results: dict[str, list[float]] = {name: [] for name in cfgs}
+    for _ in range(args.rounds):
+        for name, cfg in cfgs.items():
+            m = cfg.model
+            batch = make_batch(args.batch, (m.in_channels, m.base_size, m.base_size), m.max_text_len,
+                               m.text_dim, m.pooled_dim)
+            results[name] += time_steps(cfg, batch, args.repeats, args.warmup)
+    med = {name: statistics.median(ts) for name, ts in results.items()}
+    first = args.recipes[0]
+    print(f"{'recipe':<16}{'step (s)':>10}{'images/s':>10}{'vs ' + first:>20}")
+    for name, t in med.items():
+        print(f"{name:<16}{t:>10.3f}{args.batch / t:>10.1f}{t / med[first]:>20.3f}")
+    print(json.dumps({"batch": args.batch, "threads": torch.get_num_threads(),
+                      "step_s": {n: round(t, 4) for n, t in med.items()},
+                      "step_ratio": {n: round(t / med[first], 3) for n, t in med.items()}}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -71,8 +103,13 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved fp32/bf16 rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved fp32/bf16 (or recipe) rounds")
+    ap.add_argument("--recipes", nargs="+", metavar="NAME",
+                    help="time these training recipes (e.g. shapes-small shapes-tld) instead of --preset")
     args = ap.parse_args()
+    if args.recipes:
+        compare_recipes(args)
+        return
 
     torch.manual_seed(0)
     mcfg = model_preset(args.preset, in_channels=args.channels, base_size=args.latent)

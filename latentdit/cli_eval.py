@@ -21,11 +21,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     add_guidance_interval_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
+    p.add_argument("--reference", choices=["renders", "autoencoder"], default=None,
+                   help="score ground-truth renders instead of samples, one per prompt: as drawn "
+                        "(checks the checker) or through the model's autoencoder (the ceiling any "
+                        "denoiser on it can reach)")
 
 
 @command("eval", "evaluate a model (alignment: prompt-following accuracy on shapes)")(_eval_args)
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import load_prompts, run_alignment
+    from .evaluate import load_prompts, run_alignment, score_references
     from .pipeline import Text2Image
 
     if args.prompts:
@@ -34,10 +38,20 @@ def run_eval(args: argparse.Namespace) -> int:
         from .datasets.shapes import prompt_set
 
         items = prompt_set(args.split, args.n, seed=args.seed)
+    if args.reference == "renders":
+        return _print(score_references(items, out_dir=args.out))
     pipe = Text2Image.from_pretrained(args.model)
+    if args.reference == "autoencoder":
+        size = pipe.model.config.base_size * pipe.autoencoder.downsample
+        return _print(score_references(items, pipe, size=size, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
                            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
                            seed=args.seed, out_dir=args.out)
-    print(json.dumps({k: report[k] for k in ("overall", "image_accuracy", "per_category", "heldout_pairs",
-                                             "prompts", "samples_per_prompt", "seconds")}, indent=1))
+    return _print(report)
+
+
+def _print(report: dict) -> int:
+    keys = ("overall", "image_accuracy", "per_category", "heldout_pairs", "prompts", "samples_per_prompt",
+            "reference", "seconds")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     return 0

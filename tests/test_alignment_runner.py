@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from latentdit.datasets.shapes import prompt_set, render_scene
-from latentdit.evaluate import load_prompts, run_alignment
+from latentdit.evaluate import load_prompts, run_alignment, score_references
 
 
 class Oracle:
@@ -54,4 +57,57 @@ def test_load_prompts_validates(tmp_path):
         load_prompts(f)
     f.write_text("{oops\n")
     with pytest.raises(ValueError, match="not valid JSON"):
+        load_prompts(f)
+
+
+class PoolAutoencoder:
+    """Encodes by averaging ``factor``-pixel blocks and decodes by repeating them; keeps its inputs."""
+
+    def __init__(self, factor: int):
+        self.factor, self.seen = factor, []
+
+    def encode(self, x):
+        self.seen.append(x.clone())
+        return F.avg_pool2d(x, self.factor)
+
+    def decode(self, z):
+        return F.interpolate(z, scale_factor=self.factor, mode="nearest")
+
+
+class AutoencoderOnly:
+    device = torch.device("cpu")
+
+    def __init__(self, factor: int):
+        self.autoencoder = PoolAutoencoder(factor)
+
+
+def test_reference_renders_the_prompts_own_scenes_and_the_autoencoder_sets_the_ceiling(tmp_path):
+    items = prompt_set("heldout", 24, seed=5)
+    renders = score_references(items, out_dir=tmp_path)
+    assert renders["reference"] == "renders" and renders["overall"] >= 0.98 and renders["n"] == 24
+    assert (tmp_path / "grid.png").exists() and len(json.loads((tmp_path / "report.json").read_text())["rows"]) == 24
+    lossless = AutoencoderOnly(1)
+    same = score_references(items, lossless, batch_size=10)
+    assert same["reference"] == "autoencoder" and same["per_category"] == renders["per_category"]
+    # every render went through the autoencoder, drawn from the full scene, not just what is stated
+    seen = torch.cat(lossless.autoencoder.seen)
+    assert [len(b) for b in lossless.autoencoder.seen] == [10, 10, 4]
+    want = np.stack([np.asarray(render_scene(it["attributes"], 64)) for it in items])
+    got = ((seen.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    assert np.array_equal(got, want)
+    assert any(not np.array_equal(np.asarray(render_scene(it["expect"], 64)), w) for it, w in zip(items, want))
+    coarse = score_references(items, AutoencoderOnly(8))  # 8x8 blocks: shapes are lost, backgrounds kept
+    assert coarse["per_category"]["shape"] <= renders["per_category"]["shape"] - 0.5
+    assert coarse["per_category"]["background"] == 1.0
+
+
+def test_load_prompts_keeps_optional_attributes(tmp_path):
+    f = tmp_path / "p.jsonl"
+    scene = {"scene": "single", "objects": [{"color": "red", "shape": "star", "size": "small", "cell": "top left"}],
+             "background": "white"}
+    f.write_text(json.dumps({"prompt": "a red star", "expect": {"objects": [{"color": "red", "shape": "star"}]},
+                             "attributes": scene}) + "\n")
+    assert load_prompts(f)[0]["attributes"] == scene
+    f.write_text('{"prompt": "x", "expect": {}, "attributes": [1]}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1: 'attributes'"):
         load_prompts(f)

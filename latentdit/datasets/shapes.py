@@ -588,7 +588,8 @@ def write_samples(out_dir: str | os.PathLike, n: int, *, size: int = 64, split: 
 
 
 def prompt_set(split: Split, n: int, seed: int = 0) -> list[dict]:
-    """Prompts for alignment evaluation; `expect` holds exactly what each prompt states.
+    """Prompts for alignment evaluation; `expect` holds exactly what each prompt states and
+    `attributes` the full scene its caption was written from (one draw of what the prompt leaves open).
 
     Drawn from a separate random stream, so train-split prompts are in-distribution but are not
     the training captions themselves."""
@@ -597,6 +598,7 @@ def prompt_set(split: Split, n: int, seed: int = 0) -> list[dict]:
     dataset = ShapesDataset(split=split, seed=seed)
     prompts = []
     for i in range(n):
-        _, caption, stated = dataset.draw(i, stream="prompt")
-        prompts.append({"id": f"{split}-{seed}-{i:05d}", "prompt": caption, "expect": stated})
+        attributes, caption, stated = dataset.draw(i, stream="prompt")
+        prompts.append({"id": f"{split}-{seed}-{i:05d}", "prompt": caption, "expect": stated,
+                        "attributes": attributes})
     return prompts

@@ -6,7 +6,8 @@ Prompts file (JSONL), one object per line::
     {"id": "p0", "prompt": "a red circle in the top left",
      "expect": {"scene": "single", "objects": [{"color": "red", "shape": "circle", "cell": "top left"}]}}
 
-``expect`` uses the shapes attribute schema; only the keys it states are checked.
+``expect`` uses the shapes attribute schema; only the keys it states are checked. An optional
+``attributes`` (the same schema, complete) is the scene a reference render draws (``score_references``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .checker import aggregate, score
 
@@ -35,7 +38,10 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
                 or not isinstance(item.get("expect"), dict):
             raise ValueError(f"{path}:{n} needs a string 'prompt' and an object 'expect'")
-        items.append({"id": str(item.get("id", n)), "prompt": item["prompt"], "expect": item["expect"]})
+        if not isinstance(item.get("attributes", {}), dict):
+            raise ValueError(f"{path}:{n}: 'attributes', when given, must be an object (the full scene)")
+        items.append({"id": str(item.get("id", n)), "prompt": item["prompt"], "expect": item["expect"],
+                      **({"attributes": item["attributes"]} if "attributes" in item else {})})
     if not items:
         raise ValueError(f"{path} holds no prompts")
     return items
@@ -55,31 +61,58 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
     accuracy on prompts naming a held-out colour-shape pair."""
     t0 = time.perf_counter()
-    images_all, rows = [], []
+    images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):
         chunk = items[start: start + max(1, batch_size // samples)]
         seeds = [seed + 1000 * (start + i) + k for i in range(len(chunk)) for k in range(samples)]
-        images = pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
-                      steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                      progress=False)
-        for i, item in enumerate(chunk):
-            for k in range(samples):
-                img = images[i * samples + k]
-                images_all.append(img)
-                rows.append({"id": item["id"], "sample": k, "checks": score(img, item["expect"]),
-                             "heldout": has_heldout_pair(item["expect"])})
+        images_all += pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
+                           steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                           progress=False)
         if progress:
             print(f"  alignment: {min(start + len(chunk), len(items))}/{len(items)} prompts", flush=True)
+    sampling = getattr(pipe, "sampling", None)
+    interval = guidance_interval or (sampling.guidance_interval if sampling is not None else None)
+    return _report(items, images_all, samples, t0, out_dir,
+                   {"steps": steps, "guidance_interval": list(interval) if interval is not None else None})
+
+
+@torch.no_grad()
+def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int = 64, batch_size: int = 32,
+                     out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark's ceiling: one ground-truth render per prompt, scored like generated images.
+
+    A prompt is drawn from its full ``attributes`` when it has them (``prompt_set`` keeps the scene
+    its caption was written from, so unstated attributes follow the training distribution), else from
+    what ``expect`` states, defaults filling the rest. With ``pipe`` every render goes through its
+    autoencoder (encode, decode) first: the accuracy of a denoiser that drew exactly the right
+    latents, which no model on that autoencoder can beat. The report's ``reference`` says which."""
+    from ..datasets.shapes import render_scene
+    from ..vae import from_pil, to_pil
+
+    t0 = time.perf_counter()
+    renders = [render_scene(it.get("attributes", it["expect"]), size) for it in items]
+    if pipe is None:
+        return _report(items, renders, 1, t0, out_dir, {"reference": "renders"})
+    images = []
+    for start in range(0, len(renders), batch_size):
+        pixels = from_pil(renders[start: start + batch_size]).to(pipe.device)
+        images += to_pil(pipe.autoencoder.decode(pipe.autoencoder.encode(pixels)))
+    return _report(items, images, 1, t0, out_dir, {"reference": "autoencoder"})
+
+
+def _report(items: Sequence[dict[str, Any]], images: list, samples: int, t0: float,
+            out_dir: str | Path | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Score ``samples`` consecutive images per item; the report (and files, given ``out_dir``)."""
+    rows = [{"id": item["id"], "sample": k, "checks": score(images[i * samples + k], item["expect"]),
+             "heldout": has_heldout_pair(item["expect"])}
+            for i, item in enumerate(items) for k in range(samples)]
     report = aggregate([r["checks"] for r in rows])
     held = [r["checks"] for r in rows if r["heldout"]]
     report[HELDOUT_PAIRS_KEY] = aggregate(held)["overall"] if held else None
-    sampling = getattr(pipe, "sampling", None)
-    interval = guidance_interval or (sampling.guidance_interval if sampling is not None else None)
-    report.update({"prompts": len(items), "samples_per_prompt": samples, "steps": steps,
-                   "guidance_interval": list(interval) if interval is not None else None,
+    report.update({"prompts": len(items), "samples_per_prompt": samples, **extra,
                    "seconds": round(time.perf_counter() - t0, 1)})
     if out_dir is not None:
-        _write(Path(out_dir), report, rows, images_all, samples)
+        _write(Path(out_dir), report, rows, images, samples)
     return report
 
 
