@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_base import add_guidance_interval_arg, command
+from .cli_base import SAMPLER_NAMES, add_guidance_interval_arg, command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +18,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default: the model's sampling config")
     add_guidance_interval_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
@@ -46,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return _print(score_references(items, pipe, size=size, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
                            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
-                           seed=args.seed, out_dir=args.out)
+                           sampler=args.sampler, seed=args.seed, out_dir=args.out)
     return _print(report)
 
 

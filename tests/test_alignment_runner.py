@@ -46,6 +46,9 @@ def test_oracle_scores_high_blank_scores_low(tmp_path):
     assert good["guidance_interval"] is None  # a pipeline without a sampling config
     limited = run_alignment(oracle, items[:2], samples=1, guidance_interval=(0.3, 0.9), progress=False)
     assert limited["guidance_interval"] == [0.3, 0.9] and oracle.kwargs["guidance_interval"] == (0.3, 0.9)
+    assert good["sampler"] is None and oracle.kwargs["sampler"] is None  # the pipeline's own choice
+    euler = run_alignment(oracle, items[:2], samples=1, sampler="euler", progress=False)
+    assert euler["sampler"] == "euler" and oracle.kwargs["sampler"] == "euler"
 
 
 def test_load_prompts_validates(tmp_path):

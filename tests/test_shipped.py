@@ -74,3 +74,17 @@ def test_eval_reference_scores_the_packaged_autoencoders_round_trip(tmp_path, ca
     out = capsys.readouterr().out
     renders = json.loads(out[out.index("{"):])
     assert renders["reference"] == "renders" and renders["overall"] >= 0.98
+
+
+def test_eval_cli_passes_sampler_and_interval_through(tmp_path):
+    import json
+
+    from latentdit.cli import main
+
+    args = ["eval", "alignment", "--n", "2", "--samples", "1", "--steps", "3", "--out", str(tmp_path)]
+    assert main(args + ["--sampler", "euler", "--guidance-interval", "0", "1"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sampler"] == "euler" and report["guidance_interval"] == [0.0, 1.0] and report["steps"] == 3
+    assert main(args) == 0  # the model's own settings
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sampler"] == "dpmpp_2m" and report["guidance_interval"] == [0.3, 0.9]

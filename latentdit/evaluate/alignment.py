@@ -55,9 +55,11 @@ def has_heldout_pair(expect: dict) -> bool:
 
 def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, steps: int = 20,
                   guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
-                  seed: int = 0, batch_size: int = 16, out_dir: str | Path | None = None,
+                  sampler: str | None = None, seed: int = 0, batch_size: int = 16,
+                  out_dir: str | Path | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    """Generate ``samples`` images per prompt and score them. Writes ``report.json`` and
+    """Generate ``samples`` images per prompt and score them (``sampler``, ``guidance_scale`` and
+    ``guidance_interval`` default to the pipeline's sampling config). Writes ``report.json`` and
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
     accuracy on prompts naming a held-out colour-shape pair."""
     t0 = time.perf_counter()
@@ -67,13 +69,14 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
         seeds = [seed + 1000 * (start + i) + k for i in range(len(chunk)) for k in range(samples)]
         images_all += pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
                            steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                           progress=False)
+                           sampler=sampler, progress=False)
         if progress:
             print(f"  alignment: {min(start + len(chunk), len(items))}/{len(items)} prompts", flush=True)
     sampling = getattr(pipe, "sampling", None)
     interval = guidance_interval or (sampling.guidance_interval if sampling is not None else None)
     return _report(items, images_all, samples, t0, out_dir,
-                   {"steps": steps, "guidance_interval": list(interval) if interval is not None else None})
+                   {"steps": steps, "sampler": sampler or (sampling.sampler if sampling is not None else None),
+                    "guidance_interval": list(interval) if interval is not None else None})
 
 
 @torch.no_grad()
