@@ -102,6 +102,9 @@ def test_reference_renders_the_prompts_own_scenes_and_the_autoencoder_sets_the_c
     coarse = score_references(items, AutoencoderOnly(8))  # 8x8 blocks: shapes are lost, backgrounds kept
     assert coarse["per_category"]["shape"] <= renders["per_category"]["shape"] - 0.5
     assert coarse["per_category"]["background"] == 1.0
+    bad = [{"id": "p7", "prompt": "a red circle", "expect": {"objects": [{"shape": "circle"}]}}]
+    with pytest.raises(ValueError, match="prompt p7: no reference render .* unknown color None"):
+        score_references(bad)
 
 
 def test_load_prompts_keeps_optional_attributes(tmp_path):

@@ -93,7 +93,12 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int = 
     from ..vae import from_pil, to_pil
 
     t0 = time.perf_counter()
-    renders = [render_scene(it.get("attributes", it["expect"]), size) for it in items]
+    renders = []
+    for it in items:
+        try:
+            renders.append(render_scene(it.get("attributes", it["expect"]), size))
+        except ValueError as e:
+            raise ValueError(f"prompt {it['id']}: no reference render can be drawn from its scene: {e}") from None
     if pipe is None:
         return _report(items, renders, 1, t0, out_dir, {"reference": "renders"})
     images = []
