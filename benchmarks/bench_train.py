@@ -72,18 +72,18 @@ def time_steps(cfg: TrainConfig, batch: Batch, repeats: int, warmup: int) -> lis
 
 def compare_recipes(args: argparse.Namespace) -> None:
     """bf16 step time of each named recipe, interleaved; ratios against the first."""
-    cfgs = {}
+    cfgs, batches = {}, {}
     for name in args.recipes:
         data = recipe_dict(name)
         data["batch_size"], data["mixed_precision"] = args.batch, "bf16"
-        cfgs[name] = make_config(data)
+        cfgs[name] = cfg = make_config(data)
+        m = cfg.model
+        batches[name] = make_batch(args.batch, (m.in_channels, m.base_size, m.base_size), m.max_text_len,
+                                   m.text_dim, m.pooled_dim)
     results: dict[str, list[float]] = {name: [] for name in cfgs}
     for _ in range(args.rounds):
         for name, cfg in cfgs.items():
-            m = cfg.model
-            batch = make_batch(args.batch, (m.in_channels, m.base_size, m.base_size), m.max_text_len,
-                               m.text_dim, m.pooled_dim)
-            results[name] += time_steps(cfg, batch, args.repeats, args.warmup)
+            results[name] += time_steps(cfg, batches[name], args.repeats, args.warmup)
     med = {name: statistics.median(ts) for name, ts in results.items()}
     first = args.recipes[0]
     print(f"{'recipe':<16}{'step (s)':>10}{'images/s':>10}{'vs ' + first:>20}")

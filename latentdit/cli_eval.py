@@ -43,8 +43,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return _print(score_references(items, out_dir=args.out))
     pipe = Text2Image.from_pretrained(args.model)
     if args.reference == "autoencoder":
-        size = pipe.model.config.base_size * pipe.autoencoder.downsample
-        return _print(score_references(items, pipe, size=size, out_dir=args.out))
+        return _print(score_references(items, pipe, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
                            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
                            sampler=args.sampler, seed=args.seed, out_dir=args.out)

@@ -1,6 +1,7 @@
 """The alignment benchmark runner, driven by fake pipelines with known behaviour."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ class PoolAutoencoder:
     """Encodes by averaging ``factor``-pixel blocks and decodes by repeating them; keeps its inputs."""
 
     def __init__(self, factor: int):
-        self.factor, self.seen = factor, []
+        self.factor, self.downsample, self.seen = factor, factor, []
 
     def encode(self, x):
         self.seen.append(x.clone())
@@ -78,10 +79,13 @@ class PoolAutoencoder:
 
 
 class AutoencoderOnly:
+    """A pipeline stand-in for 64x64 images: the pooling autoencoder and the latent side it implies."""
+
     device = torch.device("cpu")
 
     def __init__(self, factor: int):
         self.autoencoder = PoolAutoencoder(factor)
+        self.model = SimpleNamespace(config=SimpleNamespace(base_size=64 // factor))
 
 
 def test_reference_renders_the_prompts_own_scenes_and_the_autoencoder_sets_the_ceiling(tmp_path):

@@ -72,15 +72,15 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
                            sampler=sampler, progress=False)
         if progress:
             print(f"  alignment: {min(start + len(chunk), len(items))}/{len(items)} prompts", flush=True)
-    sampling = getattr(pipe, "sampling", None)
-    interval = guidance_interval or (sampling.guidance_interval if sampling is not None else None)
+    sampling = getattr(pipe, "sampling", None)  # what the pipeline used where the call left it open
+    interval = guidance_interval or getattr(sampling, "guidance_interval", None)
     return _report(items, images_all, samples, t0, out_dir,
-                   {"steps": steps, "sampler": sampler or (sampling.sampler if sampling is not None else None),
+                   {"steps": steps, "sampler": sampler or getattr(sampling, "sampler", None),
                     "guidance_interval": list(interval) if interval is not None else None})
 
 
 @torch.no_grad()
-def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int = 64, batch_size: int = 32,
+def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int | None = None, batch_size: int = 32,
                      out_dir: str | Path | None = None) -> dict[str, Any]:
     """The benchmark's ceiling: one ground-truth render per prompt, scored like generated images.
 
@@ -88,11 +88,14 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int = 
     its caption was written from, so unstated attributes follow the training distribution), else from
     what ``expect`` states, defaults filling the rest. With ``pipe`` every render goes through its
     autoencoder (encode, decode) first: the accuracy of a denoiser that drew exactly the right
-    latents, which no model on that autoencoder can beat. The report's ``reference`` says which."""
+    latents, which no model on that autoencoder can beat. The report's ``reference`` says which.
+    ``size`` defaults to the model's native image side (64 without ``pipe``)."""
     from ..datasets.shapes import render_scene
     from ..vae import from_pil, to_pil
 
     t0 = time.perf_counter()
+    if size is None:
+        size = 64 if pipe is None else pipe.model.config.base_size * pipe.autoencoder.downsample
     renders = []
     for it in items:
         try:
