@@ -264,7 +264,7 @@ def _karras(steps: int, path: Path, t_max: float, t_min: float, rho: float) -> T
 
 
 def invert(denoise: Denoise, x0: Tensor, ts: Tensor, path: Path, *, sampler: str = "ddim",
-           fixed_point_iters: int = 0) -> Tensor:
+           fixed_point_iters: int = 0, refine_first_step: bool = True) -> Tensor:
     """Map a clean latent to the noise that ``sampler`` on the sampling grid ``ts`` turns back into it.
 
     Inversion runs the deterministic sampler on the reversed grid (DDIM inversion: Song et al. 2020,
@@ -273,6 +273,7 @@ def invert(denoise: Denoise, x0: Tensor, ts: Tensor, path: Path, *, sampler: str
     ``fixed_point_iters = k > 0`` (DDIM only) refines each inverse step k times so that the forward
     DDIM step lands on its starting point (fixed-point inversion: Pan et al. 2023, arXiv:2309.04907;
     Garibi et al. 2024, ReNoise, arXiv:2403.14602); the error falls geometrically with k.
+    ``refine_first_step=False`` leaves the step that leaves the grid's least-noisy end naive.
     """
     if sampler not in _DETERMINISTIC:
         raise ValueError(f"inversion needs a deterministic sampler ({', '.join(_DETERMINISTIC)}), "
@@ -290,7 +291,7 @@ def invert(denoise: Denoise, x0: Tensor, ts: Tensor, path: Path, *, sampler: str
     x = x0
     for i in g.steps():
         y = sample_ddim(denoise, x, rev[i:i + 2], path)  # the naive inverse step
-        for _ in range(fixed_point_iters):
+        for _ in range(fixed_point_iters if i or refine_first_step else 0):
             y = _fixed_point_update(denoise, x, y, g, i)
         x = y
     return x

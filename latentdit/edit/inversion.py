@@ -35,6 +35,11 @@ from .images import ImageInput, load_image, load_mask
 from .repaint import latent_mask
 
 DEFAULT_FIXED_POINT_ITERS = 3  # 20-step PSNR on the shipped model: ~7 dB without, ~30 dB with 3
+# The inverse step from the clean latent stays naive. Refining it asks the denoiser's x0 estimate at
+# the first noise level to return the input exactly, which a well-trained denoiser (it pulls towards
+# the data it learnt) reaches only from an atypical state; the sampler's last step then magnifies
+# the small errors carried down to that state. 10-step round trip of a red circle on gray, bf16, a
+# 2700-step shapes model: 25.0 dB naive, 7.9 dB refining every step, 31.1 dB refining all but this.
 
 
 @dataclass
@@ -74,8 +79,9 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
            dtype: torch.dtype | None = torch.bfloat16) -> Inversion:
     """Deterministic inversion of ``image`` to the latents at ``t_stop`` (1 = pure noise) that
     ``sampler`` turns back into it in ``steps`` steps. Conditioned on ``prompt`` (None: the null
-    condition) without CFG, which would break the round trip. DDIM refines each inverse step with
-    ``fixed_point_iters`` (default 3) fixed-point iterations; other samplers invert naively."""
+    condition) without CFG, which would break the round trip. DDIM refines each inverse step but
+    the first (from the clean latent) with ``fixed_point_iters`` (default 3) fixed-point
+    iterations; other samplers invert naively."""
     if not 0.0 < t_stop <= 1.0:
         raise ValueError(f"t_stop must be in (0, 1], got {t_stop}")
     x0 = encode(pipe, load_image(image))
@@ -83,7 +89,8 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
     if fixed_point_iters is None:
         fixed_point_iters = DEFAULT_FIXED_POINT_ITERS if sampler == "ddim" else 0
     denoise = prompt_denoiser(pipe, prompt, None, 1.0, dtype)
-    latents = invert_latents(denoise, x0, ts, pipe.path, sampler=sampler, fixed_point_iters=fixed_point_iters)
+    latents = invert_latents(denoise, x0, ts, pipe.path, sampler=sampler, fixed_point_iters=fixed_point_iters,
+                             refine_first_step=False)
     # contiguous, as a saved and loaded copy is: bf16 kernels can differ by layout in the last bit
     return Inversion(latents.contiguous(), ts, prompt, sampler)
 
