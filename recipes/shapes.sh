@@ -8,7 +8,7 @@ set -euo pipefail
 RUN=${RUN:-runs/shapes}
 N=${N:-30000}
 AE_STEPS=${AE_STEPS:-3600}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-2700}
 EVAL_N=${EVAL_N:-64}
 DEST=${DEST:-latentdit/weights/shapes}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -248,11 +248,10 @@ def test_pan_rejects_unknown_directions(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps,floor,floor_ae", [(20, 28.0, 32.0), (50, 24.0, 25.0)])
+@pytest.mark.parametrize("steps,floor,floor_ae", [(20, 28.0, 35.0), (50, 29.0, 45.0)])
 def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
-    """Floors ~2 dB under the packaged model's measured 29.9 / 25.9 dB (vs the input; the
-    autoencoder's own round trip reaches ~32 dB) and 33.4 / 26.9 dB (vs that round trip) at
-    20 / 50 steps, bf16. At 50 steps the fixed-point refinement contracts less (fp32: 27.6 dB)."""
+    """Floors under the packaged model's measured 30.3 / 31.4 dB (vs the input; the autoencoder's
+    own round trip reaches ~32 dB) and 37.2 / 53.7 dB (vs that round trip) at 20 / 50 steps, bf16."""
     src = _red_circle(0)
     x = edit.load_image(src)
     inv = edit.invert(shapes, src, "a red circle in the center", steps=steps)
@@ -265,14 +264,18 @@ def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
     assert p_input > floor and p_ae > floor_ae
 
 
-def test_fixed_point_refinement_is_what_makes_inversion_round_trip(shapes):
-    src = _red_circle(0)
+@pytest.mark.parametrize("background,gain", [("white", 1.5), ("gray", 3.0)])
+def test_fixed_point_refinement_improves_the_round_trip(shapes, background, gain):
+    """10-step round trips, packaged model, bf16 (measured: white 28.9 dB naive, 31.3 dB refined;
+    gray 26.9 and 31.3 dB). Refining the first inverse step too gives 22.5 dB on white."""
+    src = _red_circle(0, background)
     x = edit.load_image(src)
     scores = [edit.psnr(edit.reconstruct(shapes, edit.invert(shapes, src, "a red circle in the center", steps=10,
                                                               fixed_point_iters=k), output_type="tensor"), x)
               for k in (0, 3)]
-    print(f"\n10-step inversion PSNR: naive {scores[0]:.1f} dB, 3 fixed-point iterations {scores[1]:.1f} dB")
-    assert scores[1] > scores[0] + 3
+    print(f"\n10-step inversion PSNR, {background}: naive {scores[0]:.1f} dB, 3 fixed-point iterations "
+          f"{scores[1]:.1f} dB")
+    assert scores[1] > scores[0] + gain and scores[1] > 29
 
 
 def test_inversion_saves_and_loads(tiny, tmp_path):
@@ -324,10 +327,9 @@ def test_edit_red_circle_to_blue_keeps_its_position(shapes):
     """The issue's acceptance test, judged by the pixel checker over eight inputs. The prompts
     describe the whole input (background too); the edit is confined to where they disagree
     (``mask="auto"``) and guided away from the source prompt. Measured on the packaged model:
-    blue and still in the centre on 5/8 inputs (two stay centred but turn green or cyan, one
-    turns blue but moves to the top); the floor of 4/8 leaves one input of room for other CPUs'
-    bf16 kernels. A plain edit (no mask, no negative prompt, strength 0.8) turned the first 4/4
-    blue but moved all 4: none kept its place."""
+    blue and still in the centre on 5/8 inputs, every white one; of the gray ones, two turn blue
+    but move (to the bottom, to the top) and one stays red. The floor of 4/8 leaves one input of
+    room for other CPUs' bf16 kernels."""
     results = []
     for seed, background in enumerate(["white", "gray"] * 4):
         src = _red_circle(seed, background)
@@ -450,8 +452,7 @@ def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
     target = np.array(COLORS["blue"], dtype=np.float64)
     loss = edit.color_loss("blue")
     # Measured (distance unguided -> guided at 0.3) with the model's guidance interval: seed 1
-    # 146 -> 136, seed 2 209 -> 140, seed 3 246 -> 137. At scale 0.1 the shift was only 3-20 (CFG
-    # on every step then) and varied with the CPU's bf16 kernels.
+    # 144 -> 134, seed 2 207 -> 133, seed 3 247 -> 134.
     gains = []
     for seed in (1, 2, 3):
         plain = edit.sample_guided(shapes, "a red circle in the center", loss, scale=0.0, seed=seed)[0]
