@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentdit.datasets.shapes import prompt_set, render_scene
+from latentdit.datasets.shapes import prompt_set, render_scene, scene_of
 from latentdit.evaluate import load_prompts, run_alignment, score_references
 
 
@@ -103,9 +103,21 @@ def test_reference_renders_the_prompts_own_scenes_and_the_autoencoder_sets_the_c
     got = ((seen.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
     assert np.array_equal(got, want)
     assert any(not np.array_equal(np.asarray(render_scene(it["expect"], 64)), w) for it, w in zip(items, want))
-    coarse = score_references(items, AutoencoderOnly(8))  # 8x8 blocks: shapes are lost, backgrounds kept
+    coarse = score_references(items, AutoencoderOnly(8), out_dir=tmp_path / "coarse")  # shapes lost, backgrounds kept
     assert coarse["per_category"]["shape"] <= renders["per_category"]["shape"] - 0.5
     assert coarse["per_category"]["background"] == 1.0
+    # the confusion table agrees with the rows: off its diagonal exactly where a single shape check failed
+    rows = json.loads((tmp_path / "coarse" / "report.json").read_text())["rows"]
+    pairs = [(r, it["expect"]["objects"][0]["shape"]) for r, it in zip(rows, items)
+             if scene_of(it["expect"]) == "single"]
+    assert all(r["checks"]["shape"] == (bool(r["read"]["objects"]) and r["read"]["objects"][0]["shape"] == want)
+               for r, want in pairs)  # each row records what was read
+    single = [r for r, _ in pairs]
+    table = coarse["confusion"]["shape"]
+    missed = sum(n for want, got in table.items() for read, n in got.items() if read != want)
+    assert sum(n for got in table.values() for n in got.values()) == len(single)
+    assert missed == sum(not r["checks"]["shape"] for r in single) > 0
+    assert all(set(got) == {want} for want, got in renders["confusion"]["shape"].items())  # renders: diagonal
     bad = [{"id": "p7", "prompt": "a red circle", "expect": {"objects": [{"shape": "circle"}]}}]
     with pytest.raises(ValueError, match="prompt p7: no reference render .* unknown color None"):
         score_references(bad)

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .checker import aggregate, score
+from ..datasets.shapes import scene_of
+from .checker import aggregate, read_attributes, score_read
 
 HELDOUT_PAIRS_KEY = "heldout_pairs"
 
@@ -114,17 +115,47 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int | 
 def _report(items: Sequence[dict[str, Any]], images: list, samples: int, t0: float,
             out_dir: str | Path | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Score ``samples`` consecutive images per item; the report (and files, given ``out_dir``)."""
-    rows = [{"id": item["id"], "sample": k, "checks": score(images[i * samples + k], item["expect"]),
-             "heldout": has_heldout_pair(item["expect"])}
+    reads = [read_attributes(image) for image in images[: len(items) * samples]]
+    rows = [{"id": item["id"], "sample": k, "checks": score_read(reads[i * samples + k], item["expect"]),
+             "heldout": has_heldout_pair(item["expect"]), "read": _brief(reads[i * samples + k])}
             for i, item in enumerate(items) for k in range(samples)]
     report = aggregate([r["checks"] for r in rows])
     held = [r["checks"] for r in rows if r["heldout"]]
     report[HELDOUT_PAIRS_KEY] = aggregate(held)["overall"] if held else None
+    report["confusion"] = single_object_confusion(items, reads, samples)
     report.update({"prompts": len(items), "samples_per_prompt": samples, **extra,
                    "seconds": round(time.perf_counter() - t0, 1)})
     if out_dir is not None:
         _write(Path(out_dir), report, rows, images, samples)
     return report
+
+
+def _brief(read: dict) -> dict[str, Any]:
+    """What a row records of what the checker read: background, count and each object's attributes."""
+    keep = ("color", "shape", "size", "cell")
+    return {"background": read["background"], "count": read["count"],
+            "objects": [{k: o[k] for k in keep} for o in read["objects"]]}
+
+
+def single_object_confusion(items: Sequence[dict[str, Any]], reads: Sequence[dict], samples: int = 1
+                            ) -> dict[str, dict[str, dict[str, int]]]:
+    """For single-object prompts: how often each stated colour and shape was read as each value
+    (the largest object, as scoring holds them to it; "none" where no object was found).
+    ``reads[i * samples + k]`` is ``read_attributes`` of item i's k-th image."""
+    table: dict[str, dict[str, dict[str, int]]] = {"color": {}, "shape": {}}
+    for i, item in enumerate(items):
+        expect = item["expect"]
+        if scene_of(expect) != "single":
+            continue
+        wanted = expect["objects"][0]
+        for k in range(samples):
+            found = reads[i * samples + k]["objects"]
+            for key, counts in table.items():
+                if key in wanted:
+                    got = found[0][key] if found else "none"
+                    row = counts.setdefault(wanted[key], {})
+                    row[got] = row.get(got, 0) + 1
+    return table
 
 
 def _write(out: Path, report: dict, rows: list[dict], images: list, samples: int) -> None:

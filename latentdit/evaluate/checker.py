@@ -340,9 +340,13 @@ _SCORERS = {"single": _score_single, "relation": _score_relation, "count": _scor
 
 def score(image: Image.Image | np.ndarray, expect: dict) -> dict[str, bool]:
     """Pass/fail per category for what `expect` (dataset attribute schema, any subset) states."""
+    return score_read(read_attributes(image), expect)
+
+
+def score_read(read: dict, expect: dict) -> dict[str, bool]:
+    """``score`` on what ``read_attributes`` already read from an image."""
     if not isinstance(expect, dict) or not expect.get("objects"):
         raise ValueError("expect must be a dict with a non-empty 'objects' list")
-    read = read_attributes(image)
     results = _SCORERS[scene_of(expect)](read["objects"], expect)
     if "count" in expect:
         results["count"] = read["count"] == expect["count"]
