@@ -3,7 +3,8 @@
 No pretrained image autoencoder exists offline (DESIGN §4), and SD's is overkill for 64x64 flat
 shapes. The recipe is the KL-regularised autoencoder of LDM (Rombach et al. 2022,
 arXiv:2112.10752, Sec. 3 and App. G) without its perceptual and GAN terms: an L1 (or L2)
-reconstruction loss plus a tiny KL pull towards N(0, I), AdamW with linear warm-up and cosine decay.
+reconstruction loss, optionally weighted towards object pixels (`object_weight`), plus a tiny KL
+pull towards N(0, I), AdamW with linear warm-up and cosine decay.
 
     out_dir/checkpoint.safetensors   weights + AdamW moments; its metadata holds the step, the
                                      config and the optimiser's plain values (nothing pickled)
@@ -26,7 +27,8 @@ Speed on the 2-core CPU (one thread, bf16, 64x64; fp32 is ~1.4x slower): widths 
 or 0.25-0.29 s at batch 8. The high-resolution levels dominate (CPU convolutions are memory-bound),
 so the first width sets the cost. train_config.AE_PRESETS["shapes-fast"] (L2, which PSNR measures, batch 8)
 reached 29.2 dB held-out PSNR after 2400 steps (~700 s on one core) and 31.5 dB when that run
-was continued to 3600 steps.
+was continued to 3600 steps; with `object_weight` 4 (object pixels weigh 5x, `object_mask`) it
+reaches 32.3 dB at 3600 steps and keeps the small stars and triangles the plain loss blurs away.
 On a machine other jobs also load, use ONE thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1)):
 two OpenMP threads that must share their cores with another process ran 10-30x slower here.
 """
@@ -204,9 +206,22 @@ def ae_losses(vae: torch.nn.Module, x: Tensor, cfg: AEConfig,
         posterior = DiagonalGaussianDistribution(moments.float())
         recon = vae.decode(posterior.sample(generator=generator)).sample.float()  # (N, 3, H, W)
     error = recon - x
-    rec = error.abs().mean() if cfg.loss == "l1" else error.square().mean()
+    error = error.abs() if cfg.loss == "l1" else error.square()
+    if cfg.object_weight:
+        error = error * (1 + cfg.object_weight * object_mask(x))
     kl = posterior.kl().mean() / x[0].numel()
-    return rec, kl
+    return error.mean(), kl
+
+
+def object_mask(x: Tensor, threshold: float = 0.1) -> Tensor:
+    """(N, 1, H, W) 1.0 on pixels unlike their image's border colour, grown by one pixel so that
+    edges count too; 0.0 elsewhere. On plain-background data (shapes) that marks the objects, whose
+    thin parts (star points, small triangles) an unweighted loss gives up: they are a few percent
+    of the pixels. `threshold` is in the [-1, 1] pixel scale, per channel."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]  # (N, 3, 1, 1)
+    unlike = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return torch.nn.functional.max_pool2d(unlike, 3, stride=1, padding=1)
 
 
 def _autocast(device: torch.device, mixed: str):

@@ -137,6 +137,7 @@ class AEConfig:
     min_lr_ratio: float = 0.1
     kl_weight: float = 1e-6
     loss: Literal["l1", "l2"] = "l1"
+    object_weight: float = 0.0  # extra loss weight on pixels unlike the image's border colour
     grad_clip: float = 1.0
     mixed_precision: Literal["no", "bf16"] = "bf16"
     seed: int = 0
@@ -175,6 +176,8 @@ class AEConfig:
             raise ValueError(f"block_out_channels must be positive, got {self.block_out_channels}")
         if not self.lr > 0 or self.warmup_steps < 0 or self.kl_weight < 0 or not self.grad_clip > 0:
             raise ValueError("need lr > 0, warmup_steps >= 0, kl_weight >= 0 and grad_clip > 0")
+        if self.object_weight < 0:
+            raise ValueError(f"object_weight must be >= 0, got {self.object_weight}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.loss not in ("l1", "l2") or self.mixed_precision not in ("no", "bf16"):
@@ -183,9 +186,11 @@ class AEConfig:
 
 
 AE_PRESETS: dict[str, dict[str, Any]] = {
-    # ~30 dB on shapes: 29.2 dB at 2400 steps, 31.5 continued to 3600 (~17 min on one core)
+    # 32.3 dB held-out PSNR on shapes after 3600 steps (674 s on one core). object_weight 4
+    # keeps small stars and triangles: through it, the alignment checker reads 10 of 16 stars and 14
+    # of 14 triangles as drawn, against 4 and 10 with an unweighted loss (README, autoencoder ceiling).
     "shapes-fast": dict(block_out_channels=(16, 32, 64), batch_size=8, lr=2e-3, loss="l2", steps=3600,
-                        warmup_steps=50, eval_every=250),
+                        warmup_steps=50, eval_every=250, object_weight=4.0),
 }
 
 

@@ -198,3 +198,40 @@ def test_image_folder_source_holds_out_the_last_images(tmp_path):
     assert source.image(11).getpixel((0, 0)) == source.image(0).getpixel((0, 0))  # wraps, skips held-out
     with pytest.raises(ValueError, match="neither"):
         make_source(tiny(data=str(tmp_path / "missing")))
+
+
+# ----------------------------------------------------------------------------- object weighting
+
+
+def test_object_mask_marks_the_object_and_its_edge():
+    from latentdit.train_ae import object_mask
+
+    x = torch.full((2, 3, 16, 16), 0.8)  # plain light backgrounds
+    x[0, :, 5:8, 6:10] = torch.tensor([0.8, -0.9, -0.9])[:, None, None]  # a red block: 3 x 4 pixels
+    x[1] = -0.5
+    x[1, 2, 12, 3] = 0.9  # one blue pixel on a dark background
+    m = object_mask(x)
+    assert m.shape == (2, 1, 16, 16)
+    expected = torch.zeros(16, 16)
+    expected[4:9, 5:11] = 1  # the block grown by one pixel
+    assert torch.equal(m[0, 0], expected)
+    assert m[1, 0].sum() == 9 and m[1, 0, 11:14, 2:5].sum() == 9
+    assert object_mask(torch.full((1, 3, 8, 8), 0.3)).sum() == 0  # no object: no weight
+
+
+def test_object_weight_weights_only_object_pixels():
+    from latentdit.train_ae import ae_losses, build_autoencoder
+
+    torch.manual_seed(0)
+    cfg = tiny(mixed_precision="no", loss="l2")
+    vae = build_autoencoder(cfg).eval()
+    x = torch.full((1, 3, 32, 32), -1.0)
+    plain = ae_losses(vae, x, cfg, torch.Generator().manual_seed(0))[0]
+    weighted = ae_losses(vae, x, dataclasses.replace(cfg, object_weight=9.0), torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(plain, weighted)  # a blank image has no object pixels to weight
+    x[..., 10:20, 10:20] = 1.0
+    plain = ae_losses(vae, x, cfg, torch.Generator().manual_seed(0))[0]
+    weighted = ae_losses(vae, x, dataclasses.replace(cfg, object_weight=9.0), torch.Generator().manual_seed(0))[0]
+    assert weighted > 1.5 * plain
+    with pytest.raises(ValueError, match="object_weight"):
+        tiny(object_weight=-1)
