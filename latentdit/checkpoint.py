@@ -44,6 +44,8 @@ class CheckpointConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CheckpointConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise ValueError("a model's config.json must be a JSON object with a 'model' section")
         data = dict(data)
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
@@ -165,7 +167,10 @@ def load_config(directory: str | Path) -> CheckpointConfig:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
-    return CheckpointConfig.from_json(data)
+    try:
+        return CheckpointConfig.from_json(data)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def load_weights(directory: str | Path, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
@@ -187,6 +192,11 @@ def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     config = load_config(directory)
     model = Denoiser(config.model)
     state = load_weights(directory)
+    expected = model.state_dict()
+    wrong = [f"{k} is {list(v.shape)}, config.json expects {list(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{directory}: weights do not match config.json ({'; '.join(wrong[:3])})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not match config.json "
@@ -199,6 +209,10 @@ def component_path(directory: Path, desc: dict[str, Any] | None) -> dict[str, An
     if not desc:
         return desc
     desc = dict(desc)
-    if desc.get("path") and (directory / desc["path"]).exists():
-        desc["path"] = str(directory / desc["path"])
+    path = desc.get("path")
+    if path and (directory / path).exists():
+        desc["path"] = str(directory / path)
+    elif isinstance(path, str) and path.count("/") != 1 and not Path(path).exists():
+        # not a hub id (owner/name) either: a component folder the model folder lacks
+        raise ValueError(f"{directory} names a component at {path!r}, which is missing from the folder")
     return desc

@@ -12,6 +12,7 @@ from .cli_base import (
     SAMPLER_NAMES,
     add_guidance_interval_arg,
     autocast_dtype,
+    check_image_out,
     command,
     load_pipeline,
     save_images,
@@ -38,8 +39,10 @@ def run_info(args: argparse.Namespace) -> int:
         cfg = load_config(resolve(args.model)).model
     else:
         cfg = model_preset(args.preset)
+    side = cfg.base_size if args.height is None else args.height
+    if side < 1 or side % cfg.patch_size:
+        raise ValueError(f"--height must be a positive multiple of the patch size {cfg.patch_size}, got {side}")
     model = Denoiser(cfg)
-    side = args.height or cfg.base_size
     tokens = (side // cfg.patch_size) ** 2
     print(f"latentdit denoiser ({args.model or 'preset ' + args.preset})")
     print(f"  config: {json.dumps(to_dict(cfg))}")
@@ -89,6 +92,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.from_file):
         raise ValueError("give either a prompt or --from-file FILE")
     items = read_prompt_file(args.from_file) if args.from_file else None
+    if items is None:
+        check_image_out(args.out)
+    elif Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; with --from-file it names the folder to write into")
     pipe = _random_tiny_pipeline() if args.random_tiny else load_pipeline(args.model)
     kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
               sampler=args.sampler,
@@ -100,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(items), max(1, args.batch_size)):
         chunk = items[start: start + max(1, args.batch_size)]
-        seeds = [int(it.get("seed", args.seed + 1000 * (start + i))) + k for i, it in enumerate(chunk)
+        seeds = [it.get("seed", args.seed + 1000 * (start + i)) + k for i, it in enumerate(chunk)
                  for k in range(args.num_images)]
         negative = [it.get("negative", args.negative or "") for it in chunk]
         images = pipe([it["prompt"] for it in chunk], seed=seeds,
@@ -116,7 +123,7 @@ def read_prompt_file(path: str) -> list[dict]:
     """JSONL lines ``{"id", "prompt", ...}`` (id defaults to the line number) or plain text, one
     prompt per line (id = line number). Blank lines are skipped but still counted."""
     text = Path(path).read_text()
-    items = []
+    items, lines = [], {}
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
@@ -126,11 +133,19 @@ def read_prompt_file(path: str) -> list[dict]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n} is not valid JSON: {e.msg}") from None
-            if not isinstance(item.get("prompt"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                 raise ValueError(f"{path}:{n} has no string 'prompt'")
+            if "seed" in item and (not isinstance(item["seed"], int) or isinstance(item["seed"], bool)):
+                raise ValueError(f"{path}:{n}: 'seed' must be an integer, got {item['seed']!r}")
+            if not isinstance(item.get("negative", ""), str):
+                raise ValueError(f"{path}:{n}: 'negative' must be a string")
             item["id"] = _safe_id(str(item.get("id", n)), path, n)
         else:
             item = {"id": str(n), "prompt": line}
+        if item["id"] in lines:
+            raise ValueError(f"{path}:{n}: id {item['id']!r} repeats line {lines[item['id']]}; ids name "
+                             "the output files, so each must be unique")
+        lines[item["id"]] = n
         items.append(item)
     if not items:
         raise ValueError(f"{path} holds no prompts")

@@ -30,13 +30,33 @@ def command(name: str, help: str):
     return wrap
 
 
+def check_image_out(out: str | Path, flag: str = "--out") -> Path:
+    """An image path to write to, checked before any work is done: PIL knows how to write its
+    suffix (none means PNG) and its folder exists or can be made."""
+    from PIL import Image
+
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give an image file name such as {out / 'out.png'}")
+    Image.init()
+    formats = Image.registered_extensions()
+    if out.suffix and formats.get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"{flag} {out}: cannot write images as {out.suffix!r}; use .png, .jpg or .webp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot make its folder ({e.strerror})") from None
+    return out
+
+
 def write_images(images, out: Path) -> list[Path]:
     """Save one image at ``out``, or several as ``out_0.png``, ``out_1.png``, ..."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    out = out if out.suffix else out.with_name(out.name + ".png")
     if len(images) == 1:
         images[0].save(out)
         return [out]
-    paths = [out.with_name(f"{out.stem}_{k}{out.suffix or '.png'}") for k in range(len(images))]
+    paths = [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(images))]
     for img, path in zip(images, paths):
         img.save(path)
     return paths

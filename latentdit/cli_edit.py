@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_base import SAMPLER_NAMES, autocast_dtype, command, load_pipeline, save_images
+from .cli_base import SAMPLER_NAMES, autocast_dtype, check_image_out, command, load_pipeline, save_images
 
 
 def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = None) -> None:
@@ -56,6 +56,7 @@ def run_img2img(args: argparse.Namespace) -> int:
 
     check_strength(args.strength)
     image = load_image(args.image)
+    check_image_out(args.out)
     pipe = _pipeline(args.model)
     return save_images(img2img(pipe, image, args.prompt, strength=args.strength, **_repaint(args)), args.out)
 
@@ -79,6 +80,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     check_strength(args.strength)
     image = load_image(args.image)
     mask = load_mask(args.mask, (image.shape[-1], image.shape[-2]))
+    check_image_out(args.out)
     pipe = _pipeline(args.model)
     images = inpaint(pipe, image, mask, args.prompt, mask_blur=args.mask_blur, strength=args.strength,
                      **_repaint(args))
@@ -102,6 +104,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     sides = dict(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
     extend_canvas(image, **sides)  # checks the sizes before the model loads
+    check_image_out(args.out)
     pipe = _pipeline(args.model)
     return save_images(outpaint(pipe, image, args.prompt, **sides, **_repaint(args)), args.out)
 
@@ -123,6 +126,10 @@ def run_invert(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     if not 0.0 < args.t_stop <= 1.0:
         raise ValueError(f"--t-stop must be in (0, 1], got {args.t_stop}")
+    if Path(args.out).suffix != ".safetensors":
+        raise ValueError(f"--out {args.out}: the inversion is saved as latents, in a .safetensors file")
+    if args.reconstruct:
+        check_image_out(args.reconstruct, "--reconstruct")
     pipe = _pipeline(args.model)
     inv = invert(pipe, image, args.prompt, steps=args.steps, t_stop=args.t_stop,
                  fixed_point_iters=args.fixed_point_iters, dtype=autocast_dtype(args.fp32))
@@ -171,6 +178,11 @@ def run_edit(args: argparse.Namespace) -> int:
         mask = load_mask(mask, (image.shape[-1], image.shape[-2]))
     if not 0.0 < args.mask_threshold < 1.0:
         raise ValueError(f"--mask-threshold must be in (0, 1), got {args.mask_threshold}")
+    if args.save_mask and mask is None:
+        raise ValueError("--save-mask writes the mask of --mask; give --mask auto or a mask image")
+    check_image_out(args.out)
+    if args.save_mask:
+        check_image_out(args.save_mask, "--save-mask")
     pipe = _pipeline(args.model)
     if mask == "auto" and args.save_mask:
         mask = edit_mask(pipe, image, args.source, args.target, threshold=args.mask_threshold,
@@ -204,7 +216,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
         raise ValueError("give two different prompts, two different --seeds, or both")
     if args.frames < 2:
         raise ValueError(f"--frames must be >= 2, got {args.frames}")
-    out = check_animation_path(args.out)
+    out = check_animation_path(args.out, args.fps)
     pipe = _pipeline(args.model)
     frames = interpolate(pipe, args.prompts, args.seeds, frames=args.frames, sampler=args.sampler,
                          height=args.height, width=args.width, **_sampling(args))
@@ -228,7 +240,7 @@ def run_pan(args: argparse.Namespace) -> int:
     from .edit import check_animation_path, load_image, pan, save_animation
 
     image = load_image(args.image)
-    out = check_animation_path(args.out)
+    out = check_animation_path(args.out, args.fps)
     if args.frames < 2:
         raise ValueError(f"--frames must be >= 2, got {args.frames}")
     pipe = _pipeline(args.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .cli_base import SAMPLER_NAMES, add_guidance_interval_arg, command
 
@@ -33,6 +34,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import load_prompts, run_alignment, score_references
     from .pipeline import Text2Image
 
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.out:  # made now: a bad folder must not cost the whole run
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: cannot make this folder ({e.strerror})") from None
     if args.prompts:
         items = load_prompts(args.prompts)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -119,6 +121,7 @@ class Text2Image:
         """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1 and
         ``guidance_interval[0] <= t <= guidance_interval[1]`` (one conditional pass elsewhere).
         ``mask_latent``: an inpainting variant's extra input channels, one row per image."""
+        guidance_scale = _finite(guidance_scale, "guidance scale")
         guided = uncond is not None and guidance_scale != 1.0
         lo, hi = check_guidance_interval(guidance_interval)
         both = Condition.cat(cond, uncond) if guided else cond
@@ -159,10 +162,15 @@ class Text2Image:
         return self._cast[1]
 
     # -- sampling ---------------------------------------------------------------------------
+    def resolve_guidance(self, guidance_scale: float | None) -> float:
+        """``guidance_scale``, or the sampling config's when None; a finite number either way."""
+        return _finite(self.sampling.guidance_scale if guidance_scale is None else guidance_scale,
+                       "guidance scale")
+
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         d = self.autoencoder.downsample
         base = self.model.config.base_size * d
-        height, width = height or base, width or base
+        height, width = base if height is None else height, base if width is None else width
         step = d * self.model.config.patch_size
         if height % step or width % step or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {step}, got {height}x{width}")
@@ -212,7 +220,7 @@ class Text2Image:
             raise ValueError("no prompts given")
         k = _positive(num_images_per_prompt, "num_images_per_prompt")
         steps = _positive(self.sampling.steps if steps is None else steps, "steps")
-        g = self.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
+        g = self.resolve_guidance(guidance_scale)
         negative = _negatives(negative_prompt, len(prompts))
         seeds = _seeds(seed, len(prompts) * k)
         cond, uncond = self.encode(prompts, negative)
@@ -287,12 +295,30 @@ def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str] | None
 
 
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = list(seed)
-    if len(seeds) != n:
-        raise ValueError(f"got {len(seeds)} seeds for {n} images (prompts x num_images_per_prompt)")
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist()
+    if isinstance(seed, numbers.Integral):
+        seeds = [int(seed) + i for i in range(n)]
+    elif isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise ValueError(f"seed must be an integer or one integer per image, got {seed!r}")
+    else:
+        seeds = [int(s) if isinstance(s, numbers.Integral) else s for s in seed]
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} images (prompts x num_images_per_prompt)")
+    for s in seeds:
+        if not isinstance(s, int) or not -2**63 <= s < 2**64:
+            raise ValueError(f"seeds must be integers in [-2**63, 2**64), got {s!r}")
     return seeds
+
+
+def _finite(v: float, name: str) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
 
 
 def _positive(v: int, name: str) -> int:

@@ -64,6 +64,34 @@ def test_load_prompts_validates(tmp_path):
         load_prompts(f)
 
 
+@pytest.mark.parametrize("expect,match", [
+    ({"objects": "red"}, "non-empty 'objects' list"),
+    ({"objcts": [{"color": "red"}]}, "non-empty 'objects' list"),
+    ({"objects": [{"color": "red"}], "colour": "red"}, "unknown key"),
+    ({"objects": [{"color": "reddish"}]}, "unknown color 'reddish'"),
+    ({"objects": [{"colour": "red"}]}, "unknown key 'colour'"),
+    ({"objects": [{"color": "red"}, {"color": "blue"}], "relation": "near"}, "unknown relation"),
+    ({"objects": [{"color": "red"}], "count": 0}, "count must be a positive integer"),
+    ({"objects": [{"color": "red"}], "background": "teal"}, "unknown background"),
+    ({"objects": [{"color": "red"}], "relation": "above"}, "needs two expected objects"),
+])
+def test_load_prompts_names_bad_expectations_before_any_image_is_made(tmp_path, expect, match):
+    """A typo in `expect` would otherwise be scored as a miss (or fail after every image is made)."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "fine", "expect": {"objects": [{"color": "red"}]}}\n'
+                 + json.dumps({"prompt": "x", "expect": expect}) + "\n")
+    with pytest.raises(ValueError, match=f"p.jsonl:2: .*{match}"):
+        load_prompts(f)
+
+
+def test_run_alignment_rejects_no_samples_and_no_prompts():
+    items = [{"id": "a", "prompt": "a red circle", "expect": {"objects": [{"color": "red"}]}}]
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        run_alignment(None, items, samples=0)
+    with pytest.raises(ValueError, match="no prompts"):
+        run_alignment(None, [], samples=1)
+
+
 class PoolAutoencoder:
     """Encodes by averaging ``factor``-pixel blocks and decodes by repeating them; keeps its inputs."""
 

@@ -84,6 +84,24 @@ def test_mismatched_config_gives_clear_error(tmp_path):
         load_config(tmp_path / "m")
 
 
+def test_weights_of_another_shape_are_named(tmp_path):
+    model = _model()
+    save_pretrained(model, tmp_path / "m", _config(model))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["patch_size"] = 2 * cfg["model"]["patch_size"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    wrong = r"do not match config.json \(.*patch\.weight is \[64, 4, 2, 2\], config.json expects \[64, 4, 4, 4\]"
+    with pytest.raises(ValueError, match=wrong):
+        load_denoiser(tmp_path / "m")
+
+
+@pytest.mark.parametrize("data", [[1, 2], {"format_version": 2}, {"model": "small"}])
+def test_config_without_a_model_section_is_refused(tmp_path, data):
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="config.json: a model's config.json must be a JSON object with a 'model'"):
+        load_config(tmp_path)
+
+
 def test_newer_format_is_refused(tmp_path):
     model = _model()
     save_pretrained(model, tmp_path / "m", _config(model))

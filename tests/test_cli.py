@@ -17,6 +17,9 @@ def test_read_prompt_file_jsonl_and_text(tmp_path):
     ('{"prompt": 3}\n', "no string 'prompt'"),
     ("{broken\n", "not valid JSON"),
     ("\n\n", "holds no prompts"),
+    ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "id 'a' repeats line 1"),
+    ('{"prompt": "x", "seed": null}\n', "'seed' must be an integer"),
+    ('{"prompt": "x", "seed": "abc"}\n', "'seed' must be an integer"),
 ])
 def test_read_prompt_file_rejects(tmp_path, text, match):
     f = tmp_path / "p.jsonl"
@@ -73,3 +76,42 @@ def test_generate_guidance_interval_flag(tmp_path, capsys):
     assert main([*base, "--guidance-interval", "0.2", "1"]) == 0 and out.exists()
     assert main([*base, "--guidance-interval", "0.9", "0.1"]) == 2
     assert "guidance_interval must satisfy 0 <= lo < hi <= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "a", "--out", "{tmp}/x.jpgg"], "cannot write images as '.jpgg'"),
+    (["generate", "a", "--out", "{tmp}"], "is a folder"),
+    (["generate", "a", "--out", "{tmp}/file.txt/x.png"], "cannot make its folder"),
+    (["generate", "--from-file", "{tmp}/p.txt", "--out", "{tmp}/file.txt"], "with --from-file it names the folder"),
+    (["interpolate", "a", "b", "--fps", "0", "--out", "{tmp}/a.gif"], "fps must be a positive number"),
+    (["invert", "{tmp}/in.png", "--out", "{tmp}/inv.png"], "saved as latents, in a .safetensors file"),
+    (["edit", "{tmp}/in.png", "a", "b", "--save-mask", "{tmp}/m.png"], "--save-mask writes the mask of --mask"),
+    (["eval", "alignment", "--samples", "0"], "--samples must be >= 1"),
+    (["eval", "alignment", "--out", "{tmp}/file.txt/rep"], "cannot make this folder"),
+    (["info", "--preset", "tiny", "--height", "3"], "--height must be a positive multiple of the patch size"),
+])
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, match):
+    """Each is named in one line, before any model is loaded (so no work is lost to it)."""
+    from PIL import Image
+
+    from latentdit import cli_base, cli_edit
+
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded before the argument was checked")
+
+    monkeypatch.setattr(cli_base, "load_pipeline", no_model)
+    monkeypatch.setattr("latentdit.cli.load_pipeline", no_model)
+    monkeypatch.setattr(cli_edit, "_pipeline", no_model)
+    monkeypatch.setattr("latentdit.pipeline.Text2Image.from_pretrained", no_model)
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_outputs_without_a_suffix_are_written_as_png(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--random-tiny", "--steps", "1", "--out", str(tmp_path / "pic")]) == 0
+    assert (tmp_path / "pic.png").exists() and capsys.readouterr().out.strip().endswith("pic.png")

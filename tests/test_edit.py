@@ -219,7 +219,8 @@ def test_outpaint_extends_the_canvas_and_keeps_the_original(tiny):
 @pytest.mark.parametrize("sides,match", [
     (dict(), "at least one"),
     (dict(left=-8), "non-negative"),
-    (dict(right=6), "multiples of 4"),
+    (dict(right=6), r"outpaint sizes must be multiples of 4 pixels for this model, got \{'right': 6\} "
+                    r"\(the 16x16 image would become 22x16\)"),
 ])
 def test_outpaint_rejects_bad_sizes(tiny, sides, match):
     with pytest.raises(ValueError, match=match):

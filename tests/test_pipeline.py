@@ -1,5 +1,7 @@
 """The whole pipeline with tiny random components built locally: no downloads, seconds."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,24 @@ def test_bad_arguments_are_clear(tiny_clip, tiny_vae):
         pipe("x", steps=0)
     with pytest.raises(ValueError, match="unknown sampler|sampler"):
         pipe("x", sampler="plms")
+    for g in (float("nan"), float("inf")):  # would give NaN latents, a black image
+        with pytest.raises(ValueError, match="guidance scale must be a finite number"):
+            pipe("x", guidance_scale=g, steps=1)
+    with pytest.raises(ValueError, match="positive multiples"):
+        pipe("x", height=0)  # not silently the default size
+    for seed in (1.5, "3", [1.5], [2**70]):
+        with pytest.raises(ValueError, match="seed"):
+            pipe("x", seed=seed, steps=1)
+
+
+def test_integer_like_seeds_are_accepted(tiny_clip, tiny_vae):
+    import numpy as np
+
+    pipe = _pipe(tiny_clip, tiny_vae)
+    kw = dict(steps=2, progress=False, output_type="latent", num_images_per_prompt=2)
+    plain = pipe("x", seed=3, **kw)
+    assert torch.equal(pipe("x", seed=np.int64(3), **kw), plain)
+    assert torch.equal(pipe("x", seed=torch.tensor([3, 4]), **kw), plain)
 
 
 def test_save_then_from_pretrained_gives_identical_images(tiny_clip, tiny_vae, tmp_path):
@@ -143,6 +163,9 @@ def test_save_then_from_pretrained_gives_identical_images(tiny_clip, tiny_vae, t
     assert loaded.path == Path("vp-linear") and loaded.sampling.sampler == "ddim"
     kw = dict(seed=2, progress=False, sampler="ddim")
     assert np.array_equal(_arr(pipe("a star", **kw)[0]), _arr(loaded("a star", **kw)[0]))
+    shutil.rmtree(tmp_path / "model" / "vae")  # named in config.json, gone from the folder: no hub lookup
+    with pytest.raises(ValueError, match="names a component at 'vae', which is missing from the folder"):
+        Text2Image.from_pretrained(tmp_path / "model", text_encoder=tiny_clip)
 
 
 def test_class_conditional_pipeline(tiny_vae):

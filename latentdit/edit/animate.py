@@ -81,7 +81,7 @@ def interpolate(pipe: Text2Image, prompts: str | Sequence[str], seeds: int | Seq
     shape = pipe.latent_shape(height, width)
     ends = [pipe.encode([pa])[0], pipe.encode([pb])[0]]
     noise = [pipe.noise([sa], shape), pipe.noise([sb], shape)]
-    g = pipe.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
+    g = pipe.resolve_guidance(guidance_scale)
     ts = pipe.grid(resolve_steps(pipe, steps))
     images = []
     for k in range(frames):

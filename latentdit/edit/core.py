@@ -67,7 +67,7 @@ def prompt_denoiser(pipe: Text2Image, prompt: str | int | None, negative_prompt:
     if prompt is None:
         null = pipe.encode([0 if pipe.model.config.num_classes else ""])[1]
         return pipe.denoiser(null.repeat(k), None, 1.0, dtype, mask_latent)
-    g = pipe.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
+    g = pipe.resolve_guidance(guidance_scale)
     cond, uncond = pipe.encode([prompt], None if negative_prompt is None else [negative_prompt])
     return pipe.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, mask_latent, guidance_interval)
 

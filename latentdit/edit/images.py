@@ -90,9 +90,11 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"a {what} array must be uint8 (0..255), bool or float (0..1), got {a.dtype}")
 
 
-def check_animation_path(path: str | os.PathLike) -> FsPath:
-    """The path, if an animation can be written there: .gif always, .mp4 with imageio installed.
-    Called before the frames are made, so a bad name fails at once."""
+def check_animation_path(path: str | os.PathLike, fps: float = 8.0) -> FsPath:
+    """The path, if an animation can be written there at ``fps`` frames a second: .gif always,
+    .mp4 with imageio installed. Called before the frames are made, so a bad name fails at once."""
+    if not 0 < fps < float("inf"):
+        raise ValueError(f"fps must be a positive number, got {fps}")
     path = FsPath(path)
     suffix = path.suffix.lower()
     if suffix not in (".gif", ".mp4"):
@@ -108,11 +110,9 @@ def check_animation_path(path: str | os.PathLike) -> FsPath:
 
 def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float = 8.0) -> FsPath:
     """Write frames as a looping GIF (PIL) or an MP4 (needs imageio with its ffmpeg plugin)."""
-    path = check_animation_path(path)
+    path = check_animation_path(path, fps)
     if not frames:
         raise ValueError("no frames to write")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
     if path.suffix.lower() == ".mp4":
         _write_mp4(frames, path, fps)
     else:

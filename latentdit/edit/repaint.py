@@ -141,7 +141,14 @@ def outpaint(pipe: Text2Image, image: ImageInput, prompt: str | int, *, left: in
              top: int = 0, bottom: int = 0, **options: Any):
     """Extend the canvas by the given numbers of pixels and inpaint the new area; the original area
     is kept exactly (unless ``mask_blur`` is given). ``options``: ``inpaint``'s keyword arguments."""
-    canvas, mask = extend_canvas(load_image(image), left, right, top, bottom)
+    pixels = load_image(image)
+    canvas, mask = extend_canvas(pixels, left, right, top, bottom)
+    step = pipe.autoencoder.downsample * pipe.model.config.patch_size
+    (h, w), (ch, cw) = pixels.shape[-2:], canvas.shape[-2:]
+    if (ch % step or cw % step) and not (h % step or w % step):
+        sides = {k: v for k, v in dict(left=left, right=right, top=top, bottom=bottom).items() if v}
+        raise ValueError(f"outpaint sizes must be multiples of {step} pixels for this model, got {sides} "
+                         f"(the {w}x{h} image would become {cw}x{ch})")
     return inpaint(pipe, canvas, mask, prompt, **options)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..datasets.shapes import scene_of
-from .checker import aggregate, read_attributes, score_read
+from .checker import aggregate, check_expect, read_attributes, score_read
 
 HELDOUT_PAIRS_KEY = "heldout_pairs"
 
@@ -41,6 +41,10 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{n} needs a string 'prompt' and an object 'expect'")
         if not isinstance(item.get("attributes", {}), dict):
             raise ValueError(f"{path}:{n}: 'attributes', when given, must be an object (the full scene)")
+        try:
+            check_expect(item["expect"])
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
         items.append({"id": str(item.get("id", n)), "prompt": item["prompt"], "expect": item["expect"],
                       **({"attributes": item["attributes"]} if "attributes" in item else {})})
     if not items:
@@ -63,6 +67,10 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     ``guidance_interval`` default to the pipeline's sampling config). Writes ``report.json`` and
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
     accuracy on prompts naming a held-out colour-shape pair."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if not items:
+        raise ValueError("no prompts to evaluate")
     t0 = time.perf_counter()
     images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):

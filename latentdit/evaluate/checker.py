@@ -21,7 +21,9 @@ from ..datasets.shapes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
+    RELATIONS,
     SHAPES,
+    SIZES,
     relation_between,
     scene_of,
     shape_coverage,
@@ -343,10 +345,45 @@ def score(image: Image.Image | np.ndarray, expect: dict) -> dict[str, bool]:
     return score_read(read_attributes(image), expect)
 
 
+_EXPECT_KEYS = {"scene", "objects", "relation", "count", "background", "canvas"}  # a full scene is fine too
+_OBJECT_VALUES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "cell": POSITIONS}
+_OBJECT_GEOMETRY = {"center", "bbox"}  # in a full scene's objects; not checked
+
+
+def check_expect(expect: object) -> dict:
+    """``expect`` if it follows the attribute schema the checker scores; else a ValueError naming
+    the first key or value that does not (a typo would otherwise score as a silent miss)."""
+    if not isinstance(expect, dict) or not isinstance(expect.get("objects"), list) or not expect["objects"]:
+        raise ValueError("expect must be an object with a non-empty 'objects' list")
+    unknown = sorted(set(expect) - _EXPECT_KEYS)
+    if unknown:
+        raise ValueError(f"expect has unknown key(s) {unknown}; known: {sorted(_EXPECT_KEYS)}")
+    for obj in expect["objects"]:
+        if not isinstance(obj, dict):
+            raise ValueError(f"each of expect's objects must be an object, got {obj!r}")
+        for key, value in obj.items():
+            if key in _OBJECT_GEOMETRY:
+                continue
+            if key not in _OBJECT_VALUES:
+                raise ValueError(f"an expected object has unknown key {key!r}; known: {sorted(_OBJECT_VALUES)}")
+            if value not in _OBJECT_VALUES[key]:
+                raise ValueError(f"unknown {key} {value!r}; expected one of {sorted(_OBJECT_VALUES[key])}")
+    if expect.get("relation") is not None and expect["relation"] not in RELATIONS:
+        raise ValueError(f"unknown relation {expect['relation']!r}; expected one of {sorted(RELATIONS)}")
+    count = expect.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    if "background" in expect and expect["background"] not in BACKGROUNDS:
+        raise ValueError(f"unknown background {expect['background']!r}; expected one of {sorted(BACKGROUNDS)}")
+    scene = scene_of(expect)
+    if scene == "relation" and len(expect["objects"]) < 2:
+        raise ValueError("a relation scene needs two expected objects")
+    return expect
+
+
 def score_read(read: dict, expect: dict) -> dict[str, bool]:
     """``score`` on what ``read_attributes`` already read from an image."""
-    if not isinstance(expect, dict) or not expect.get("objects"):
-        raise ValueError("expect must be a dict with a non-empty 'objects' list")
+    check_expect(expect)
     results = _SCORERS[scene_of(expect)](read["objects"], expect)
     if "count" in expect:
         results["count"] = read["count"] == expect["count"]
