@@ -28,7 +28,8 @@ or 0.25-0.29 s at batch 8. The high-resolution levels dominate (CPU convolutions
 so the first width sets the cost. train_config.AE_PRESETS["shapes-fast"] (L2, which PSNR measures, batch 8)
 reached 29.2 dB held-out PSNR after 2400 steps (~700 s on one core) and 31.5 dB when that run
 was continued to 3600 steps; with `object_weight` 4 (object pixels weigh 5x, `object_mask`) it
-reaches 32.3 dB at 3600 steps and keeps the small stars and triangles the plain loss blurs away.
+reaches 32.1-32.3 dB at 3600 steps (two runs) and keeps the small stars and triangles the plain
+loss blurs away.
 On a machine other jobs also load, use ONE thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1)):
 two OpenMP threads that must share their cores with another process ran 10-30x slower here.
 """

@@ -187,8 +187,9 @@ class AEConfig:
 
 AE_PRESETS: dict[str, dict[str, Any]] = {
     # ~30 dB on shapes: 29.2 dB at 2400 steps, 31.5 continued to 3600 (~17 min on one core). The
-    # packaged model's autoencoder; `--object_weight 4` gives 32.3 dB and keeps small stars and
-    # triangles (README, "Training on your own data"), but is not yet the recipe's default.
+    # packaged model's autoencoder; `--object_weight 4` gives 32.1-32.3 dB (two runs) and keeps small
+    # stars and triangles, but is not the recipe's default: the denoiser trained on it scored higher
+    # overall and 15 points lower on single objects (README, "Training on your own data").
     "shapes-fast": dict(block_out_channels=(16, 32, 64), batch_size=8, lr=2e-3, loss="l2", steps=3600,
                         warmup_steps=50, eval_every=250),
 }
