@@ -133,6 +133,8 @@ def _swap_into_place(tmp: Path, directory: Path) -> None:
 
 def resolve(name_or_path: str | Path) -> Path:
     """A local folder, a packaged model name (``shapes``) or a hub id -> a local folder."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"a model is a folder, a packaged name (e.g. 'shapes') or a hub id, got {name_or_path!r}")
     path = Path(name_or_path)
     if path.is_dir():
         return path

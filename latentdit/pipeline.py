@@ -215,7 +215,14 @@ class Text2Image:
         """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
         seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
         ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's)."""
-        prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
+        if hasattr(prompts, "tolist") and not isinstance(prompts, (str, int)):  # an array of class ids
+            prompts = prompts.tolist()
+        if isinstance(prompts, (str, int)):
+            prompts = [prompts]
+        elif isinstance(prompts, Sequence):
+            prompts = list(prompts)
+        else:
+            raise ValueError(f"prompts must be a string, a class id or a list of them, got {prompts!r}")
         if not prompts:
             raise ValueError("no prompts given")
         k = _positive(num_images_per_prompt, "num_images_per_prompt")

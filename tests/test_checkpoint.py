@@ -158,3 +158,11 @@ def test_written_files_are_readable_by_others(tmp_path):
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("name", [None, "", 3])
+def test_resolve_names_a_missing_model_argument(name):
+    from latentdit.checkpoint import resolve
+
+    with pytest.raises(ValueError, match="a model is a folder, a packaged name"):
+        resolve(name)

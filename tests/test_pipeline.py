@@ -136,6 +136,9 @@ def test_bad_arguments_are_clear(tiny_clip, tiny_vae):
             pipe("x", guidance_scale=g, steps=1)
     with pytest.raises(ValueError, match="positive multiples"):
         pipe("x", height=0)  # not silently the default size
+    for prompts in (None, 3.5, {"a": 1}):
+        with pytest.raises(ValueError, match="prompts must be a string, a class id or a list"):
+            pipe(prompts)
     for seed in (1.5, "3", [1.5], [2**70]):
         with pytest.raises(ValueError, match="seed"):
             pipe("x", seed=seed, steps=1)
@@ -172,6 +175,8 @@ def test_class_conditional_pipeline(tiny_vae):
     model = Denoiser(model_preset("tiny", text_dim=0, pooled_dim=0, num_classes=5))
     pipe = Text2Image(model, tiny_vae, None, Path("flow"), SamplingConfig(steps=2))
     assert len(pipe([0, 4], progress=False)) == 2
+    kw = dict(steps=2, progress=False, output_type="latent")
+    assert torch.equal(pipe(torch.tensor([0, 4]), **kw), pipe([0, 4], **kw))  # an array of ids works too
     with pytest.raises(ValueError, match="class ids"):
         pipe([7], progress=False)
 
