@@ -46,6 +46,8 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         from .datasets.shapes import prompt_set
 
+        if args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
         items = prompt_set(args.split, args.n, seed=args.seed)
     if args.reference == "renders":
         return _print(score_references(items, out_dir=args.out))

@@ -87,6 +87,7 @@ def test_generate_guidance_interval_flag(tmp_path, capsys):
     (["invert", "{tmp}/in.png", "--out", "{tmp}/inv.png"], "saved as latents, in a .safetensors file"),
     (["edit", "{tmp}/in.png", "a", "b", "--save-mask", "{tmp}/m.png"], "--save-mask writes the mask of --mask"),
     (["eval", "alignment", "--samples", "0"], "--samples must be >= 1"),
+    (["eval", "alignment", "--n", "0", "--reference", "renders"], "--n must be >= 1, got 0"),
     (["eval", "alignment", "--out", "{tmp}/file.txt/rep"], "cannot make this folder"),
     (["info", "--preset", "tiny", "--height", "3"], "--height must be a positive multiple of the patch size"),
 ])
