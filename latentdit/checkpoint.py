@@ -146,8 +146,13 @@ def resolve(name_or_path: str | Path) -> Path:
     return _from_hub(str(name_or_path))
 
 
+def _is_hub_id(name: str) -> bool:
+    """``owner/name``: one slash, not a relative or absolute path."""
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
 def _from_hub(repo_id: str) -> Path:
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+    if not _is_hub_id(repo_id):
         raise ValueError(f"model '{repo_id}' is neither a folder nor a hub id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
@@ -214,7 +219,7 @@ def component_path(directory: Path, desc: dict[str, Any] | None) -> dict[str, An
     path = desc.get("path")
     if path and (directory / path).exists():
         desc["path"] = str(directory / path)
-    elif isinstance(path, str) and path.count("/") != 1 and not Path(path).exists():
-        # not a hub id (owner/name) either: a component folder the model folder lacks
+    elif isinstance(path, str) and not _is_hub_id(path) and not Path(path).exists():
+        # not a hub id either: a component folder the model folder lacks
         raise ValueError(f"{directory} names a component at {path!r}, which is missing from the folder")
     return desc

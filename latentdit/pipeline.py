@@ -163,9 +163,8 @@ class Text2Image:
 
     # -- sampling ---------------------------------------------------------------------------
     def resolve_guidance(self, guidance_scale: float | None) -> float:
-        """``guidance_scale``, or the sampling config's when None; a finite number either way."""
-        return _finite(self.sampling.guidance_scale if guidance_scale is None else guidance_scale,
-                       "guidance scale")
+        """``guidance_scale``, or the sampling config's when None (``denoiser`` checks it)."""
+        return self.sampling.guidance_scale if guidance_scale is None else guidance_scale
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         d = self.autoencoder.downsample

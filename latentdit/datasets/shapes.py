@@ -149,7 +149,7 @@ def shape_coverage(shape: str, width: int, height: int,
 
     The alignment checker fits these to measured objects, so it compares against exactly what the
     dataset draws; `box` is continuous, so sub-pixel positions and sizes can be fitted."""
-    _check_choice("shape", shape, SHAPES)
+    check_choice("shape", shape, SHAPES)
     s = _SUPERSAMPLE
     canvas = Image.new("L", (width * s, height * s), 0)
     ImageDraw.Draw(canvas).polygon(_polygon(shape, box or (0, 0, width, height), s), fill=255)
@@ -173,7 +173,8 @@ def _check_size(size: int) -> None:
         raise ValueError(f"canvas size must be a positive multiple of 8, got {size!r}")
 
 
-def _check_choice(what: str, value: object, allowed) -> None:
+def check_choice(what: str, value: object, allowed) -> None:
+    """A ValueError naming ``value`` and the allowed names unless ``value`` is one of them."""
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
 
@@ -181,10 +182,10 @@ def _check_choice(what: str, value: object, allowed) -> None:
 def _check_object(obj: dict) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"each object must be a dict, got {type(obj).__name__}")
-    _check_choice("color", obj.get("color"), COLORS)
-    _check_choice("shape", obj.get("shape"), SHAPES)
-    _check_choice("size", obj.get("size", "large"), SIZES)
-    _check_choice("cell", obj.get("cell", "center"), POSITIONS)
+    check_choice("color", obj.get("color"), COLORS)
+    check_choice("shape", obj.get("shape"), SHAPES)
+    check_choice("size", obj.get("size", "large"), SIZES)
+    check_choice("cell", obj.get("cell", "center"), POSITIONS)
 
 
 def scene_of(attributes: dict) -> str:
@@ -194,7 +195,7 @@ def scene_of(attributes: dict) -> str:
         scene = "relation"
     elif scene is None:
         scene = "count" if attributes.get("count", 1) > 1 else "single"
-    _check_choice("scene", scene, SCENES)
+    check_choice("scene", scene, SCENES)
     return scene
 
 
@@ -320,7 +321,7 @@ def _background_of(attributes: dict, objects: list[dict]) -> str:
     """The given background, or the first one no object's colour clashes with."""
     colours = {o["color"] for o in objects}
     background = attributes.get("background") or next(b for b in BACKGROUNDS if b not in colours)
-    _check_choice("background", background, BACKGROUNDS)
+    check_choice("background", background, BACKGROUNDS)
     if background in colours:
         raise ValueError(f"an object has the background's colour {background!r}; it would be invisible")
     return background
@@ -346,7 +347,7 @@ def _default_cells(attributes: dict, n: int) -> tuple[str, ...]:
     """Where objects without a cell go: spread by the relation, or apart from each other."""
     relation = attributes.get("relation")
     if relation and n == 2:
-        _check_choice("relation", relation, RELATIONS)
+        check_choice("relation", relation, RELATIONS)
         return _RELATION_CELLS[relation]
     if n in _SPREAD_CELLS:
         return _SPREAD_CELLS[n]
@@ -522,7 +523,7 @@ def _check_scenes(scenes: tuple[str, ...], weights: tuple[float, ...] | None) ->
     if not scenes:
         raise ValueError("scenes must name at least one scene type")
     for scene in scenes:
-        _check_choice("scene", scene, SCENES)
+        check_choice("scene", scene, SCENES)
     if weights is not None and (len(weights) != len(scenes) or min(weights) < 0 or sum(weights) <= 0):
         raise ValueError(f"scene_weights must be {len(scenes)} non-negative numbers with a positive sum, "
                          f"got {weights}")
@@ -537,7 +538,7 @@ class ShapesDataset:
                  scenes: tuple[str, ...] = ("single", "relation", "count"),
                  scene_weights: tuple[float, ...] | None = None) -> None:
         _check_size(size)
-        _check_choice("split", split, ("train", "heldout"))
+        check_choice("split", split, ("train", "heldout"))
         _check_scenes(tuple(scenes), scene_weights)
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")

@@ -71,6 +71,8 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not items:
         raise ValueError("no prompts to evaluate")
+    for item in items:  # before any image is made
+        check_expect(item["expect"])
     t0 = time.perf_counter()
     images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):

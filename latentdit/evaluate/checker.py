@@ -24,6 +24,7 @@ from ..datasets.shapes import (
     RELATIONS,
     SHAPES,
     SIZES,
+    check_choice,
     relation_between,
     scene_of,
     shape_coverage,
@@ -366,15 +367,14 @@ def check_expect(expect: object) -> dict:
                 continue
             if key not in _OBJECT_VALUES:
                 raise ValueError(f"an expected object has unknown key {key!r}; known: {sorted(_OBJECT_VALUES)}")
-            if value not in _OBJECT_VALUES[key]:
-                raise ValueError(f"unknown {key} {value!r}; expected one of {sorted(_OBJECT_VALUES[key])}")
-    if expect.get("relation") is not None and expect["relation"] not in RELATIONS:
-        raise ValueError(f"unknown relation {expect['relation']!r}; expected one of {sorted(RELATIONS)}")
+            check_choice(key, value, _OBJECT_VALUES[key])
+    if expect.get("relation") is not None:
+        check_choice("relation", expect["relation"], RELATIONS)
     count = expect.get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
-    if "background" in expect and expect["background"] not in BACKGROUNDS:
-        raise ValueError(f"unknown background {expect['background']!r}; expected one of {sorted(BACKGROUNDS)}")
+    if "background" in expect:
+        check_choice("background", expect["background"], BACKGROUNDS)
     scene = scene_of(expect)
     if scene == "relation" and len(expect["objects"]) < 2:
         raise ValueError("a relation scene needs two expected objects")
