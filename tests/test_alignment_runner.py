@@ -92,6 +92,15 @@ def test_run_alignment_rejects_no_samples_and_no_prompts():
         run_alignment(None, [], samples=1)
 
 
+def test_score_references_checks_its_prompts_before_rendering():
+    """Empty or misspelt prompt lists are named up front, like run_alignment's."""
+    with pytest.raises(ValueError, match="no prompts"):
+        score_references([])
+    bad = [{"id": "a", "prompt": "x", "expect": {"objects": [{"colour": "red"}]}}]
+    with pytest.raises(ValueError, match="unknown key 'colour'"):
+        score_references(bad)
+
+
 class PoolAutoencoder:
     """Encodes by averaging ``factor``-pixel blocks and decodes by repeating them; keeps its inputs."""
 

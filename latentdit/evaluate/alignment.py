@@ -69,10 +69,7 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     accuracy on prompts naming a held-out colour-shape pair."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    if not items:
-        raise ValueError("no prompts to evaluate")
-    for item in items:  # before any image is made
-        check_expect(item["expect"])
+    _check_items(items)
     t0 = time.perf_counter()
     images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):
@@ -104,6 +101,7 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int | 
     from ..datasets.shapes import render_scene
     from ..vae import from_pil, to_pil
 
+    _check_items(items)
     t0 = time.perf_counter()
     if size is None:
         size = 64 if pipe is None else pipe.model.config.base_size * pipe.autoencoder.downsample
@@ -122,11 +120,19 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int | 
     return _report(items, images, 1, t0, out_dir, {"reference": "autoencoder"})
 
 
+def _check_items(items: Sequence[dict[str, Any]]) -> None:
+    """Every expectation valid, before any image is made or scored (``_report`` relies on it)."""
+    if not items:
+        raise ValueError("no prompts to evaluate")
+    for item in items:
+        check_expect(item["expect"])
+
+
 def _report(items: Sequence[dict[str, Any]], images: list, samples: int, t0: float,
             out_dir: str | Path | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Score ``samples`` consecutive images per item; the report (and files, given ``out_dir``)."""
     reads = [read_attributes(image) for image in images[: len(items) * samples]]
-    rows = [{"id": item["id"], "sample": k, "checks": score_read(reads[i * samples + k], item["expect"]),
+    rows = [{"id": item["id"], "sample": k, "checks": score_read(reads[i * samples + k], item["expect"], checked=True),
              "heldout": has_heldout_pair(item["expect"]), "read": _brief(reads[i * samples + k])}
             for i, item in enumerate(items) for k in range(samples)]
     report = aggregate([r["checks"] for r in rows])
