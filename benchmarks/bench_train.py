@@ -23,7 +23,7 @@ import torch
 
 from latentdit.config import model_preset
 from latentdit.model import Denoiser
-from latentdit.schedules import Path
+from latentdit.schedules import NoisePath
 from latentdit.shards import Batch
 from latentdit.train import TrainConfig, make_optimizer, train_step
 from latentdit.train_config import make_config, recipe_dict
@@ -60,7 +60,7 @@ def make_batch(n: int, latent: tuple[int, int, int], text_len: int, dim: int, po
 def time_steps(cfg: TrainConfig, batch: Batch, repeats: int, warmup: int) -> list[float]:
     model = Denoiser(cfg.model).train()
     opt = make_optimizer(model, cfg)
-    gen, acc, path = torch.Generator().manual_seed(0), _SingleProcess(), Path(cfg.diffusion.path)
+    gen, acc, path = torch.Generator().manual_seed(0), _SingleProcess(), NoisePath(cfg.diffusion.path)
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ _EXPORTS = {
     "DiffusionConfig": "config",
     "SamplingConfig": "config",
     "model_preset": "config",
-    "Path": "schedules",
+    "NoisePath": "schedules",
     "Text2Image": "pipeline",
     "load_text_encoder": "text",
     "load_autoencoder": "vae",

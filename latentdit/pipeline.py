@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from .config import SamplingConfig, check_guidance_interval
 from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
 from .samplers import get_sampler, time_grid
-from .schedules import Path, to_x0
+from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
 from .vae import Autoencoder, load_autoencoder, to_pil
 
@@ -69,12 +69,12 @@ class Text2Image:
     """A latent text-to-image (or class-to-image) pipeline around a ``Denoiser``."""
 
     def __init__(self, model: Denoiser, autoencoder: Autoencoder, text_encoder: TextEncoder | None = None,
-                 path: Path | None = None, sampling: SamplingConfig | None = None,
+                 path: NoisePath | None = None, sampling: SamplingConfig | None = None,
                  device: str | torch.device = "cpu"):
         self.model = model.eval()
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
-        self.path = path or Path("flow")
+        self.path = path or NoisePath("flow")
         self.sampling = sampling or SamplingConfig()
         self.device = torch.device(device)
         self._cast: tuple[tuple, Denoiser] | None = None
@@ -82,7 +82,7 @@ class Text2Image:
             raise ValueError("this model is text-conditional: pass a text_encoder")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | FsPath = "shapes", device: str | torch.device = "cpu",
+    def from_pretrained(cls, name_or_path: str | Path = "shapes", device: str | torch.device = "cpu",
                         text_encoder: TextEncoder | None = None,
                         autoencoder: Autoencoder | None = None) -> Text2Image:
         """Load a model folder, a packaged model name (``shapes``) or a hub id, with the encoders
@@ -90,7 +90,7 @@ class Text2Image:
         model, config, directory = load_denoiser(name_or_path, device)
         return cls(model, autoencoder or _load_ae(config, directory, device),
                    text_encoder or _load_text(config, directory, device),
-                   Path(config.diffusion.path), config.sampling, device)
+                   NoisePath(config.diffusion.path), config.sampling, device)
 
     # -- conditioning -----------------------------------------------------------------------
     def encode(self, prompts: Sequence[str | int],
@@ -263,12 +263,12 @@ def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     return grid
 
 
-def _load_ae(config: CheckpointConfig, directory: FsPath, device) -> Autoencoder:
+def _load_ae(config: CheckpointConfig, directory: Path, device) -> Autoencoder:
     desc = component_path(directory, config.autoencoder) or {"kind": "identity"}
     return load_autoencoder(**desc, device=device)  # recorded channels/downsample are checked
 
 
-def _load_text(config: CheckpointConfig, directory: FsPath, device) -> TextEncoder | None:
+def _load_text(config: CheckpointConfig, directory: Path, device) -> TextEncoder | None:
     desc = component_path(directory, config.text_encoder)
     if not desc:
         return None

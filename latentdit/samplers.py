@@ -3,7 +3,7 @@
 One signature, k-diffusion style: ``sample_x(denoise, x, ts, path, *, generator=None, on_step=None)``.
 ``denoise(x_t, t)`` returns the x0 estimate (the pipeline owns guidance and prediction-type
 conversion); every sampler derives eps = (x_t - alpha x0) / sigma from it, so one implementation
-serves every ``Path``. ``ts`` lists the times visited: decreasing to sample (``ts[0] < 1`` is
+serves every ``NoisePath``. ``ts`` lists the times visited: decreasing to sample (``ts[0] < 1`` is
 img2img), increasing to invert. Step coefficients are computed in float64 from ``ts``; the tensors
 keep ``x``'s dtype.
 """
@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .schedules import Path, time_shift
+from .schedules import NoisePath, time_shift
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t (N,C,H,W), t (N,)) -> x0, shape of x_t
 OnStep = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]  # (i, t_next, x_next, x0) -> x or None
@@ -31,7 +31,7 @@ _KARRAS_MAX_RATIO = 1e3  # sigma/alpha cap: flow's is infinite at t = 1 (vp-cosi
 class _Grid:
     """The visited times as python floats (float64) with alpha, sigma and their t-derivatives."""
 
-    def __init__(self, ts: Tensor | Sequence[float], path: Path, *, stochastic: bool = False):
+    def __init__(self, ts: Tensor | Sequence[float], path: NoisePath, *, stochastic: bool = False):
         t = torch.as_tensor(ts).detach().to("cpu", torch.float64)
         if t.dim() != 1 or t.numel() < 2:
             raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(t.shape)}")
@@ -109,7 +109,7 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def sample_euler(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
+def sample_euler(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
                  generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
     """Euler on the probability-flow ODE in t (Song et al. 2021, arXiv:2011.13456, eq. 13;
     Karras et al. 2022, arXiv:2206.00364, Alg. 1 without the correction). Deterministic.
@@ -127,7 +127,7 @@ def sample_euler(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
     return x
 
 
-def sample_heun(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
+def sample_heun(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
                 generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
     """Heun's 2nd-order method on the probability-flow ODE in t, Karras et al. 2022,
     arXiv:2206.00364, Alg. 1: Euler alone on a step to t = 0, where eps is undefined.
@@ -149,7 +149,7 @@ def sample_heun(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
     return x
 
 
-def sample_ddim(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *, eta: float = 0.0,
+def sample_ddim(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *, eta: float = 0.0,
                 generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
     """DDIM, Song et al. 2020, arXiv:2010.02502, eq. 12; eta = 1 is DDPM ancestral sampling.
 
@@ -173,13 +173,13 @@ def sample_ddim(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *, eta: flo
     return x
 
 
-def sample_ddpm(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
+def sample_ddpm(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
                 generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020, arXiv:2006.11239, Alg. 2 (= DDIM with eta = 1)."""
     return sample_ddim(denoise, x, ts, path, eta=1.0, generator=generator, on_step=on_step)
 
 
-def sample_dpmpp_2m(denoise: Denoise, x: Tensor, ts: Tensor, path: Path, *,
+def sample_dpmpp_2m(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
                     generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095, Alg. 2, in lambda = log(alpha/sigma).
 
@@ -218,7 +218,7 @@ def get_sampler(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-def time_grid(steps: int, path: Path, kind: Literal["uniform", "shifted", "karras"] = "uniform", *,
+def time_grid(steps: int, path: NoisePath, kind: Literal["uniform", "shifted", "karras"] = "uniform", *,
               shift: float = 1.0, t_max: float = 1.0, t_min: float = 0.0, rho: float = 7.0) -> Tensor:
     """(steps + 1,) float64 times, strictly decreasing from ``t_max`` to exactly 0.
 
@@ -250,7 +250,7 @@ def time_grid(steps: int, path: Path, kind: Literal["uniform", "shifted", "karra
     return ts
 
 
-def _karras(steps: int, path: Path, t_max: float, t_min: float, rho: float) -> Tensor:
+def _karras(steps: int, path: NoisePath, t_max: float, t_min: float, rho: float) -> Tensor:
     """Karras et al. 2022, eq. 5 in the noise-to-signal ratio sigma/alpha, then t = 0 appended."""
     if not 0.0 < t_min < t_max:
         raise ValueError(f"karras needs 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
@@ -263,7 +263,7 @@ def _karras(steps: int, path: Path, t_max: float, t_min: float, rho: float) -> T
     return torch.cat([path.t_from_log_snr(-ratio.log()), torch.zeros(1, dtype=torch.float64)])
 
 
-def invert(denoise: Denoise, x0: Tensor, ts: Tensor, path: Path, *, sampler: str = "ddim",
+def invert(denoise: Denoise, x0: Tensor, ts: Tensor, path: NoisePath, *, sampler: str = "ddim",
            fixed_point_iters: int = 0, refine_first_step: bool = True) -> Tensor:
     """Map a clean latent to the noise that ``sampler`` on the sampling grid ``ts`` turns back into it.
 

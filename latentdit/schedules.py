@@ -55,7 +55,7 @@ def _cosine_tmax() -> float:
 
 
 @dataclass(frozen=True)
-class Path:
+class NoisePath:
     """A noise path. ``flow``: rectified flow (Liu et al. 2022, arXiv:2209.03003); ``vp-linear``:
     DDPM's linear betas; ``vp-cosine``: Nichol & Dhariwal 2021 (arXiv:2102.09672)."""
 
@@ -123,7 +123,7 @@ class Path:
         return -torch.sin(math.pi / 2 * u) * (math.pi / 2) * _cosine_tmax() / (1 + _COSINE_S) / c0
 
 
-def to_x0_eps(pred: Tensor, x_t: Tensor, t: Tensor, path: Path,
+def to_x0_eps(pred: Tensor, x_t: Tensor, t: Tensor, path: NoisePath,
               prediction: Prediction) -> tuple[Tensor, Tensor]:
     """Recover (x0, eps) from a network prediction; exact for every path and prediction.
 
@@ -145,12 +145,12 @@ def to_x0_eps(pred: Tensor, x_t: Tensor, t: Tensor, path: Path,
     raise ValueError(f"unknown prediction '{prediction}'; use eps, v, x0 or flow")
 
 
-def to_x0(pred: Tensor, x_t: Tensor, t: Tensor, path: Path, prediction: Prediction) -> Tensor:
+def to_x0(pred: Tensor, x_t: Tensor, t: Tensor, path: NoisePath, prediction: Prediction) -> Tensor:
     """The clean-sample estimate implied by ``pred``."""
     return to_x0_eps(pred, x_t, t, path, prediction)[0]
 
 
-def from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, path: Path, prediction: Prediction) -> Tensor:
+def from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, path: NoisePath, prediction: Prediction) -> Tensor:
     """The prediction target for clean sample x0 and noise eps (training uses this)."""
     if prediction == "x0":
         return x0
@@ -165,14 +165,14 @@ def from_x0_eps(x0: Tensor, eps: Tensor, t: Tensor, path: Path, prediction: Pred
     raise ValueError(f"unknown prediction '{prediction}'; use eps, v, x0 or flow")
 
 
-def convert(pred: Tensor, x_t: Tensor, t: Tensor, path: Path,
+def convert(pred: Tensor, x_t: Tensor, t: Tensor, path: NoisePath,
             source: Prediction, target: Prediction) -> Tensor:
     """Re-express a prediction of kind ``source`` as kind ``target``."""
     x0, eps = to_x0_eps(pred, x_t, t, path, source)
     return from_x0_eps(x0, eps, t, path, target)
 
 
-def add_noise(x0: Tensor, eps: Tensor, t: Tensor, path: Path) -> Tensor:
+def add_noise(x0: Tensor, eps: Tensor, t: Tensor, path: NoisePath) -> Tensor:
     a, s = (expand(v, x0) for v in path.alpha_sigma(t))
     return a * x0 + s * eps
 

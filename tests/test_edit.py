@@ -15,7 +15,7 @@ from latentdit.datasets.shapes import COLORS, render_scene
 from latentdit.evaluate import read_attributes
 from latentdit.model import Denoiser
 from latentdit.pipeline import Condition, Text2Image
-from latentdit.schedules import Path
+from latentdit.schedules import NoisePath
 from latentdit.vae import to_pil
 
 # -------------------------------------------------------------------------------- fixtures
@@ -29,7 +29,7 @@ def tiny(tiny_clip, tiny_vae):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, Path("flow"), SamplingConfig(steps=4))
+    return Text2Image(model, tiny_vae, tiny_clip, NoisePath("flow"), SamplingConfig(steps=4))
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ def test_edit_red_circle_to_blue_keeps_its_position(shapes):
 @pytest.mark.parametrize("interval", [False, True])
 def test_interpolation_endpoints_are_the_plain_samples(tiny, tiny_clip, tiny_vae, tmp_path, interval):
     if interval:  # sampled as pipe(...) samples: with the model's guidance interval
-        tiny = Text2Image(tiny.model, tiny_vae, tiny_clip, Path("flow"),
+        tiny = Text2Image(tiny.model, tiny_vae, tiny_clip, NoisePath("flow"),
                           SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
     prompts = ("a red circle", "two small blue hearts at the bottom left")  # different token lengths
     frames = edit.interpolate(tiny, prompts, (3, 4), frames=4, steps=3)
@@ -466,7 +466,7 @@ def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
 
 
 def test_guidance_scale_zero_is_the_plain_sample_and_latent_guidance_pulls_to_a_target(tiny, tiny_clip, tiny_vae):
-    limited = Text2Image(tiny.model, tiny_vae, tiny_clip, Path("flow"),
+    limited = Text2Image(tiny.model, tiny_vae, tiny_clip, NoisePath("flow"),
                          SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
     for pipe in (tiny, limited):  # with and without a guidance interval in the sampling config
         plain = pipe("a red circle", seed=3, output_type="latent", progress=False)

@@ -11,7 +11,7 @@ from latentdit.config import DiffusionConfig, SamplingConfig, model_preset
 from latentdit.model import Denoiser
 from latentdit.pipeline import Text2Image
 from latentdit.samplers import get_sampler
-from latentdit.schedules import Path
+from latentdit.schedules import NoisePath
 
 
 def _pipe(tiny_clip, tiny_vae, path="flow", prediction="flow"):
@@ -20,7 +20,7 @@ def _pipe(tiny_clip, tiny_vae, path="flow", prediction="flow"):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, Path(path), SamplingConfig(steps=4))
+    return Text2Image(model, tiny_vae, tiny_clip, NoisePath(path), SamplingConfig(steps=4))
 
 
 def _arr(img):
@@ -163,7 +163,7 @@ def test_save_then_from_pretrained_gives_identical_images(tiny_clip, tiny_vae, t
                               autoencoder={**tiny_vae.describe(), "path": "vae"})
     save_pretrained(pipe.model, tmp_path / "model", config, extra_dirs={"vae": tmp_path / "ae"})
     loaded = Text2Image.from_pretrained(tmp_path / "model", text_encoder=tiny_clip)
-    assert loaded.path == Path("vp-linear") and loaded.sampling.sampler == "ddim"
+    assert loaded.path == NoisePath("vp-linear") and loaded.sampling.sampler == "ddim"
     kw = dict(seed=2, progress=False, sampler="ddim")
     assert np.array_equal(_arr(pipe("a star", **kw)[0]), _arr(loaded("a star", **kw)[0]))
     shutil.rmtree(tmp_path / "model" / "vae")  # named in config.json, gone from the folder: no hub lookup
@@ -173,7 +173,7 @@ def test_save_then_from_pretrained_gives_identical_images(tiny_clip, tiny_vae, t
 
 def test_class_conditional_pipeline(tiny_vae):
     model = Denoiser(model_preset("tiny", text_dim=0, pooled_dim=0, num_classes=5))
-    pipe = Text2Image(model, tiny_vae, None, Path("flow"), SamplingConfig(steps=2))
+    pipe = Text2Image(model, tiny_vae, None, NoisePath("flow"), SamplingConfig(steps=2))
     assert len(pipe([0, 4], progress=False)) == 2
     kw = dict(steps=2, progress=False, output_type="latent")
     assert torch.equal(pipe(torch.tensor([0, 4]), **kw), pipe([0, 4], **kw))  # an array of ids works too

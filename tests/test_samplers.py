@@ -19,7 +19,7 @@ from latentdit.samplers import (
     sample_heun,
     time_grid,
 )
-from latentdit.schedules import Path, add_noise
+from latentdit.schedules import NoisePath, add_noise
 
 KINDS = ["flow", "vp-linear", "vp-cosine"]
 DETERMINISTIC = ["euler", "heun", "ddim", "dpmpp_2m"]
@@ -27,7 +27,7 @@ MU = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64).view(1, 4, 1, 1) 
 S = 0.5
 
 
-def gaussian_denoiser(path: Path, mu: torch.Tensor = MU, s: float = S, calls: list | None = None):
+def gaussian_denoiser(path: NoisePath, mu: torch.Tensor = MU, s: float = S, calls: list | None = None):
     """Exact E[x0 | x_t] for x0 ~ N(mu, s^2 I): mu + alpha s^2 / (alpha^2 s^2 + sigma^2) (x_t - alpha mu)."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ MOMENT_CASES = {"euler": (100, 0.02), "ddim": (100, 0.02), "heun": (40, 0.02),
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", list(MOMENT_CASES))
 def test_gaussian_data_moments(kind, name):
-    path = Path(kind)
+    path = NoisePath(kind)
     steps, tol = MOMENT_CASES[name]
     x = get_sampler(name)(gaussian_denoiser(path), standard_noise(), time_grid(steps, path), path,
                           generator=torch.Generator().manual_seed(1))
@@ -77,7 +77,7 @@ def test_fixed_point_inversion_is_exact(kind):
     shrink the round-trip error geometrically (measured max error, 20 steps, k = 0/1/2/3/5/10:
     flow 2.0e-1/2.0e-2/2.4e-3/3.3e-4/7.9e-6/1.6e-9, vp-linear 2.8e-1/5.0e-2/8.8e-3/1.6e-3/5.2e-5/
     1.3e-8, vp-cosine 1.9e-1/1.6e-2/1.7e-3/1.9e-4/3.5e-6/6.4e-10)."""
-    path = Path(kind)
+    path = NoisePath(kind)
     ts = time_grid(20, path)
     denoise = gaussian_denoiser(path)
     x0 = MU + S * torch.randn(256, 4, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -94,7 +94,7 @@ def test_inversion_can_leave_the_first_step_naive():
     """``refine_first_step=False`` refines every inverse step but the one from the clean end: on a
     one-step grid that is the naive inversion, on 20 steps the round trip misses by about one
     naive step's error, far less than naive and far more than refining all."""
-    path = Path("flow")
+    path = NoisePath("flow")
     denoise = gaussian_denoiser(path)
     x0 = MU + S * torch.randn(64, 4, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     one = time_grid(1, path)
@@ -108,7 +108,7 @@ def test_inversion_can_leave_the_first_step_naive():
 
 
 def test_inversion_from_partial_grid_and_naive_equals_reversed_sampler():
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     ts = time_grid(10, path, t_max=0.6)  # img2img-style grid
     denoise = gaussian_denoiser(path)
     x0 = MU + S * torch.randn(64, 4, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -122,7 +122,7 @@ def test_inversion_from_partial_grid_and_naive_equals_reversed_sampler():
 def test_every_deterministic_sampler_inverts(name):
     """Naive inversion with each ODE sampler, 50 steps, vp-linear: measured round trip 2.5e-2 (euler),
     9.2e-3 (heun), 1.4e-1 (ddim), 1.2e-3 (dpmpp_2m)."""
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     ts = time_grid(50, path)
     denoise = gaussian_denoiser(path)
     x0 = MU + S * torch.randn(64, 4, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -132,7 +132,7 @@ def test_every_deterministic_sampler_inverts(name):
 
 
 def test_invert_rejects_bad_arguments():
-    path, x = Path(), torch.zeros(2, 4, 1, 1)
+    path, x = NoisePath(), torch.zeros(2, 4, 1, 1)
     ts, denoise = time_grid(4, path), gaussian_denoiser(path)
     with pytest.raises(ValueError, match="deterministic"):
         invert(denoise, x, ts, path, sampler="ddpm")
@@ -165,7 +165,7 @@ def _diffusers_trajectory(scheduler, steps: int, x: torch.Tensor):
 
 
 def _our_trajectory(sampler, x: torch.Tensor, ts: torch.Tensor):
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
 
     def denoise(x, t):  # same eps model, seen through x0 = (x - sigma eps) / alpha
         alpha, sigma = path.alpha_sigma(t[0].double())
@@ -211,7 +211,7 @@ def test_dpmpp_2m_matches_diffusers_step_by_step(steps):
 
 def test_karras_grid_matches_diffusers_karras_sigmas():
     diffusers = pytest.importorskip("diffusers")
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", use_karras_sigmas=True)
     scheduler.set_timesteps(10)
     ts = time_grid(10, path, "karras", t_min=1e-3)  # diffusers spans its sigmas of timesteps 999..0
@@ -221,7 +221,7 @@ def test_karras_grid_matches_diffusers_karras_sigmas():
 
 
 def test_euler_equals_ddim_on_flow():
-    path = Path("flow")
+    path = NoisePath("flow")
     ts = time_grid(12, path, "shifted", shift=3.0)
     denoise, z = gaussian_denoiser(path), standard_noise(256)
     torch.testing.assert_close(sample_euler(denoise, z, ts, path), sample_ddim(denoise, z, ts, path),
@@ -232,7 +232,7 @@ def test_euler_equals_ddim_on_flow():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_on_step_is_called_every_step(name):
-    path = Path("vp-cosine")
+    path = NoisePath("vp-cosine")
     ts, seen = time_grid(6, path), []
 
     def on_step(i, t_next, x_next, x0):
@@ -247,7 +247,7 @@ def test_on_step_is_called_every_step(name):
 
 @pytest.mark.parametrize("name", ["euler", "heun", "ddim"])  # one-step methods: no history
 def test_on_step_replacement_is_used(name):
-    path = Path("flow")
+    path = NoisePath("flow")
     ts, denoise, z = time_grid(8, path), gaussian_denoiser(path), standard_noise(16)
     sampler = get_sampler(name)
     const = torch.full_like(z, 0.3)
@@ -259,7 +259,7 @@ def test_on_step_replacement_is_used(name):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_inpainting_via_on_step_keeps_known_region(name):
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     ts, z = time_grid(10, path), torch.randn(8, 4, 4, 4, dtype=torch.float64)
     known, noise = torch.randn_like(z), torch.randn_like(z)
     mask = torch.zeros_like(z, dtype=torch.bool)
@@ -276,7 +276,7 @@ def test_inpainting_via_on_step_keeps_known_region(name):
 
 @pytest.mark.parametrize("sampler", [sample_ddpm, lambda *a, **k: sample_ddim(*a, eta=0.5, **k)])
 def test_stochastic_samplers_follow_the_generator(sampler):
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     ts, denoise, z = time_grid(10, path), gaussian_denoiser(path), standard_noise(64)
     a = sampler(denoise, z, ts, path, generator=torch.Generator().manual_seed(7))
     b = sampler(denoise, z, ts, path, generator=torch.Generator().manual_seed(7))
@@ -286,7 +286,7 @@ def test_stochastic_samplers_follow_the_generator(sampler):
 
 
 def test_ddim_eta_zero_ignores_generator_and_eta_one_is_ddpm():
-    path = Path("vp-cosine")
+    path = NoisePath("vp-cosine")
     ts, denoise, z = time_grid(10, path), gaussian_denoiser(path), standard_noise(64)
     assert torch.equal(sample_ddim(denoise, z, ts, path, generator=torch.Generator().manual_seed(1)),
                        sample_ddim(denoise, z, ts, path))
@@ -295,7 +295,7 @@ def test_ddim_eta_zero_ignores_generator_and_eta_one_is_ddpm():
 
 
 def test_grid_validation():
-    path, z = Path(), torch.zeros(2, 4, 1, 1)
+    path, z = NoisePath(), torch.zeros(2, 4, 1, 1)
     denoise = gaussian_denoiser(path)
     for name in SAMPLERS:
         with pytest.raises(ValueError, match="monotone|decreasing"):
@@ -313,14 +313,14 @@ def test_grid_validation():
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_samplers_run_both_directions(name):
-    path = Path("vp-linear")
+    path = NoisePath("vp-linear")
     x0 = MU + S * standard_noise(64)
     up = get_sampler(name)(gaussian_denoiser(path), x0, time_grid(10, path).flip(0), path)
     assert torch.isfinite(up).all() and 0.7 < up.std() < 1.3  # noise-like at t = 1
 
 
 def test_dtypes_and_time_argument():
-    path, calls = Path("flow"), []
+    path, calls = NoisePath("flow"), []
     denoise = gaussian_denoiser(path, mu=torch.zeros(1, 4, 1, 1), calls=calls)
     for dtype in (torch.float32, torch.bfloat16):
         out = sample_dpmpp_2m(denoise, torch.randn(3, 4, 2, 2, dtype=dtype), time_grid(5, path), path)
@@ -336,19 +336,19 @@ def test_dtypes_and_time_argument():
 @pytest.mark.parametrize("steps", [1, 2, 10, 50])
 @pytest.mark.parametrize("t_max", [1.0, 0.6])
 def test_time_grid_shape_and_endpoints(kind, grid, steps, t_max):
-    ts = time_grid(steps, Path(kind), grid, shift=3.0, t_max=t_max)
+    ts = time_grid(steps, NoisePath(kind), grid, shift=3.0, t_max=t_max)
     assert ts.shape == (steps + 1,) and ts.dtype == torch.float64
     assert ts[0] == t_max and ts[-1] == 0.0
     assert (ts.diff() < 0).all()
 
 
 def test_time_grid_kinds():
-    path = Path("flow")
+    path = NoisePath("flow")
     uniform = time_grid(10, path)
     torch.testing.assert_close(uniform, torch.linspace(1, 0, 11, dtype=torch.float64))
     torch.testing.assert_close(time_grid(10, path, "shifted", shift=1.0), uniform)
     assert (time_grid(10, path, "shifted", shift=3.0)[1:-1] > uniform[1:-1]).all()
-    karras = time_grid(10, Path("vp-linear"), "karras", t_min=0.01)
+    karras = time_grid(10, NoisePath("vp-linear"), "karras", t_min=0.01)
     assert karras[-2].item() == pytest.approx(0.01, abs=1e-9)
     for kwargs in (dict(steps=0), dict(kind="cosine"), dict(t_max=0.0), dict(t_max=1.5),
                    dict(kind="karras", t_min=0.9, t_max=0.5), dict(kind="shifted", shift=0.0)):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentdit.schedules import (
-    Path,
+    NoisePath,
     add_noise,
     convert,
     expand,
@@ -28,7 +28,7 @@ T_INNER = torch.linspace(0.02, 0.98, 97, dtype=torch.float64)  # alpha, sigma > 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_endpoints_and_monotone(kind):
-    path = Path(kind)
+    path = NoisePath(kind)
     alpha, sigma = path.alpha_sigma(T_ALL)
     assert alpha[0] == 1.0 and sigma[0] == 0.0
     assert (alpha.diff() < 0).all() and (sigma.diff() > 0).all()
@@ -38,22 +38,22 @@ def test_endpoints_and_monotone(kind):
 
 
 def test_flow_is_linear_and_vp_preserves_variance():
-    alpha, sigma = Path("flow").alpha_sigma(T_ALL)
+    alpha, sigma = NoisePath("flow").alpha_sigma(T_ALL)
     assert torch.allclose(alpha + sigma, torch.ones_like(T_ALL), atol=1e-15)
     assert torch.equal(alpha, 1 - T_ALL)
     for kind in ("vp-linear", "vp-cosine"):
-        alpha, sigma = Path(kind).alpha_sigma(T_ALL)
+        alpha, sigma = NoisePath(kind).alpha_sigma(T_ALL)
         assert torch.allclose(alpha**2 + sigma**2, torch.ones_like(T_ALL), atol=1e-12), kind
 
 
 def test_float32_times_give_float32_coefficients():
-    alpha, sigma = Path("vp-linear").alpha_sigma(torch.tensor([0.25, 0.5]))
+    alpha, sigma = NoisePath("vp-linear").alpha_sigma(torch.tensor([0.25, 0.5]))
     assert alpha.dtype == sigma.dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_derivatives_match_finite_differences(kind):
-    path = Path(kind)
+    path = NoisePath(kind)
     # vp-linear interpolates log(alpha_bar) linearly between the 1000 DDPM steps, so its slope jumps
     # at t = k/1000: probe midway between knots.
     t = (torch.arange(10, 1000, 37, dtype=torch.float64) + 0.5) / 1000
@@ -68,14 +68,14 @@ def test_vp_linear_matches_diffusers_ddpm():
     diffusers = pytest.importorskip("diffusers")
     alphas_cumprod = diffusers.DDPMScheduler().alphas_cumprod.double()  # linspace(1e-4, 0.02, 1000)
     t = (torch.arange(1000, dtype=torch.float64) + 1) / 1000  # our t = (n + 1)/1000 is timestep n
-    ours = Path("vp-linear").alpha(t) ** 2
+    ours = NoisePath("vp-linear").alpha(t) ** 2
     assert (ours - alphas_cumprod).abs().max() < 1e-6
     assert ((ours - alphas_cumprod) / alphas_cumprod).abs().max() < 1e-6  # also where alpha_bar ~ 4e-5
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_log_snr_inverts(kind):
-    path = Path(kind)
+    path = NoisePath(kind)
     t = torch.linspace(0.001, 0.999, 101, dtype=torch.float64)
     torch.testing.assert_close(path.t_from_log_snr(path.log_snr(t)), t, rtol=0, atol=1e-9)
     lo, hi = path.log_snr(torch.tensor([0.999, 0.001], dtype=torch.float64)).tolist()
@@ -86,7 +86,7 @@ def test_log_snr_inverts(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("source,target", list(itertools.product(PREDICTIONS, PREDICTIONS)))
 def test_prediction_conversions_round_trip(kind, source, target):
-    path = Path(kind)
+    path = NoisePath(kind)
     g = torch.Generator().manual_seed(0)
     n = T_INNER.numel()
     x0 = torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64)
@@ -105,17 +105,17 @@ def test_prediction_conversions_round_trip(kind, source, target):
 
 def test_flow_target_is_eps_minus_x0_on_flow_path():
     x0, eps, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.rand(4)
-    torch.testing.assert_close(from_x0_eps(x0, eps, t, Path("flow"), "flow"), eps - x0)
+    torch.testing.assert_close(from_x0_eps(x0, eps, t, NoisePath("flow"), "flow"), eps - x0)
 
 
 def test_unknown_names_raise():
     with pytest.raises(ValueError, match="path"):
-        Path("ve")
+        NoisePath("ve")
     x = torch.zeros(1, 1, 1, 1)
     with pytest.raises(ValueError, match="prediction"):
-        to_x0(x, x, torch.tensor([0.5]), Path(), "score")
+        to_x0(x, x, torch.tensor([0.5]), NoisePath(), "score")
     with pytest.raises(ValueError, match="prediction"):
-        from_x0_eps(x, x, torch.tensor([0.5]), Path(), "score")
+        from_x0_eps(x, x, torch.tensor([0.5]), NoisePath(), "score")
 
 
 def test_expand_broadcasts_per_sample_values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def _open(source: Image.Image | str | os.PathLike, what: str) -> Image.Image:
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"{what} must be a PIL image, a file path, an array or a tensor, "
                          f"got {type(source).__name__}")
-    path = FsPath(source)
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
@@ -90,12 +90,12 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"a {what} array must be uint8 (0..255), bool or float (0..1), got {a.dtype}")
 
 
-def check_animation_path(path: str | os.PathLike, fps: float = 8.0) -> FsPath:
+def check_animation_path(path: str | os.PathLike, fps: float = 8.0) -> Path:
     """The path, if an animation can be written there at ``fps`` frames a second: .gif always,
     .mp4 with imageio installed. Called before the frames are made, so a bad name fails at once."""
     if not 0 < fps < float("inf"):
         raise ValueError(f"fps must be a positive number, got {fps}")
-    path = FsPath(path)
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".gif", ".mp4"):
         raise ValueError(f"animations are written as .gif or .mp4, got {path.name!r}")
@@ -108,7 +108,7 @@ def check_animation_path(path: str | os.PathLike, fps: float = 8.0) -> FsPath:
     return path
 
 
-def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float = 8.0) -> FsPath:
+def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float = 8.0) -> Path:
     """Write frames as a looping GIF (PIL) or an MP4 (needs imageio with its ffmpeg plugin)."""
     path = check_animation_path(path, fps)
     if not frames:
@@ -121,7 +121,7 @@ def save_animation(frames: Sequence[Image.Image], path: str | os.PathLike, fps: 
     return path
 
 
-def _write_mp4(frames: Sequence[Image.Image], path: FsPath, fps: float) -> None:
+def _write_mp4(frames: Sequence[Image.Image], path: Path, fps: float) -> None:
     import imageio.v3 as iio
 
     path.parent.mkdir(parents=True, exist_ok=True)
