@@ -101,7 +101,14 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 # -- preprocess --------------------------------------------------------------------------------
 def _preprocess_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="shapes", help="'shapes' or an image-caption folder")
+    p.add_argument("--source", default="shapes",
+                   help="'shapes', an image folder, webdataset .tar shards (brace patterns such as "
+                        "'data-{000..009}.tar', URLs), .parquet files or a save_to_disk dataset folder")
+    p.add_argument("--labels", action="store_true",
+                   help="store class labels (class sub-folders, .cls members, a label column)")
+    p.add_argument("--image-column", default=None, help="parquet / datasets: the image column")
+    p.add_argument("--caption-column", default=None, help="parquet / datasets: the caption column")
+    p.add_argument("--label-column", default=None, help="parquet / datasets: the class label column")
     p.add_argument("--out", required=True, help="shard folder to write (an interrupted run resumes)")
     p.add_argument("--n", type=int, default=None, help="number of samples (required for shapes)")
     p.add_argument("--autoencoder", default="identity",
@@ -120,25 +127,27 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
 
 @command("preprocess", "encode images and captions once into training shards")(_preprocess_args)
 def run_preprocess(args: argparse.Namespace) -> int:
-    from .data import folder_source, preprocess, shapes_source
+    from .data import open_source, preprocess
     from .text import load_text_encoder
     from .vae import load_autoencoder
 
-    if args.source == "shapes":
-        if not args.n:
-            raise ValueError("--n is required with --source shapes (the dataset is infinite)")
-        source = shapes_source(args.n, size=args.size, split=args.split, seed=args.seed)
-    else:
-        source = folder_source(args.source)
+    if args.source == "shapes" and not args.n:
+        raise ValueError("--n is required with --source shapes (the dataset is infinite)")
+    source = open_source(args.source, n=args.n, size=args.size, split=args.split, seed=args.seed,
+                         labels=args.labels, image_column=args.image_column,
+                         caption_column=args.caption_column, label_column=args.label_column)
     kind = "identity" if args.autoencoder == "identity" else "kl"
     ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder)
     te = load_text_encoder(args.text_encoder, args.text_encoder_path, max_length=args.max_length)
     manifest = preprocess(source, args.out, autoencoder=ae, text_encoder=te, n=args.n,
                           shard_size=args.shard_size, batch_size=args.batch_size,
                           latent_format=args.latent_format, image_size=args.size,
-                          progress=not args.no_progress)
-    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out} "
-          f"({manifest.get('skipped', 0)} unreadable images skipped)")
+                          progress=not args.no_progress, labels=args.labels)
+    kinds = ", ".join(f"{k} {v}" for k, v in manifest.get("skips", {}).items())
+    classes = manifest.get("labels", {}).get("num_classes") if args.labels else None
+    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out}"
+          + (f", {classes} classes" if classes else "")
+          + f" ({manifest.get('skipped', 0)} unusable inputs skipped{': ' + kinds if kinds else ''})")
     return 0
 
 

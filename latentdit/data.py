@@ -7,7 +7,8 @@ every step; PixArt-alpha and SD3 precompute both (Chen et al. 2023, arXiv:2310.0
     out_dir/null.safetensors           the empty prompt "" (for classifier-free guidance dropout)
     out_dir/shard-00000.safetensors    latents (fp16 | uint8 + latent_scale), tokens (N, L, D) fp16,
                                        mask (N, L) uint8, pooled (N, P) fp16
-    out_dir/shard-00000.jsonl          {"caption", "attributes"} per row
+                                       [labels (N,) int64 class ids, with labels=True]
+    out_dir/shard-00000.jsonl          {"caption", "attributes"[, "label"]} per row
 
 Every file is written to a temp file and renamed, and the manifest is rewritten after each shard,
 so an interrupted `preprocess` resumes after the last complete shard. The sources live in
@@ -43,7 +44,15 @@ from .shards import (
     sidecar_name,
     sidecar_ok,
 )
-from .sources import IMAGE_EXTENSIONS, FolderSource, Sample, ShapesSource, folder_source, shapes_source
+from .sources import (
+    IMAGE_EXTENSIONS,
+    FolderSource,
+    Sample,
+    ShapesSource,
+    folder_source,
+    open_source,
+    shapes_source,
+)
 from .text import TextEmbeddings, TextEncoder
 from .vae import Autoencoder, from_pil, quantize_latents
 
@@ -52,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT", "IMAGE_EXTENSIONS", "MANIFEST", "NULL_FILE", "VERSION", "Batch", "CaptionCache",
            "FolderSource", "Sample", "ShapesSource", "ShardReader", "fit_length", "folder_source",
-           "preprocess", "shapes_source"]
+           "open_source", "preprocess", "shapes_source"]
 LatentFormat = Literal["fp16", "uint8"]
 
 
@@ -143,6 +152,7 @@ def preprocess(
     image_size: int | None = None,
     progress: bool = True,
     caption_cache: int = 100_000,
+    labels: bool = False,
 ) -> dict:
     """Encode `source` (at most `n` samples in total) into shards in `out_dir`; returns the manifest.
 
@@ -150,11 +160,14 @@ def preprocess(
     (skipping that many source samples; the source must yield the same order). `image_size`
     resizes the short side and centre-crops to a square; without it all images must share a size.
     `caption_cache`: distinct captions whose embeddings are kept (0 disables the cache).
+    `labels`: store each sample's class id (for class-conditional models); the manifest's
+    "labels" section records the class count and the source's class names.
     """
     _check_preprocess_args(n, shard_size, batch_size, latent_format, image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, autoencoder, text_encoder, latent_format)
+    _start_labels(out, manifest, labels, getattr(source, "classes", None))
     done = manifest["num_samples"]
     if n is not None and done >= n:
         return manifest
@@ -170,6 +183,8 @@ def preprocess(
     finally:
         bar.close()
     manifest["skipped"] = _skipped(source, manifest)
+    if getattr(source, "skips", None) is not None:
+        manifest["skips"] = dict(sorted(source.skips.items()))
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     _report_skips(source)
     return manifest
@@ -222,6 +237,17 @@ def _start_manifest(out: Path, ae: Autoencoder, te: TextEncoder, latent_format: 
     }
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _start_labels(out: Path, manifest: dict, labels: bool, classes: list[str] | None) -> None:
+    have = manifest.get("labels")
+    if manifest["num_samples"] and bool(have) != labels:
+        raise ValueError(f"{out} holds shards {'with' if have else 'without'} class labels; this run "
+                         f"{'stores' if labels else 'has'} {'them' if labels else 'none'}: use another out_dir")
+    if labels:
+        names = list(classes) if classes else (have or {}).get("classes")
+        manifest["labels"] = {"num_classes": max(len(names or []), (have or {}).get("num_classes", 0)),
+                              "classes": names}
 
 
 def _write_null(out: Path, te: TextEncoder) -> TextEmbeddings:
@@ -286,7 +312,9 @@ def _skipped(source: Any, manifest: dict) -> int:
 def _report_skips(source: Any) -> None:
     if getattr(source, "skipped", 0):
         problems = getattr(source, "problems", [])[:3]
-        warnings.warn(f"skipped {source.skipped} unusable files, e.g. {problems}", stacklevel=3)
+        kinds = dict(getattr(source, "skips", {}))
+        by_kind = f" ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))})" if kinds else ""
+        warnings.warn(f"skipped {source.skipped} unusable files{by_kind}, e.g. {problems}", stacklevel=3)
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int):
@@ -311,7 +339,8 @@ def _shard_chunks(it, manifest, shard_size, batch_size, ae, cache, image_size, b
             bar.set_postfix(cache_hits=cache.hits, skipped=_skipped(it, manifest), refresh=False)
         if not count:
             return
-        shard = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "tokens", "mask", "pooled")}
+        keys = ("latents", "tokens", "mask", "pooled") + (("labels",) if "labels" in parts[0] else ())
+        shard = {k: torch.cat([p[k] for p in parts]) for k in keys}
         yield shard | {"rows": [row for p in parts for row in p["rows"]]}
         if count < shard_size:
             return
@@ -329,7 +358,23 @@ def _encode_batch(samples: list[Sample], manifest: dict, ae: Autoencoder, cache:
                          "pass image_size= so every image is resized to one size")
     tokens, mask, pooled = cache.encode([s.caption for s in samples])
     rows = [{"caption": s.caption, "attributes": getattr(s, "attributes", None)} for s in samples]
-    return {"latents": latents.cpu(), "tokens": tokens, "mask": mask, "pooled": pooled, "rows": rows}
+    out = {"latents": latents.cpu(), "tokens": tokens, "mask": mask, "pooled": pooled, "rows": rows}
+    if manifest.get("labels"):
+        out["labels"] = _labels(samples, manifest["labels"])
+        for row, label in zip(rows, out["labels"].tolist()):
+            row["label"] = label
+    return out
+
+
+def _labels(samples: list[Sample], info: dict) -> torch.Tensor:
+    """Class ids as int64; the manifest's class count grows to cover every id seen."""
+    ids = [getattr(s, "label", None) for s in samples]
+    if any(not isinstance(i, int) or i < 0 for i in ids):
+        bad = next(s.caption for s, i in zip(samples, ids) if not isinstance(i, int) or i < 0)
+        raise ValueError(f"labels=True but the sample captioned {bad!r} has no class id; use a source "
+                         "with labels (class sub-folders, .cls files, a label column)")
+    info["num_classes"] = max(info["num_classes"], max(ids) + 1)
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def _fit_image(image: Image.Image, size: int | None) -> Image.Image:
@@ -357,6 +402,8 @@ def _same_size(images: list[Image.Image]) -> list[Image.Image]:
 def _write_shard(out: Path, manifest: dict, shard: dict, latent_format: str, skipped: int) -> None:
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     tensors = {"tokens": shard["tokens"], "mask": shard["mask"].to(torch.uint8), "pooled": shard["pooled"]}
+    if "labels" in shard:
+        tensors["labels"] = shard["labels"]
     if latent_format == "uint8":
         tensors["latents"], scale = quantize_latents(shard["latents"])
         tensors["latent_scale"] = torch.tensor(scale, dtype=torch.float32)

@@ -64,6 +64,7 @@ class Batch:
     pooled: torch.Tensor  # (B, P) float32
     captions: list[str]
     index: torch.Tensor  # (B,) global sample ids (storage order)
+    labels: torch.Tensor | None = None  # (B,) int64 class ids, for shards preprocessed with labels
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -71,8 +72,9 @@ class Batch:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
         """Move (and cast the float tensors); mask and index only move."""
         move = dict(device=device, dtype=dtype)
+        labels = None if self.labels is None else self.labels.to(device=device)
         return Batch(self.latents.to(**move), self.tokens.to(**move), self.mask.to(device=device),
-                     self.pooled.to(**move), self.captions, self.index.to(device=device))
+                     self.pooled.to(**move), self.captions, self.index.to(device=device), labels)
 
     @property
     def text(self) -> TextEmbeddings:
@@ -127,6 +129,16 @@ class ShardReader:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the shards' labels range over; 0 when they were preprocessed without labels."""
+        return int((self.manifest.get("labels") or {}).get("num_classes", 0))
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names (index = id) when the source named them (folders, ClassLabel)."""
+        return (self.manifest.get("labels") or {}).get("classes")
 
     def _check_shard(self, entry: dict) -> None:
         """Cheap checks (sizes, header, row counts); contents are checksummed when loaded."""
@@ -222,16 +234,18 @@ class ShardReader:
         return self._perms[seed, epoch, shard]
 
     def _gather(self, where: list[tuple[int, int]]) -> Batch:
-        parts: dict[str, list] = {k: [] for k in ("latents", "tokens", "mask", "pooled", "captions")}
+        keys = ("latents", "tokens", "mask", "pooled") + (("labels",) if self.num_classes else ())
+        parts: dict[str, list] = {k: [] for k in (*keys, "captions")}
         for shard, group in itertools.groupby(where, key=lambda sr: sr[0]):
             rows = torch.tensor([r for _, r in group])
             data = self._shard(shard)
-            for key in ("latents", "tokens", "mask", "pooled"):
+            for key in keys:
                 parts[key].append(data[key][rows])
             parts["captions"] += [data["captions"][r] for r in rows.tolist()]
         index = torch.tensor([self.starts[s] + r for s, r in where])
         return Batch(torch.cat(parts["latents"]).float(), torch.cat(parts["tokens"]).float(),
-                     torch.cat(parts["mask"]), torch.cat(parts["pooled"]).float(), parts["captions"], index)
+                     torch.cat(parts["mask"]), torch.cat(parts["pooled"]).float(), parts["captions"], index,
+                     torch.cat(parts["labels"]).long() if self.num_classes else None)
 
     def _shard(self, k: int) -> dict:
         if k in self._loaded:
@@ -261,8 +275,10 @@ class ShardReader:
             raise ValueError(f"{sidecar_name(entry['name'])} has {len(lines)} rows, expected "
                              f"{entry['count']}; re-run preprocess")
         captions = [json.loads(line)["caption"] for line in lines]
+        if self.num_classes and "labels" not in t:
+            raise ValueError(f"{entry['name']} has no labels but the manifest says it should; re-run preprocess")
         return {"latents": latents, "tokens": t["tokens"], "mask": t["mask"].bool(), "pooled": t["pooled"],
-                "captions": captions}
+                "captions": captions, "labels": t.get("labels")}
 
     def rows(self, shard: int) -> list[dict]:
         """The sidecar rows ({"caption", "attributes"}) of one shard, in storage order."""

@@ -1,20 +1,28 @@
-"""Image sources for ``preprocess``: a folder of captioned images, or the procedural shapes data.
+"""Image sources for ``preprocess``: captioned folders, class folders, the procedural shapes data,
+and (in ``datasets/archives.py``) webdataset tars, img2dataset output and Hugging Face datasets.
 
-A source is any iterable of ``Sample``; a ``skipped`` attribute counts unreadable inputs (corrupt
-images are skipped and counted, never fatal) and ``problems`` names the first few.
+A source is any iterable of ``Sample``. Bad inputs are skipped and counted by kind (``skips``),
+never fatal; ``problems`` names the first few. Odd but valid images (CMYK, palette + alpha, 16-bit,
+EXIF rotation) are converted, not skipped.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-_MAX_PROBLEMS = 100  # file names kept for the report; the count is always exact
+MIN_SIDE = 8  # images smaller than this on either side carry no usable content
+MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before decoding (decompression bombs)
+_MAX_PROBLEMS = 100  # names kept for the report; the counts are always exact
 
 
 @dataclass
@@ -22,26 +30,166 @@ class Sample:
     image: Image.Image
     caption: str
     attributes: dict | None = None
+    label: int | None = None
 
 
-# ----------------------------------------------------------------------------- sources
+SKIP_KINDS = {
+    "unreadable": "unreadable image", "too-large": "image too large (decompression bomb?)",
+    "too-small": "image too small", "no-caption": "no caption", "bad-caption": "unusable caption",
+    "empty-caption": "empty caption", "no-label": "no class label", "bad-label": "bad class label",
+    "no-image": "no image", "bad-archive": "unreadable archive",
+}
 
 
-class FolderSource:
-    """Iterator over an image-caption folder; unusable files are skipped and counted.
+class Skip(Exception):
+    """An input that cannot be used; ``kind`` (a key of SKIP_KINDS) is the counter it goes to."""
 
-    `skipped` counts images that could not be decoded or have no caption; `problems` names the
-    first of them with the reason. `total` is the number of candidate images.
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(SKIP_KINDS[kind] + (f" ({detail})" if detail else ""))
+        self.kind = kind
+
+
+class SkipLog:
+    """Skip accounting shared by the sources: ``skipped`` in total, ``skips`` by kind."""
+
+    classes: list[str] | None = None  # class names, index = label, when the source has labels
+
+    def _init_log(self) -> None:
+        self.skips: Counter[str] = Counter()
+        self.problems: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skips.values())
+
+    def _skip(self, where: str, err: Skip) -> None:
+        self.skips[err.kind] += 1
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(f"{where}: {err}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes | str | os.PathLike, *, min_side: int = MIN_SIDE,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Fully decoded RGB image; raises ``Skip`` ("unreadable", "too-large", "too-small").
+
+    The size is read from the header and checked before decoding, so a bomb costs nothing.
+    """
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise Skip("too-large", f"{w}x{h} pixels (limit {max_pixels})")
+            if min(w, h) < min_side:
+                raise Skip("too-small", f"{w}x{h} (sides under {min_side} px)")
+            im.load()
+            return to_rgb(im)
+    except Skip:
+        raise
+    except Image.DecompressionBombError:  # PIL's own, stricter check on some formats
+        raise Skip("too-large", f"over PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
+        raise Skip("unreadable", f"{type(err).__name__}: {err}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """EXIF rotation applied, alpha composited on white, 16-bit and float scaled, CMYK converted."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if a.max() > 255 else 255.0  # "I" holds 16-bit PNGs; 8-bit data stays as is
+        return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_caption(raw: bytes | str | None) -> str:
+    """A stripped caption; raises ``Skip`` ("no-caption", "bad-caption", "empty-caption")."""
+    if raw is None:
+        raise Skip("no-caption")
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise Skip("bad-caption", f"not UTF-8 ({err.reason} at byte {err.start})") from None
+    if not isinstance(raw, str):
+        raise Skip("bad-caption", f"a {type(raw).__name__}, not text")
+    text = raw.strip()
+    if not text or "\x00" in text:
+        raise Skip("empty-caption" if not text else "bad-caption", "" if not text else "contains NUL")
+    return text
+
+
+def caption_from_json(raw: bytes | str) -> str | None:
+    """img2dataset's / webdataset's ``.json``: the "caption" (or "text") field, if any."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Skip("bad-caption", "the .json is not valid UTF-8 JSON") from None
+    if isinstance(data, dict):
+        for key in ("caption", "text", "txt"):
+            if data.get(key) is not None:
+                return data[key]
+    return None
+
+
+def decode_label(raw: Any, classes: list[str] | None = None) -> int:
+    """A class id from an int, an int as text/bytes, or a class name; raises ``Skip`` ("no-label",
+    "bad-label")."""
+    if raw is None:
+        raise Skip("no-label")
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise Skip("bad-label", "not UTF-8") from None
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if not raw:
+            raise Skip("no-label")
+        if classes is not None and raw in classes:
+            return classes.index(raw)
+    try:
+        label = int(raw)
+    except (TypeError, ValueError):
+        raise Skip("bad-label", f"{str(raw)[:40]!r} is not a class id") from None
+    if label < 0 or (classes is not None and label >= len(classes)):
+        raise Skip("bad-label", f"class id {label} out of range")
+    return label
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+class FolderSource(SkipLog):
+    """Iterator over an image folder; unusable files are skipped and counted by kind.
+
+    Captions come from ``captions.jsonl`` or a same-named ``.txt``. With ``labels=True`` the
+    class is the image's top-level sub-folder (sorted names -> ids 0..K-1, ``classes``), and an
+    image without a caption is captioned with its class name. ``total``: candidate images.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, labels: bool = False) -> None:
         self.root = Path(path)
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} does not exist")
+        self.labels = labels
         self.entries = _folder_entries(self.root)  # [(image path, caption or None, attributes)]
+        if labels:
+            self.classes = sorted({p.relative_to(self.root).parts[0] for p, _, _ in self.entries
+                                   if len(p.relative_to(self.root).parts) > 1})
+            if not self.classes:
+                raise ValueError(f"{self.root} has no class sub-folders (labels come from folder names)")
         self.total = len(self.entries)
-        self.skipped = 0
-        self.problems: list[str] = []
+        self._init_log()
         self._next = 0
 
     def __iter__(self) -> FolderSource:
@@ -51,30 +199,31 @@ class FolderSource:
         while self._next < self.total:
             file, caption, attributes = self.entries[self._next]
             self._next += 1
-            if caption is None:
-                self._skip(file, "no caption (.txt file missing)")
-                continue
             try:
-                image = _open_rgb(file)
-            except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
-                self._skip(file, f"unreadable image ({type(err).__name__}: {err})")
-                continue
-            return Sample(image, caption, attributes)
+                return self._sample(file, caption, attributes)
+            except Skip as err:
+                self._skip(os.path.relpath(file, self.root), err)
         raise StopIteration
 
-    def _skip(self, file: Path, reason: str) -> None:
-        self.skipped += 1
-        if len(self.problems) < _MAX_PROBLEMS:
-            self.problems.append(f"{os.path.relpath(file, self.root)}: {reason}")
+    def _sample(self, file: Path, caption: Any, attributes: dict | None) -> Sample:
+        label = None
+        if self.labels:
+            parts = file.relative_to(self.root).parts
+            label = decode_label(parts[0] if len(parts) > 1 else None, self.classes)
+            if caption is None:
+                caption = self.classes[label]
+        text = decode_caption(caption)
+        return Sample(decode_image(file), text, attributes, label)
 
 
-def folder_source(path: str | os.PathLike) -> FolderSource:
+def folder_source(path: str | os.PathLike, labels: bool = False) -> FolderSource:
     """Images (png/jpg/webp, searched recursively) with captions from `captions.jsonl`
-    (`{"file", "caption"[, "attributes"]}` per line) or a same-named `.txt` per image."""
-    return FolderSource(path)
+    (`{"file", "caption"[, "attributes"]}` per line) or a same-named `.txt` per image; with
+    `labels=True`, class labels from the sub-folder names."""
+    return FolderSource(path, labels)
 
 
-def _folder_entries(root: Path) -> list[tuple[Path, str | None, dict | None]]:
+def _folder_entries(root: Path) -> list[tuple[Path, Any, dict | None]]:
     index = root / "captions.jsonl"
     if index.exists():
         return [(root / r["file"], r["caption"], r.get("attributes")) for r in _read_caption_index(index)]
@@ -101,25 +250,15 @@ def _read_caption_index(path: Path) -> list[dict]:
     return rows
 
 
-def _read_txt(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+def _read_txt(path: Path) -> bytes | None:
+    """Raw bytes: decoding (and a non-UTF-8 skip) happens per sample, not while listing."""
+    return path.read_bytes() if path.is_file() else None
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode fully now (so corrupt files fail here), apply EXIF rotation, put alpha on white."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
+# ----------------------------------------------------------------------------- shapes
 
 
-class ShapesSource:
+class ShapesSource(SkipLog):
     """The procedural shapes world as Samples 0..n-1; `skip(k)` jumps ahead without rendering."""
 
     def __init__(self, n: int, size: int = 64, split: str = "train", seed: int = 0) -> None:
@@ -129,6 +268,7 @@ class ShapesSource:
             raise ValueError(f"n must be >= 0, got {n}")
         self.dataset = ShapesDataset(size=size, split=split, seed=seed)
         self.total, self._next = n, 0
+        self._init_log()
 
     def __iter__(self) -> ShapesSource:
         return self
@@ -148,3 +288,34 @@ def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0
     return ShapesSource(n, size, split, seed)
 
 
+# ----------------------------------------------------------------------------- dispatch
+
+
+def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64, split: str = "train",
+                seed: int = 0, labels: bool = False, image_column: str | None = None,
+                caption_column: str | None = None, label_column: str | None = None) -> SkipLog:
+    """The source a ``--source`` value names: "shapes"; .tar shards (paths, brace patterns, URLs);
+    .parquet files; a ``save_to_disk`` dataset folder; a folder of tars or parquet files; an
+    image folder (with ``labels``: class sub-folders)."""
+    from .datasets import archives
+
+    text = str(spec)
+    columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
+    if text == "shapes":
+        if not n:
+            raise ValueError("n is required with the shapes source (the dataset is infinite)")
+        return shapes_source(n, size=size, split=split, seed=seed)
+    path = Path(text)
+    if ".tar" in text and not path.is_dir():
+        return archives.tar_source(text, labels)
+    if ".parquet" in text and not path.is_dir():
+        return archives.parquet_source(text, labels=labels, **columns)
+    if not path.is_dir():
+        raise ValueError(f"source {text!r} is not 'shapes', a .tar / .parquet path or an existing folder")
+    if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return archives.hf_source(path, split=split, labels=labels, **columns)
+    if any(path.glob("*.tar")):
+        return archives.tar_source(path, labels)
+    if any(path.glob("*.parquet")):
+        return archives.parquet_source(path, labels=labels, **columns)
+    return folder_source(path, labels)

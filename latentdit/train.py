@@ -21,8 +21,7 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .config import ModelConfig, to_dict
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
-from .schedules import NoisePath
-from .schedules import add_noise, from_x0_eps, sample_time
+from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
 from .shards import Batch, ShardReader
 from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where users look)
     DEFAULT_PREVIEW_PROMPTS,
