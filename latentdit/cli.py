@@ -66,7 +66,10 @@ def _param_groups(model) -> dict[str, int]:
 
 # -- generate --------------------------------------------------------------------------------
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file)")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --from-file or --class)")
+    p.add_argument("--class", dest="class_", default=None,
+                   help="class-conditional models: a class id or name, or 'all' for a grid with one "
+                        "row of --num-images samples per class")
     p.add_argument("--from-file", default=None,
                    help="batch mode: a JSONL of {id, prompt[, negative, seed]} or a text file of one "
                         "prompt per line; writes OUT/<id>_<k>.png")
@@ -89,6 +92,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "generate images from a prompt")(_generate_args)
 def run_generate(args: argparse.Namespace) -> int:
+    if args.class_ is not None:
+        return _generate_classes(args)
     if bool(args.prompt) == bool(args.from_file):
         raise ValueError("give either a prompt or --from-file FILE")
     items = read_prompt_file(args.from_file) if args.from_file else None
@@ -117,6 +122,42 @@ def run_generate(args: argparse.Namespace) -> int:
             img.save(path)
             print(path)
     return 0
+
+
+def _generate_classes(args: argparse.Namespace) -> int:
+    from .checkpoint import load_config, resolve
+    from .pipeline import image_grid
+
+    if args.prompt or args.from_file:
+        raise ValueError("give a prompt, --from-file or --class, not several")
+    check_image_out(args.out)
+    names = load_config(resolve(args.model)).extra.get("classes")
+    pipe = load_pipeline(args.model)
+    ids = class_ids(args.class_, pipe.model.config.num_classes, names)
+    images = pipe(ids, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                  guidance_interval=args.guidance_interval, sampler=args.sampler,
+                  num_images_per_prompt=args.num_images, dtype=autocast_dtype(args.fp32))
+    if args.class_ == "all":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, cols=args.num_images).save(args.out)
+        print(args.out)
+        return 0
+    return save_images(images, args.out)
+
+
+def class_ids(spec: str, num_classes: int, names: list[str] | None) -> list[int]:
+    """'all' -> every id; an id; or a class name the model was trained with."""
+    if not num_classes:
+        raise ValueError("--class needs a class-conditional model; this one takes text prompts")
+    if spec == "all":
+        return list(range(num_classes))
+    if names and spec in names:
+        return [names.index(spec)]
+    if spec.lstrip("-").isdigit() and 0 <= int(spec) < num_classes:
+        return [int(spec)]
+    known = f"names {names}" if names else "no class names"
+    raise ValueError(f"--class {spec!r}: not a class id in [0, {num_classes - 1}] or a class name (the model "
+                     f"has {known})")
 
 
 def read_prompt_file(path: str) -> list[dict]:

@@ -48,6 +48,8 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
     # The inpainting variant sees the clean latents outside a random box, and the box.
     extra = {"mask_latent": training_mask_latent(x0, gen)} if cfg.model.extra_in_channels else {}
+    if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
+        extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
     pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
     return (pred.float() - target).pow(2).mean()
 
@@ -175,6 +177,10 @@ def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
         if want and m.get(key) != want:
             raise ValueError(f"model.{key} = {want} but the shards in {reader.directory} were encoded "
                              f"with {m['text_encoder'].get('name')} ({key} {m.get(key)})")
+    if mcfg.num_classes and not mcfg.num_classes >= reader.num_classes > 0:
+        raise ValueError(f"model.num_classes = {mcfg.num_classes} but the shards in {reader.directory} hold "
+                         + (f"{reader.num_classes} classes" if reader.num_classes else
+                            "no class labels; preprocess with --labels"))
     if m["latent_shape"][0] != mcfg.in_channels:
         raise ValueError(f"model.in_channels = {mcfg.in_channels} but the shards hold "
                          f"{m['latent_shape'][0]}-channel latents")
@@ -330,11 +336,15 @@ def write_preview(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader,
     from .pipeline import Text2Image, image_grid
     from .vae import load_autoencoder
 
-    pipe = Text2Image(ema_model(cfg, ema), load_autoencoder(**_ae_args(reader)), _preview_encoder(reader),
-                      NoisePath(cfg.diffusion.path), cfg.sampling)
-    images = pipe(list(cfg.preview_prompts), seed=0, num_images_per_prompt=2, progress=False)
+    text = cfg.model.is_text
+    pipe = Text2Image(ema_model(cfg, ema), load_autoencoder(**_ae_args(reader)),
+                      _preview_encoder(reader) if text else None, NoisePath(cfg.diffusion.path), cfg.sampling)
+    # A class model's preview: one row per class (up to 10), four samples each.
+    prompts = list(cfg.preview_prompts) if text else list(range(min(10, cfg.model.num_classes)))
+    per = 2 if text else 4
+    images = pipe(prompts, seed=0, num_images_per_prompt=per, progress=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, cols=2 * 2).save(out)
+    image_grid(images, cols=4).save(out)  # text: 2 prompts a row; classes: one class a row
     return out
 
 
@@ -366,9 +376,11 @@ def export(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: P
     if ae.get("kind") == "kl" and ae.get("path") and Path(ae["path"]).is_dir():
         extra["vae"] = Path(ae["path"])
         ae["path"] = "vae"
+    text = reader.manifest["text_encoder"] if cfg.model.is_text else None  # a class model reads no text
+    classes = {"classes": reader.classes} if cfg.model.num_classes and reader.classes else {}
     config = CheckpointConfig(model=cfg.model, diffusion=cfg.diffusion, sampling=cfg.sampling,
-                              text_encoder=reader.manifest["text_encoder"], autoencoder=ae,
-                              extra={"train": {"steps": cfg.steps, "data": cfg.data}})
+                              text_encoder=text, autoencoder=ae,
+                              extra={"train": {"steps": cfg.steps, "data": cfg.data}, **classes})
     return save_pretrained(ema_model(cfg, ema), out, config, dtype=dtype, extra_dirs=extra)
 
 
