@@ -1,4 +1,5 @@
-"""``latentdit eval alignment``: how well a model follows shapes prompts."""
+"""``latentdit eval alignment``: how well a model follows shapes prompts; ``latentdit eval fid``:
+FID and KID of a model's samples against reference data."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from .cli_base import SAMPLER_NAMES, add_guidance_interval_arg, command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("metric", choices=["alignment"], help="what to measure")
+    p.add_argument("metric", choices=["alignment", "fid"], help="what to measure")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
     p.add_argument("--prompts", default=None, help="prompts JSONL ({id, prompt, expect} per line)")
     p.add_argument("--split", default="heldout", choices=["train", "heldout"],
                    help="without --prompts: draw prompts from this shapes split")
-    p.add_argument("--n", type=int, default=64, help="number of prompts drawn from --split")
+    p.add_argument("--n", type=int, default=64,
+                   help="alignment: prompts drawn from --split; fid: images generated")
+    p.add_argument("--n-reference", type=int, default=None, help="fid: reference images (default --n)")
+    p.add_argument("--cache-dir", default=str(Path("~/.cache/latentdit/fid").expanduser()),
+                   help="fid: where reference statistics are cached ('none': no cache)")
     p.add_argument("--samples", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None)
@@ -23,10 +28,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     add_guidance_interval_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
-    p.add_argument("--reference", choices=["renders", "autoencoder"], default=None,
-                   help="score ground-truth renders instead of samples, one per prompt: as drawn "
-                        "(checks the checker) or through the model's autoencoder (the ceiling any "
-                        "denoiser on it can reach)")
+    p.add_argument("--reference", default=None,
+                   help="fid: the reference data (shard folder, image folder, tars, parquet, saved "
+                        "dataset). alignment: 'renders' or 'autoencoder' scores ground-truth renders "
+                        "instead of samples, one per prompt: as drawn (checks the checker) or through "
+                        "the model's autoencoder (the ceiling any denoiser on it can reach)")
 
 
 @command("eval", "evaluate a model (alignment: prompt-following accuracy on shapes)")(_eval_args)
@@ -34,6 +40,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import load_prompts, run_alignment, score_references
     from .pipeline import Text2Image
 
+    if args.metric == "fid":
+        return run_fid(args)
+    if args.reference not in (None, "renders", "autoencoder"):
+        raise ValueError(f"--reference for alignment is 'renders' or 'autoencoder', got {args.reference!r}")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.out:  # made now: a bad folder must not cost the whole run
@@ -65,3 +75,46 @@ def _print(report: dict) -> int:
             "reference", "seconds")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     return 0
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from .evaluate.fid import evaluate_fid
+    from .pipeline import Text2Image
+
+    if not args.reference:
+        raise ValueError("eval fid needs --reference DATA (the real images to compare with)")
+    if not Path(args.reference).exists() and "{" not in args.reference and "://" not in args.reference:
+        raise ValueError(f"--reference {args.reference} does not exist")
+    if args.n < 2 or (args.n_reference is not None and args.n_reference < 2):
+        raise ValueError(f"FID needs --n and --n-reference >= 2, got {args.n} and {args.n_reference}")
+    pipe = Text2Image.from_pretrained(args.model)
+    prompts = None
+    if pipe.model.config.is_text:
+        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()
+                   if line.strip()] if args.prompts else _reference_captions(args.reference, args.n)
+    cache = None if args.cache_dir == "none" else args.cache_dir
+    report = evaluate_fid(pipe, args.reference, args.n, n_reference=args.n_reference, cache_dir=cache,
+                          prompts=prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    report["model"] = args.model
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fid.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _reference_captions(reference: str, n: int) -> list[str]:
+    """A text model is sampled with the reference's own captions (shards or a captioned source)."""
+    from .sources import open_source
+
+    path = Path(reference)
+    if (path / "manifest.json").is_file():
+        from .shards import ShardReader
+
+        reader = ShardReader(path)
+        captions = [r["caption"] for k in range(len(reader.counts)) for r in reader.rows(k)]
+    else:
+        captions = [s.caption for _, s in zip(range(n), open_source(reference))]
+    if not captions:
+        raise ValueError(f"{reference} has no captions to prompt a text model with; pass --prompts")
+    return captions[:n]
