@@ -111,7 +111,7 @@ def inception_path() -> Path:
 
 
 def inception_features(device: str | torch.device = "cpu") -> Features:
-    """The FID Inception-v3 pool features (2048-d). fp32 on purpose: bf16 moves them by ~40 %."""
+    """The FID Inception-v3 pool features (2048-d), in fp32: bf16 moves them too far (docs/data.md)."""
     net = torch.jit.load(str(inception_path()), map_location=device).eval()
     lo, hi = _TF_RANGE
 
