@@ -294,12 +294,15 @@ def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0
 def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64, split: str = "train",
                 seed: int = 0, labels: bool = False, image_column: str | None = None,
                 caption_column: str | None = None, label_column: str | None = None) -> SkipLog:
-    """The source a ``--source`` value names: "shapes"; .tar shards (paths, brace patterns, URLs);
+    """The source a ``--source`` value names: "shapes"; "fashion-mnist" or a folder of MNIST-format
+    files (labelled, padded to `size`); .tar shards (paths, brace patterns, URLs);
     .parquet files; a ``save_to_disk`` dataset folder; a folder of tars or parquet files; an
     image folder (with ``labels``: class sub-folders)."""
-    from .datasets import archives
+    from .datasets import archives, mnist
 
     text = str(spec)
+    if text == "fashion-mnist" or (Path(text).is_dir() and mnist.is_idx_folder(text)):
+        return mnist.IdxSource(mnist.FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
     columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
     if text == "shapes":
         if not n:
