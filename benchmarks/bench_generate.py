@@ -6,44 +6,50 @@ fp32, measured in the same run. Ends with one JSON line of every figure.
     python benchmarks/bench_generate.py                # the packaged shapes model
     python benchmarks/bench_generate.py --model DIR
     python benchmarks/bench_generate.py --guidance-interval 0.25 1   # also: guide only for t in [0.25, 1]
+
+``--contended`` times generation on a busy machine against an idle one, in the same run: each
+measurement is a fresh process (as a user's command would be) that applies the thread policy the
+``latentdit`` command applies, started once on the machine as it is and once while another
+process keeps every core busy. ``--compare`` adds fixed settings (OpenMP's default wait with
+every core, ``OMP_WAIT_POLICY=PASSIVE`` with every core, one thread) beside that policy.
+Run it without ``taskset``: it needs every core.
+
+    python benchmarks/bench_generate.py --contended --repeats 3
+    python benchmarks/bench_generate.py --contended --compare --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-
-import torch
-
-from latentdit.pipeline import Text2Image
+from pathlib import Path
 
 PROMPTS = ["a red circle above a blue square", "three yellow stars",
            "a small green triangle in the top left", "a purple heart on a black background"]
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LATENTDIT_THREADS")
 
 
-def time_once(pipe: Text2Image, dtype: torch.dtype | None, steps: int, seed: int,
-              interval: tuple[float, float] | None = None) -> float:
+def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None) -> float:
     t0 = time.perf_counter()
     pipe(PROMPTS, steps=steps, guidance_scale=4.5, seed=seed, dtype=dtype, progress=False,
          guidance_interval=interval)
     return time.perf_counter() - t0
 
 
-def time_call(pipe: Text2Image, repeats: int, dtype: torch.dtype | None, steps: int) -> list[float]:
+def time_call(pipe, repeats: int, dtype, steps: int) -> list[float]:
     time_once(pipe, dtype, steps, 0)  # the first call warms up kernels and caches
     return [time_once(pipe, dtype, steps, i) for i in range(1, repeats + 1)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="shapes")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="also time guidance limited to LO <= t <= HI, interleaved with the model default")
-    args = ap.parse_args()
+def plain(args: argparse.Namespace) -> None:
+    import torch
+
+    from latentdit.pipeline import Text2Image
 
     t0 = time.perf_counter()
     pipe = Text2Image.from_pretrained(args.model)
@@ -69,6 +75,105 @@ def main() -> None:
         print(f"guidance only for t in [{interval[0]}, {interval[1]}]: bf16 {limited:.2f} s "
               f"({limited / bf16:.2f}x the default's time)")
     print(json.dumps(figures))
+
+
+# -- contended ---------------------------------------------------------------------------------
+def settings(cores: int, compare: bool) -> dict[str, dict[str, str] | None]:
+    """Name -> environment for the worker; None means the latentdit command's own policy."""
+    fixed = {"default wait, all cores": {"OMP_NUM_THREADS": str(cores)},
+             "passive wait, all cores": {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"},
+             "one thread": {"OMP_NUM_THREADS": "1"}}
+    return {"policy": None, **(fixed if compare else {})}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement in a fresh process: thread policy, then torch, load, warm-up, repeats."""
+    policy = None
+    if args.worker == "policy":
+        from latentdit.threads import apply_thread_policy
+
+        policy = apply_thread_policy().describe()
+    import torch
+
+    from latentdit.pipeline import Text2Image
+
+    pipe = Text2Image.from_pretrained(args.model)
+    runs = time_call(pipe, args.repeats, torch.bfloat16, args.steps)
+    print(json.dumps({"median_s": statistics.median(runs), "runs": runs, "threads": torch.get_num_threads(),
+                      "wait": os.environ.get("OMP_WAIT_POLICY", "default"), "policy": policy}))
+
+
+def measure(args: argparse.Namespace, name: str, extra: dict[str, str] | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    cmd = [sys.executable, __file__, "--worker", "policy" if extra is None else "fixed",
+           "--model", args.model, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # a setting that collapses under load: a lower bound
+        return {"median_s": float(args.timeout) / (args.repeats + 1), "threads": None, "policy": None,
+                "timed_out": True}
+    if done.returncode:
+        raise SystemExit(f"{name}: the worker failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def start_burners(n: int) -> list[subprocess.Popen]:
+    """``n`` processes that each keep one core busy, allowed on every core."""
+    every = list(range(os.cpu_count() or 1))
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                             preexec_fn=lambda: os.sched_setaffinity(0, every)) for _ in range(n)]
+
+
+def contended(args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    rows = {}
+    for name, extra in settings(cores, args.compare).items():
+        idle = measure(args, name, extra)
+        burners = start_burners(cores)
+        try:
+            time.sleep(1.0)  # let the scheduler spread them
+            busy = measure(args, name, extra)
+        finally:
+            for b in burners:
+                b.kill()
+                b.wait()
+        ratio = busy["median_s"] / idle["median_s"]
+        over = ">" if busy.get("timed_out") or idle.get("timed_out") else ""
+        rows[name] = {"timed_out": bool(over), "idle_s": round(idle["median_s"], 3), "contended_s": round(busy["median_s"], 3),
+                      "ratio": round(ratio, 2), "idle_threads": idle["threads"],
+                      "contended_threads": busy["threads"], "idle_policy": idle["policy"],
+                      "contended_policy": busy["policy"]}
+        print(f"{name:<24} idle {idle['median_s']:6.2f} s ({idle['threads']} threads)   "
+              f"{cores} busy processes {over}{busy['median_s']:6.2f} s ({busy['threads']} threads)   "
+              f"ratio {over}{ratio:.2f}x")
+    print(json.dumps({"model": args.model, "images": len(PROMPTS), "steps": args.steps,
+                      "repeats": args.repeats, "cores": cores, "settings": rows}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="also time guidance limited to LO <= t <= HI, interleaved with the model default")
+    ap.add_argument("--contended", action="store_true",
+                    help="time the command's thread policy idle and while every core is kept busy")
+    ap.add_argument("--compare", action="store_true", help="with --contended: also fixed thread settings")
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="with --contended: seconds one measurement may take before it counts as collapsed "
+                         "(its median is then reported as at least timeout / (repeats + 1))")
+    ap.add_argument("--worker", choices=["policy", "fixed"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+    elif args.contended:
+        contended(args)
+    else:
+        plain(args)
 
 
 if __name__ == "__main__":
