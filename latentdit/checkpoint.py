@@ -24,6 +24,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm and .gelu (format 1: normed cross-attention, tanh GELU)
 PACKAGED = {"shapes": Path(__file__).parent / "weights" / "shapes"}
+# Largest image side, as a multiple of the side the model was trained at: positional embeddings
+# and attention cost (quadratic in tokens) are sized for the training canvas; 4x is 16x the tokens.
+MAX_SIZE_MULTIPLE = 4
 
 
 @dataclass
@@ -187,8 +190,28 @@ def load_weights(directory: str | Path, dtype: torch.dtype | None = torch.float3
     try:
         state = load_file(file)
     except Exception as e:
-        raise ValueError(f"{file} is unreadable or truncated ({e})") from None
+        raise ValueError(f"{file} is unreadable or truncated ({_first_line(e)})") from None
+    check_finite(state, file)
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: str | Path) -> None:
+    """Damaged weight bytes read as NaN or inf (0xFF bytes are NaN): refuse them by name rather
+    than sample black images. Also refuses floating dtypes no latentdit model is stored in."""
+    for name, v in tensors.items():
+        if v.is_floating_point() and v.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{file}: {name} is stored as {v.dtype}; expected float32, float16 or bfloat16")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{file} is damaged: {name} holds {bad} non-finite values (NaN or inf)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
@@ -202,6 +225,8 @@ def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     expected = model.state_dict()
     wrong = [f"{k} is {list(v.shape)}, config.json expects {list(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    wrong += [f"{k} is {v.dtype}, the model needs {expected[k].dtype}" for k, v in state.items()
+              if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
     if wrong:
         raise ValueError(f"{directory}: weights do not match config.json ({'; '.join(wrong[:3])})")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -223,3 +248,24 @@ def component_path(directory: Path, desc: dict[str, Any] | None) -> dict[str, An
         # not a hub id either: a component folder the model folder lacks
         raise ValueError(f"{directory} names a component at {path!r}, which is missing from the folder")
     return desc
+
+
+def check_image_size(height: int | None, width: int | None, *, base: int, step: int,
+                     multiple: int = MAX_SIZE_MULTIPLE) -> tuple[int, int]:
+    """(height, width) in pixels, ``base`` (the training side) where None: positive multiples of
+    ``step`` and at most ``multiple * base``, else a ValueError naming the allowed range."""
+    height, width = base if height is None else height, base if width is None else width
+    largest = multiple * base
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % step:
+            raise ValueError(f"{name} must be a positive multiple of {step}, got {v!r}")
+        if v > largest:
+            raise ValueError(f"{name} {v} is more than {multiple}x the {base} px this model was trained at; "
+                             f"the largest is {largest}")
+    return height, width
+
+
+def size_limits(config: CheckpointConfig) -> tuple[int, int]:
+    """(trained side, side step) in pixels of a model folder's config, read without its weights."""
+    down = int((config.autoencoder or {}).get("downsample", 1))
+    return config.model.base_size * down, config.model.patch_size * down

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from .cli_base import (
     COMMANDS,
     SAMPLER_NAMES,
+    HelpFormatter,
     add_guidance_interval_arg,
     autocast_dtype,
     check_image_out,
+    check_out_folder,
     command,
     load_pipeline,
     save_images,
 )
+from .threads import THREADS_ENV, apply_thread_policy, parse_threads
 
 
 # -- info ------------------------------------------------------------------------------------
@@ -75,19 +81,28 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         "prompt per line; writes OUT/<id>_<k>.png")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --from-file mode")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
-    p.add_argument("--out", default="out.png", help="output PNG (a folder with --from-file)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--out", default=None,
+                   help=f"output image (a folder with --from-file); default: {DEFAULT_OUT}/<prompt>.png, "
+                        f"or the folder {DEFAULT_OUT} with --from-file")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (image k of a prompt uses seed + k)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps; default: the model's (20 for shapes)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; default: the model's (4.5 for shapes)")
     add_guidance_interval_arg(p)
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help="default: the model's (dpmpp_2m for shapes)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels; default: the side the model was trained at (64 for shapes), "
+                        "at most 4x that")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels; default and limit as --height")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
     p.add_argument("--random-tiny", action="store_true",
                    help="demo: an UNTRAINED, randomly initialised tiny model (its images are noise)")
+
+
+DEFAULT_OUT = "out"  # git ignores it; the working directory stays clean
 
 
 @command("generate", "generate images from a prompt")(_generate_args)
@@ -97,10 +112,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.from_file):
         raise ValueError("give either a prompt or --from-file FILE")
     items = read_prompt_file(args.from_file) if args.from_file else None
+    if args.out is None:
+        args.out = DEFAULT_OUT if items else str(Path(DEFAULT_OUT) / f"{slug(args.prompt)}.png")
     if items is None:
         check_image_out(args.out)
-    elif Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; with --from-file it names the folder to write into")
+    else:
+        check_out_folder(args.out)
+    _check_generate_numbers(args)
     pipe = _random_tiny_pipeline() if args.random_tiny else load_pipeline(args.model)
     kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
               sampler=args.sampler,
@@ -110,8 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
         return save_images(pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw), args.out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(items), max(1, args.batch_size)):
-        chunk = items[start: start + max(1, args.batch_size)]
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start: start + args.batch_size]
         seeds = [it.get("seed", args.seed + 1000 * (start + i)) + k for i, it in enumerate(chunk)
                  for k in range(args.num_images)]
         negative = [it.get("negative", args.negative or "") for it in chunk]
@@ -130,7 +148,10 @@ def _generate_classes(args: argparse.Namespace) -> int:
 
     if args.prompt or args.from_file:
         raise ValueError("give a prompt, --from-file or --class, not several")
+    if args.out is None:
+        args.out = str(Path(DEFAULT_OUT) / f"class-{slug(args.class_)}.png")
     check_image_out(args.out)
+    _check_generate_numbers(args)
     names = load_config(resolve(args.model)).extra.get("classes")
     pipe = load_pipeline(args.model)
     ids = class_ids(args.class_, pipe.model.config.num_classes, names)
@@ -158,6 +179,35 @@ def class_ids(spec: str, num_classes: int, names: list[str] | None) -> list[int]
     known = f"names {names}" if names else "no class names"
     raise ValueError(f"--class {spec!r}: not a class id in [0, {num_classes - 1}] or a class name (the model "
                      f"has {known})")
+
+
+def slug(prompt: str, limit: int = 60) -> str:
+    """A file name from a prompt: "a red circle" -> "a-red-circle"."""
+    text = "".join(c if c.isalnum() else "-" for c in prompt.lower())
+    return "-".join(filter(None, text.split("-")))[:limit].strip("-") or "image"
+
+
+def _check_generate_numbers(args: argparse.Namespace) -> None:
+    """Every number, checked before the model loads (loading takes seconds); the size limits come
+    from the model's config.json alone."""
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.guidance_interval is not None:
+        from .config import check_guidance_interval
+
+        check_guidance_interval(tuple(args.guidance_interval))
+    if not -2**63 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    if args.random_tiny:
+        return
+    from .checkpoint import check_image_size, load_config, resolve, size_limits
+
+    base, step = size_limits(load_config(resolve(args.model)))
+    check_image_size(args.height, args.width, base=base, step=step)
 
 
 def read_prompt_file(path: str) -> list[dict]:
@@ -220,13 +270,29 @@ def _random_tiny_pipeline():
 
 
 # -- main ------------------------------------------------------------------------------------
+DEBUG_ENV = "LATENTDIT_DEBUG"
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_optional_commands()
-    parser = argparse.ArgumentParser(prog="latentdit", description="latent diffusion transformer toolkit")
+    parser = argparse.ArgumentParser(prog="latentdit", description="latent diffusion transformer toolkit",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = _common_args()
     for name, (setup, _, help) in COMMANDS.items():
-        setup(sub.add_parser(name, help=help, description=help))
+        setup(sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter))
     return parser
+
+
+def _common_args() -> argparse.ArgumentParser:
+    """Flags every subcommand takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (0 or unset: one per core that other programs leave free; "
+                        f"also {THREADS_ENV})")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the full traceback of an error (also {DEBUG_ENV}=1)")
+    return p
 
 
 def _load_optional_commands() -> None:
@@ -238,17 +304,48 @@ ACCEPTS_OVERRIDES = {"train", "train-ae"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Any failure is one line on stderr and a non-zero exit: 2 for bad input
+    or an unreadable / unwritable file, 1 for a failure while running (e.g. a diverged training
+    run); ``--debug`` or ``LATENTDIT_DEBUG=1`` also prints the traceback."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ACCEPTS_OVERRIDES:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        _threads(args)
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"latentdit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"latentdit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for every failure; the traceback only when asked for
+        if debug:
+            traceback.print_exc()
+        print(f"latentdit {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, OSError)) else 1
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line: the first line of its message, led by its type unless it is a
+    ValueError or OSError (bad input, a file problem: the message says it all)."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text and isinstance(e, (ValueError, OSError)):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _threads(args: argparse.Namespace) -> None:
+    """Apply the thread policy before torch loads OpenMP (heavy imports happen inside the commands).
+    Called in-process after torch has loaded (tests, notebooks), only an explicit count applies."""
+    threads = parse_threads(args.threads, "--threads")
+    explicit = threads or os.environ.get(THREADS_ENV)
+    if "torch" not in sys.modules or explicit:
+        policy = apply_thread_policy(threads)
+        if args.debug:
+            print(f"latentdit: {policy.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

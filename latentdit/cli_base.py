@@ -8,6 +8,7 @@ register their subcommands here, so no subcommand module imports ``cli.py`` back
 from __future__ import annotations
 
 import argparse
+import tempfile
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,19 @@ Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Setup, Run, str]] = {}
 SAMPLER_NAMES = list(typing.get_args(SamplerName))  # the config's names; samplers.py need not load
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default (unless it is None, False or already in the help
+    text) and keeps epilogs' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if ("%(default)" in help or "default" in help.lower() or default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == []):
+            return help
+        return f"{help} (default: %(default)s)" if help else "default: %(default)s"
 
 
 def command(name: str, help: str):
@@ -46,7 +60,31 @@ def check_image_out(out: str | Path, flag: str = "--out") -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"{flag} {out}: cannot make its folder ({e.strerror})") from None
+    check_writable(out.parent, f"{flag} {out}")
     return out
+
+
+def check_out_folder(out: str | Path, flag: str = "--out") -> Path:
+    """A folder to write files into, checked before any work: not a file, creatable, writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; with --from-file it names the folder to write into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {out}: cannot make this folder ({e.strerror})") from None
+    check_writable(out, f"{flag} {out}")
+    return out
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: a read-only or full disk is found before the model
+    runs, not after minutes of sampling."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentdit-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write into {folder} ({e.strerror or e})") from None
 
 
 def write_images(images, out: Path) -> list[Path]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .checkpoint import CheckpointConfig, component_path, load_denoiser
+from .checkpoint import CheckpointConfig, check_image_size, component_path, load_denoiser
 from .config import SamplingConfig, check_guidance_interval
 from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
@@ -168,11 +168,8 @@ class Text2Image:
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         d = self.autoencoder.downsample
-        base = self.model.config.base_size * d
-        height, width = base if height is None else height, base if width is None else width
-        step = d * self.model.config.patch_size
-        if height % step or width % step or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {step}, got {height}x{width}")
+        height, width = check_image_size(height, width, base=self.model.config.base_size * d,
+                                         step=d * self.model.config.patch_size)
         return self.model.config.in_channels, height // d, width // d
 
     def noise(self, seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
@@ -196,6 +193,7 @@ class Text2Image:
 
         def hook(i: int, t: Tensor, x_next: Tensor, x0: Tensor) -> Tensor | None:
             bar.update(1)
+            check_finite_sample(x_next, f"step {i + 1} of {len(ts) - 1}")
             return on_step(i, t, x_next, x0) if on_step else None
 
         try:
@@ -245,12 +243,21 @@ class Text2Image:
     def decode(self, latents: Tensor, output_type: str = "pil") -> list[Image.Image] | Tensor:
         if output_type == "latent":
             return latents
+        check_finite_sample(latents, "the end of sampling")
         images = self.autoencoder.decode(latents.float())
+        check_finite_sample(images, "decoding")
         if output_type == "tensor":
             return images
         if output_type != "pil":
             raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
         return to_pil(images)
+
+
+def check_finite_sample(x: Tensor, where: str) -> None:
+    """A non-finite sample would be written as a black or garbage image: stop and say where."""
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"sampling produced non-finite values (NaN or inf) at {where}; the model "
+                                 "weights may be damaged, or try --fp32")
 
 
 def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:

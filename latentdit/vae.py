@@ -295,7 +295,19 @@ def _load_kl(path: str | None, device: str | torch.device, dtype: torch.dtype | 
         )
     except (OSError, ValueError) as err:
         raise AutoencoderNotAvailable(_missing_message(path, err)) from None
+    except Exception as err:  # safetensors' own error on damaged or truncated bytes
+        raise ValueError(f"the autoencoder weights in {source} are unreadable or truncated "
+                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    _check_finite_params(vae, source)
     return KLAutoencoder(vae.to(device), path=path)
+
+
+def _check_finite_params(vae: torch.nn.Module, source: str) -> None:
+    """Damaged weight bytes read as NaN or inf: name the file instead of decoding black images."""
+    for name, p in vae.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"the autoencoder weights in {source} are damaged: {name} holds non-finite "
+                             "values (NaN or inf)")
 
 
 def _vae_subfolder(source: str) -> str:
