@@ -258,7 +258,7 @@ def check_image_size(height: int | None, width: int | None, *, base: int, step: 
     largest = multiple * base
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % step:
-            raise ValueError(f"{name} must be a positive multiple of {step}, got {v!r}")
+            raise ValueError(f"height and width must be positive multiples of {step}, got {name} {v!r}")
         if v > largest:
             raise ValueError(f"{name} {v} is more than {multiple}x the {base} px this model was trained at; "
                              f"the largest is {largest}")

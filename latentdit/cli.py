@@ -213,7 +213,10 @@ def _check_generate_numbers(args: argparse.Namespace) -> None:
 def read_prompt_file(path: str) -> list[dict]:
     """JSONL lines ``{"id", "prompt", ...}`` (id defaults to the line number) or plain text, one
     prompt per line (id = line number). Blank lines are skipped but still counted."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); give one prompt or JSON object per line") from None
     items, lines = [], {}
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

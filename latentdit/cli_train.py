@@ -60,17 +60,55 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fields_epilog(cls: type, prefix: str = "") -> str:
-    """A one-line-per-field listing of a config dataclass for ``--help``."""
+def fields_epilog(cls: type, prefix: str = "", values: dict[str, Any] | None = None) -> str:
+    """A one-line-per-field listing of a config dataclass for ``--help``: each field's value in
+    ``values`` (a preset's config) where given, else the dataclass default."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        value = (values or {}).get(f.name, dataclasses.MISSING)
         if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(fields_epilog(hints[f.name], f"{prefix}{f.name}."))
+            lines.append(fields_epilog(hints[f.name], f"{prefix}{f.name}.",
+                                       value if isinstance(value, dict) else None))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else "..."
-            lines.append(f"  --{prefix}{f.name} (default {default!r})")
+            if value is dataclasses.MISSING:
+                value = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else "...")
+            lines.append(f"  --{prefix}{f.name} (default {value!r})")
     return "\n".join(lines)
+
+
+class _PresetAction(argparse.Action):
+    """Stores --preset / --objective and rewrites the epilog to list the chosen preset's values,
+    so that ``train --preset NAME --help`` shows what that preset uses."""
+
+    def __init__(self, *args: Any, epilog: typing.Callable[[argparse.Namespace], str], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.epilog = epilog
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        parser.epilog = self.epilog(namespace)
+
+
+def _train_epilog(ns: argparse.Namespace) -> str:
+    from .train_config import TrainConfig, recipe_dict
+
+    preset = getattr(ns, "preset", None) or "shapes-small"
+    objective = getattr(ns, "objective", None)
+    head = f"defaults below are those of preset {preset}" + (f" with objective {objective}" if objective else "")
+    return f"{OVERRIDES_HELP};\n{head} (--preset NAME --help lists another's):\n" + fields_epilog(
+        TrainConfig, values=recipe_dict(preset, objective))
+
+
+def _ae_epilog(ns: argparse.Namespace) -> str:
+    from .train_config import AE_PRESETS, AEConfig
+
+    preset = getattr(ns, "preset", None) or "shapes-fast"
+    values = {} if preset == "none" else dict(AE_PRESETS[preset])
+    head = "defaults below are AEConfig's" if preset == "none" else f"defaults below are those of preset {preset}"
+    return f"{OVERRIDES_HELP};\n{head} (--preset NAME --help lists another's):\n" + fields_epilog(
+        AEConfig, values=values)
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
@@ -153,15 +191,15 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 # -- train-ae ----------------------------------------------------------------------------------
 def _train_ae_args(p: argparse.ArgumentParser) -> None:
-    from .train_config import AE_PRESETS, AEConfig
+    from .train_config import AE_PRESETS
 
     p.add_argument("--out", required=True, help="run folder; the autoencoder lands in OUT/autoencoder")
     p.add_argument("--preset", default="shapes-fast", choices=sorted(AE_PRESETS) + ["none"],
+                   action=_PresetAction, epilog=_ae_epilog,
                    help="named recipe the config file and overrides apply on top of ('none': AEConfig defaults)")
     p.add_argument("--config", default=None, help="JSON file of AEConfig fields")
     p.add_argument("--no-progress", action="store_true")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = OVERRIDES_HELP + ":\n" + fields_epilog(AEConfig)
+    p.epilog = _ae_epilog(argparse.Namespace())
 
 
 @command("train-ae", "train the image autoencoder (diffusers AutoencoderKL)")(_train_ae_args)
@@ -179,18 +217,19 @@ def run_train_ae(args: argparse.Namespace) -> int:
 
 # -- train -------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train_config import OBJECTIVES, RECIPES, TrainConfig
+    from .train_config import OBJECTIVES, RECIPES
 
-    p.add_argument("--preset", default="shapes-small", choices=sorted(RECIPES), help="named recipe")
-    p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES),
-                   help="flow (default: flow path, velocity, logit-normal t), tld (original TLD), "
-                        "dit (vp-linear + eps)")
+    p.add_argument("--preset", default="shapes-small", choices=sorted(RECIPES), help="named recipe",
+                   action=_PresetAction, epilog=_train_epilog)
+    p.add_argument("--objective", default=None, choices=sorted(OBJECTIVES), action=_PresetAction,
+                   epilog=_train_epilog,
+                   help="flow (flow path, velocity, logit-normal t), tld (original TLD), "
+                        "dit (vp-linear + eps); default: the preset's")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--print-config", action="store_true", help="print the final config and exit")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = OVERRIDES_HELP + ":\n" + fields_epilog(TrainConfig)
+    p.epilog = _train_epilog(argparse.Namespace())
 
 
 @command("train", "train a denoiser on preprocessed shards (accelerate launch -m latentdit train ...)")(_train_args)
@@ -226,19 +265,25 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from safetensors.torch import load_file
 
     from .config import upgrade_stored_model
     from .shards import ShardReader
     from .train import export, make_config
-    from .train_state import find_checkpoint
+    from .train_state import find_checkpoint, newest_good, read_info, read_tensors
 
-    folder = find_checkpoint(Path(args.run), args.checkpoint)
-    if folder is None:
-        raise ValueError(f"no checkpoint in {args.run}/checkpoints")
-    stored = json.loads((folder / "state.json").read_text())["config"]
+    def read(folder: Path) -> tuple[dict, dict]:
+        return read_info(folder), read_tensors(folder / "ema.safetensors")
+
+    if args.checkpoint == "latest":  # the newest good checkpoint; damaged ones are named
+        found = newest_good(Path(args.run), read)
+        if found is None:
+            raise ValueError(f"no checkpoint in {args.run}/checkpoints")
+        folder, (info, ema) = found
+    else:
+        folder = find_checkpoint(Path(args.run), args.checkpoint)
+        info, ema = read(folder)
+    stored = info["config"]
     cfg = make_config({**stored, "model": upgrade_stored_model(stored["model"])})
-    ema = load_file(folder / "ema.safetensors")
     out = export(cfg, ema, ShardReader(cfg.data), Path(args.out), torch.float16 if args.fp16 else None)
     print(out)
     return 0

@@ -302,7 +302,7 @@ def load_json(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from None
 
 

@@ -87,8 +87,8 @@ def read_manifest(directory: Path) -> dict:
         raise ValueError(f"{directory} has no {MANIFEST}; run preprocess (latentdit.data.preprocess) first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg}); re-run preprocess") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({getattr(err, 'msg', err)}); re-run preprocess") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version", 0) > VERSION:
@@ -143,11 +143,11 @@ class ShardReader:
     def _check_shard(self, entry: dict) -> None:
         """Cheap checks (sizes, header, row counts); contents are checksummed when loaded."""
         name, path = entry["name"], self.directory / entry["name"]
-        bad = ValueError(f"{name} is truncated or corrupt; re-run preprocess")
+        bad = ValueError(f"shard {path} is truncated or corrupt; re-run preprocess")
         if not path.is_file() or entry.get("bytes") not in (None, path.stat().st_size):
             raise bad
         if not sidecar_ok(self.directory, entry):
-            raise ValueError(f"{sidecar_name(name)} is missing or truncated; re-run preprocess")
+            raise ValueError(f"{self.directory / sidecar_name(name)} is missing or truncated; re-run preprocess")
         try:
             with safe_open(path, "pt") as f:
                 rows = {k: f.get_slice(k).get_shape()[0] for k in ("latents", "tokens", "mask", "pooled")}
@@ -260,7 +260,7 @@ class ShardReader:
     def _load(self, k: int) -> dict:
         entry = self.manifest["shards"][k]
         raw = (self.directory / entry["name"]).read_bytes()
-        bad = ValueError(f"{entry['name']} is truncated or corrupt; re-run preprocess")
+        bad = ValueError(f"shard {self.directory / entry['name']} is truncated or corrupt; re-run preprocess")
         if entry.get("crc32") not in (None, crc(raw)):
             raise bad
         try:
@@ -270,11 +270,7 @@ class ShardReader:
         latents = t["latents"]
         if "latent_scale" in t:  # uint8 codes; dequantised here, per shard scale
             latents = dequantize_latents(latents, float(t["latent_scale"]))
-        lines = (self.directory / sidecar_name(entry["name"])).read_text(encoding="utf-8").splitlines()
-        if len(lines) != entry["count"]:
-            raise ValueError(f"{sidecar_name(entry['name'])} has {len(lines)} rows, expected "
-                             f"{entry['count']}; re-run preprocess")
-        captions = [json.loads(line)["caption"] for line in lines]
+        captions = [row["caption"] for row in self._sidecar(entry)]
         if self.num_classes and "labels" not in t:
             raise ValueError(f"{entry['name']} has no labels but the manifest says it should; re-run preprocess")
         return {"latents": latents, "tokens": t["tokens"], "mask": t["mask"].bool(), "pooled": t["pooled"],
@@ -282,8 +278,18 @@ class ShardReader:
 
     def rows(self, shard: int) -> list[dict]:
         """The sidecar rows ({"caption", "attributes"}) of one shard, in storage order."""
-        name = sidecar_name(self.manifest["shards"][shard]["name"])
-        return [json.loads(line) for line in (self.directory / name).read_text(encoding="utf-8").splitlines()]
+        return self._sidecar(self.manifest["shards"][shard])
+
+    def _sidecar(self, entry: dict) -> list[dict]:
+        path = self.directory / sidecar_name(entry["name"])
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is corrupt ({err}); re-run preprocess") from None
+        if len(rows) != entry["count"] or not all(isinstance(r, dict) and "caption" in r for r in rows):
+            raise ValueError(f"{path} has {len(rows)} rows, expected {entry['count']} with captions; "
+                             "re-run preprocess")
+        return rows
 
 
 def same_description(a: dict, b: dict) -> bool:

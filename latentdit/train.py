@@ -32,7 +32,7 @@ from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where
     make_config,
     recipe_dict,
 )
-from .train_state import TrainState, find_checkpoint, load_state, prune_checkpoints, save_state
+from .train_state import TrainState, prune_checkpoints, resume_state, save_state
 
 
 # -- the loss ----------------------------------------------------------------------------------
@@ -150,12 +150,16 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     return _finish(cfg, acc, model, ema, reader, state, log)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last checkpoint before them is kept."""
+
+
 def _account(state: TrainState, ok: bool, cfg: TrainConfig) -> None:
     """Count skipped (non-finite) steps; too many in a row means the run has diverged."""
     state.bad_streak = 0 if ok else state.bad_streak + 1
     state.bad_total += 0 if ok else 1
     if state.bad_streak >= cfg.max_bad_steps:
-        raise RuntimeError(
+        raise TrainingDiverged(
             f"{state.bad_streak} non-finite steps in a row at step {state.step}: training diverged. "
             "Lower optim.lr, keep mixed_precision bf16 off fp16, or check the data for NaNs.")
 
@@ -201,13 +205,9 @@ def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
     opt = make_optimizer(model, cfg)
     state = TrainState(generator=torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index))
     if resume:
-        found = find_checkpoint(Path(cfg.out), resume)
-        if found is not None:
-            load_state(found, model, ema, opt, state, acc.process_index)
-            if acc.is_main_process:
-                print(f"resumed from {found} at step {state.step}")
-        elif resume != "latest":
-            raise ValueError(f"checkpoint {resume} not found")
+        found = resume_state(Path(cfg.out), resume, model, ema, opt, state, acc.process_index)
+        if found is not None and acc.is_main_process:
+            print(f"resumed from {found} at step {state.step}")
     return model, ema, opt, state
 
 
@@ -277,7 +277,7 @@ class _Logger:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
             self.tb = _tensorboard(Path(cfg.out) / "tb")
-            self.jsonl = open(Path(cfg.out) / "metrics.jsonl", "a")
+            self.jsonl = open(_metrics_upto(Path(cfg.out) / "metrics.jsonl", start), "a")
 
     def step(self, state: TrainState, loss: Tensor, norm: Tensor, ok: bool, lr: float, micro) -> None:
         if ok:
@@ -292,16 +292,20 @@ class _Logger:
 
     def _emit(self, state: TrainState, norm: Tensor, lr: float) -> None:
         elapsed = time.perf_counter() - self.t0
-        row = {"step": state.step, "loss": float(self.loss_sum) / max(1, self.count), "lr": lr,
-               "grad_norm": float(norm), "images_per_s": self.images / max(elapsed, 1e-9),
-               "skipped": state.bad_total}
+        # Strict JSON: a window of only skipped steps has no loss, a non-finite norm is null.
+        loss = float(self.loss_sum) / self.count if self.count else None
+        norm = float(norm) if bool(torch.isfinite(norm)) else None
+        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
+               "images_per_s": self.images / max(elapsed, 1e-9), "skipped": state.bad_total}
         self.history.append(row)
-        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", ips=f"{row['images_per_s']:.1f}")
+        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
+                             ips=f"{row['images_per_s']:.1f}")
         if self.tb is not None:
             for k in ("loss", "lr", "grad_norm", "images_per_s"):
-                self.tb.add_scalar(f"train/{k}", row[k], state.step)
+                if row[k] is not None:
+                    self.tb.add_scalar(f"train/{k}", row[k], state.step)
         self.loss_sum, self.count, self.images, self.t0 = torch.zeros(()), 0, 0, time.perf_counter()
 
     def close(self) -> None:
@@ -310,6 +314,22 @@ class _Logger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _metrics_upto(file: Path, step: int) -> Path:
+    """Drop rows after ``step`` (the resume point: those steps run again) and any line a kill cut
+    short, so the log holds each step once."""
+    if not file.exists():
+        return file
+    keep = []
+    for line in file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(file, "".join(keep).encode())
+    return file
 
 
 def _tensorboard(folder: Path):

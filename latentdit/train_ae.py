@@ -321,10 +321,15 @@ def load_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
     from safetensors import safe_open
 
     file = out / CHECKPOINT
-    with safe_open(str(file), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["state"])
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["state"])
+        tensors = load_file(str(file))
+    except Exception as e:  # truncated or corrupt bytes: name the file, never a safetensors traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint file {file} is unreadable or damaged ({reason}); delete it to "
+                         "start over") from None
     _check_same_run(from_dict(AEConfig, meta["config"]), cfg, file)
-    tensors = load_file(str(file))
     vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
     opt.load_state_dict(unflatten_optimizer(optim, meta["optimizer"]))

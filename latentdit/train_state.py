@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,31 +82,116 @@ def _write_main(tmp: Path, model, ema, opt, state: TrainState, config: dict[str,
     (tmp / "state.json").write_text(json.dumps(info, indent=1))
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that cannot be read back as written (truncated, corrupt, non-finite)."""
+
+
+@dataclass
+class _Loaded:
+    info: dict[str, Any]
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict[str, Tensor]
+    rng: Tensor | None
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    """``state.json``, or CheckpointDamaged naming it and what is wrong."""
+    file = folder / "state.json"
+    try:
+        info = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointDamaged(f"{file} is unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointDamaged(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    need = ("step", "bad_streak", "bad_total", "optimizer", "config")
+    missing = [k for k in need if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise CheckpointDamaged(f"{file} lacks {', '.join(missing)}")
+    return info
+
+
+def read_checkpoint(folder: Path, rank: int = 0) -> _Loaded:
+    """Every file of a checkpoint, read and checked before any of it is applied."""
+    rng = folder / f"rng-rank{rank}.safetensors"
+    return _Loaded(read_info(folder), read_tensors(folder / "model.safetensors"),
+                   read_tensors(folder / "ema.safetensors"), read_tensors(folder / "optimizer.safetensors"),
+                   read_tensors(rng, finite=False)["generator"] if rng.exists() else None)
+
+
 def load_state(folder: Path, model: torch.nn.Module, ema: dict[str, Tensor], opt, state: TrainState,
                rank: int) -> None:
-    info = json.loads((folder / "state.json").read_text())
+    apply_checkpoint(folder, read_checkpoint(folder, rank), model, ema, opt, state, rank)
+
+
+def apply_checkpoint(folder: Path, loaded: _Loaded, model: torch.nn.Module, ema: dict[str, Tensor], opt,
+                     state: TrainState, rank: int) -> None:
+    info = loaded.info
     try:
-        model.load_state_dict(_load(folder / "model.safetensors"))
+        model.load_state_dict(loaded.model)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise ValueError(f"{folder} holds weights for a different architecture than this run's "
                          f"model config ({first}); resume with the options the run started with") from None
-    for name, value in _load(folder / "ema.safetensors").items():
+    for name, value in loaded.ema.items():
         ema[name].copy_(value)
-    opt.load_state_dict(unflatten_optimizer(_load(folder / "optimizer.safetensors"), info["optimizer"]))
+    opt.load_state_dict(unflatten_optimizer(loaded.optimizer, info["optimizer"]))
     state.step, state.bad_streak, state.bad_total = info["step"], info["bad_streak"], info["bad_total"]
-    rng = folder / f"rng-rank{rank}.safetensors"
-    if rng.exists():
-        state.generator.set_state(_load(rng)["generator"])
+    if loaded.rng is not None:
+        state.generator.set_state(loaded.rng)
     else:  # resumed on more processes than were saved: new ranks get a fresh, distinct stream
         state.generator.manual_seed(10_007 * (rank + 1) + state.step)
 
 
-def _load(file: Path) -> dict[str, Tensor]:
+def resume_state(out: Path, spec: str, model: torch.nn.Module, ema: dict[str, Tensor], opt,
+                 state: TrainState, rank: int) -> Path | None:
+    """Load ``spec`` ("latest" or a folder) into the run. "latest" skips damaged checkpoints with
+    a warning naming each and resumes from the newest good one; None if the run has none yet."""
+    if spec != "latest":
+        folder = find_checkpoint(out, spec)
+        apply_checkpoint(folder, read_checkpoint(folder, rank), model, ema, opt, state, rank)
+        return folder
+    found = newest_good(out, lambda folder: read_checkpoint(folder, rank))
+    if found is None:
+        return None
+    apply_checkpoint(*found, model, ema, opt, state, rank)
+    return found[0]
+
+
+def newest_good(out: Path, read: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """(folder, read(folder)) of the newest checkpoint ``read`` accepts; each damaged one is
+    named on stderr. Raises if there are checkpoints and every one is damaged."""
+    damaged = []
+    for _, folder in reversed(list_checkpoints(out)):
+        try:
+            return folder, read(folder)
+        except CheckpointDamaged as e:
+            damaged.append(folder)
+            print(f"warning: skipping damaged checkpoint {folder}: {e}", file=sys.stderr)
+    if damaged:
+        raise CheckpointDamaged(f"every checkpoint in {out / 'checkpoints'} is damaged "
+                                f"({len(damaged)}: newest {damaged[0].name}); see the warnings above")
+    return None
+
+
+def read_tensors(file: Path, finite: bool = True) -> dict[str, Tensor]:
+    """A checkpoint's safetensors file, or CheckpointDamaged naming it (missing, truncated,
+    corrupt, or non-finite values where ``finite``)."""
     try:
-        return load_file(file)
+        tensors = load_file(file)
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"checkpoint file {file} is missing") from None
     except Exception as e:
-        raise ValueError(f"checkpoint file {file} is unreadable or truncated ({e})") from None
+        raise CheckpointDamaged(f"checkpoint file {file} is unreadable or truncated ({_first_line(e)})") from None
+    for name, v in tensors.items() if finite else ():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointDamaged(f"checkpoint file {file} is damaged: {name} holds non-finite values")
+    return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:

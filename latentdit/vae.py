@@ -293,13 +293,20 @@ def _load_kl(path: str | None, device: str | torch.device, dtype: torch.dtype | 
         vae = _from_local_or_hub(
             lambda local: AutoencoderKL.from_pretrained(source, local_files_only=local, **extra), source
         )
-    except (OSError, ValueError) as err:
-        raise AutoencoderNotAvailable(_missing_message(path, err)) from None
-    except Exception as err:  # safetensors' own error on damaged or truncated bytes
-        raise ValueError(f"the autoencoder weights in {source} are unreadable or truncated "
-                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        weights = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(source, f))]
+        if weights and "config" not in reason.lower():  # the files are there, so they are damaged
+            raise ValueError(f"the autoencoder weights in {source} are unreadable or truncated "
+                             f"({reason})") from None
+        if isinstance(err, (OSError, ValueError)):
+            raise AutoencoderNotAvailable(_missing_message(path, err)) from None
+        raise
     _check_finite_params(vae, source)
     return KLAutoencoder(vae.to(device), path=path)
+
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def _check_finite_params(vae: torch.nn.Module, source: str) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the packaged `shapes` model on a 2-core CPU: autoencoder -> shards -> denoiser ->
-# export (fp16, into the package) -> alignment on the held-out split.
+# export (fp16, to $RUN/model) -> alignment on the held-out split.
 #   bash recipes/shapes.sh            # RUN=runs/shapes N=30000 by default
+#   DEST=latentdit/weights/shapes bash recipes/shapes.sh   # replace the packaged model on purpose
 # Each stage prints its wall-clock time ([recipe] lines).
 # Every stage resumes where it stopped if the script is run again.
 set -euo pipefail
@@ -10,7 +11,7 @@ N=${N:-30000}
 AE_STEPS=${AE_STEPS:-3600}
 STEPS=${STEPS:-2700}
 EVAL_N=${EVAL_N:-64}
-DEST=${DEST:-latentdit/weights/shapes}
+DEST=${DEST:-$RUN/model}  # never the packaged weights unless asked for
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 stage() {  # run one stage and say how long it took

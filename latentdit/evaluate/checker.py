@@ -182,7 +182,7 @@ def _box_for(shape: str, moments: tuple, blur: float) -> tuple[float, float, flo
     generations as well as for crisp renders: the variances fix the aspect, the mass the size."""
     area, cu, cv, var_u, var_v = _unit_moments(shape)
     mass, cx, cy, var_x, var_y = moments
-    if var_x <= blur**2 or var_y <= blur**2:
+    if mass <= 0 or not var_x > blur**2 or not var_y > blur**2:  # nothing drawn, or NaN moments
         return None
     w, h = np.sqrt((var_x - blur**2) / var_u), np.sqrt((var_y - blur**2) / var_v)
     scale = np.sqrt(mass / (area * w * h))
