@@ -427,3 +427,20 @@ def test_corrupt_captions_index_is_named(tmp_path, capsys):
     (src / "captions.jsonl").write_bytes(b'{"file": "a.png", "caption": "x"}\n\xff\xfe\n')
     rc, line = run(capsys, "preprocess", "--source", src, "--out", tmp_path / "shards")
     assert rc == 2 and str(src / "captions.jsonl") in line
+
+
+def test_corrupt_eval_prompts_are_named_before_the_model_loads(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "a red circle", "expect": {}}\n\xff\n')
+    rc, line = run(capsys, "eval", "alignment", "--prompts", prompts, "--model", tmp_path / "missing")
+    assert rc == 2 and str(prompts) in line and "not UTF-8" in line
+
+
+def test_damaged_inversion_file_is_named(tmp_path):
+    from latentdit.edit import Inversion
+
+    file = tmp_path / "inv.safetensors"
+    Inversion(torch.zeros(1, 4, 2, 2), torch.linspace(0, 1, 3), "a", "ddim").save(file)
+    truncate(file)
+    with pytest.raises(ValueError, match=f"{file} is not a readable inversion file"):
+        Inversion.load(file)

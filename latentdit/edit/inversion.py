@@ -69,9 +69,16 @@ class Inversion:
     def load(cls, path: str | os.PathLike) -> Inversion:
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            return cls(f.get_tensor("latents"), f.get_tensor("ts"), meta.get("prompt"), meta.get("sampler", "ddim"))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                return cls(f.get_tensor("latents"), f.get_tensor("ts"), meta.get("prompt"),
+                           meta.get("sampler", "ddim"))
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # truncated or corrupt bytes, or not an inversion: name the file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} is not a readable inversion file ({reason})") from None
 
 
 @torch.no_grad()

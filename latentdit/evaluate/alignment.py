@@ -29,7 +29,11 @@ HELDOUT_PAIRS_KEY = "heldout_pairs"
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a prompts JSONL file."""
     items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); it must hold one JSON object per line") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
