@@ -52,7 +52,7 @@ def _img2img_args(p: argparse.ArgumentParser) -> None:
 @command("img2img", "redraw an image following a prompt (SDEdit)")(_img2img_args)
 def run_img2img(args: argparse.Namespace) -> int:
     from .edit import img2img, load_image
-    from .edit.core import check_strength
+    from .plan import check_strength
 
     check_strength(args.strength)
     image = load_image(args.image)
@@ -75,7 +75,7 @@ def _inpaint_args(p: argparse.ArgumentParser) -> None:
 @command("inpaint", "repaint the white area of a mask")(_inpaint_args)
 def run_inpaint(args: argparse.Namespace) -> int:
     from .edit import inpaint, load_image, load_mask
-    from .edit.core import check_strength
+    from .plan import check_strength
 
     check_strength(args.strength)
     image = load_image(args.image)
@@ -167,7 +167,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
 @command("edit", "edit an image by inversion under one prompt and sampling with another")(_edit_args)
 def run_edit(args: argparse.Namespace) -> int:
     from .edit import edit_image, edit_mask, load_image, load_mask
-    from .edit.core import check_strength
+    from .plan import check_strength
     from .vae import to_pil
 
     if check_strength(args.strength) == 0.0:

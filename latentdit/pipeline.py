@@ -1,8 +1,11 @@
-"""``Text2Image``: prompts -> images with classifier-free guidance and any sampler.
+"""``Text2Image``: prompts -> images with classifier-free guidance and any sampler, as public steps.
 
-Guidance lives here (not in the model, not in the samplers): one batched pass over
-[conditional, unconditional] rows, mixed in x0 space. Because x0, eps and v are affine in the
-network output for a fixed x_t, mixing x0 equals mixing eps or v.
+The steps (``prepare``, ``encode``, ``noise``, ``denoiser``, ``sample``, ``decode``) are what
+editing, evaluation and serving build on; ``__call__`` is their shortest composition. Defaults
+(steps, sampler, guidance, its interval, grid) are resolved in one place, ``prepare``; guidance
+and its interval are applied in one place, ``denoiser``: one batched pass over [conditional,
+unconditional] rows, mixed in x0 space. Because x0, eps and v are affine in the network output
+for a fixed x_t, mixing x0 equals mixing eps or v.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,18 @@ from .checkpoint import CheckpointConfig, check_image_size, component_path, load
 from .config import SamplingConfig, check_guidance_interval
 from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
-from .samplers import get_sampler, time_grid
+from .plan import (
+    OutputType,
+    SamplingPlan,
+    check_finite,
+    check_output_type,
+    check_positive,
+    check_strength,
+    negative_list,
+    prompt_list,
+    seed_list,
+)
+from .samplers import Denoise, OnStep, get_sampler, time_grid
 from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
 from .vae import Autoencoder, load_autoencoder, to_pil
@@ -66,7 +78,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 class Text2Image:
-    """A latent text-to-image (or class-to-image) pipeline around a ``Denoiser``."""
+    """A latent text-to-image (or class-to-image) pipeline around a ``Denoiser``.
+
+    ``pipe(prompts, ...)`` composes six public steps, which editing (and anything else that
+    samples) calls instead of re-implementing them::
+
+        plan = pipe.prepare(steps, sampler=..., guidance_scale=..., strength=1.0)  # options + grid
+        cond, uncond = pipe.encode(prompts, negative)          # uncond: null condition if no negative
+        x = pipe.noise(seed_list(seed, n), pipe.latent_shape(height, width))
+        denoise = pipe.denoiser(cond, uncond, plan.guidance_scale, dtype,
+                                guidance_interval=plan.guidance_interval)
+        latents = pipe.sample(x, denoise, plan, seed=seeds[0])
+        images = pipe.decode(latents, "pil")
+    """
 
     def __init__(self, model: Denoiser, autoencoder: Autoencoder, text_encoder: TextEncoder | None = None,
                  path: NoisePath | None = None, sampling: SamplingConfig | None = None,
@@ -92,7 +116,38 @@ class Text2Image:
                    text_encoder or _load_text(config, directory, device),
                    NoisePath(config.diffusion.path), config.sampling, device)
 
-    # -- conditioning -----------------------------------------------------------------------
+    # -- step 1: options and the time grid --------------------------------------------
+    def prepare(self, steps: int | None = None, *, sampler: str | None = None,
+                guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
+                grid: str | None = None, shift: float | None = None, eta: float | None = None,
+                strength: float = 1.0) -> SamplingPlan:
+        """Step 1: every option left None replaced by the sampling config's, checked, and the time
+        grid. ``strength`` < 1 starts the grid at ``t = strength`` and runs
+        ``max(1, round(steps * strength))`` of the ``steps`` (diffusers' img2img count)."""
+        steps = check_positive(self.sampling.steps if steps is None else steps, "steps")
+        strength = check_strength(strength)
+        if strength == 0.0:
+            raise ValueError("sampling needs strength > 0 (at 0 there is nothing to sample)")
+        if strength < 1.0:
+            steps = max(1, round(steps * strength))
+        name = sampler or self.sampling.sampler
+        get_sampler(name)  # an unknown name fails here, before any encoding
+        interval = self.sampling.guidance_interval if guidance_interval is None else guidance_interval
+        g = self.sampling.guidance_scale if guidance_scale is None else guidance_scale
+        return SamplingPlan(steps=steps, ts=self.grid(steps, grid, shift, t_start=strength), sampler=name,
+                            options={"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {},
+                            guidance_scale=check_finite(g, "guidance scale"),
+                            guidance_interval=check_guidance_interval(interval))
+
+
+    def grid(self, steps: int, grid: str | None = None, shift: float | None = None,
+             t_start: float = 1.0) -> Tensor:
+        """The decreasing time grid of ``steps`` steps from ``t_start`` to 0 (``prepare`` calls it)."""
+        grid = grid or self.sampling.grid
+        shift = self.sampling.shift if shift is None else shift
+        return time_grid(steps, self.path, grid, shift=shift, t_max=t_start)
+
+    # -- step 2: conditioning ------------------------------------------------------------
     def encode(self, prompts: Sequence[str | int],
                negative: Sequence[str] | None = None) -> tuple[Condition, Condition]:
         """(conditional, unconditional) rows. Without a negative prompt the unconditional row
@@ -111,17 +166,59 @@ class Text2Image:
         cond = rows.map(lambda v: v[:n])
         if negative:
             return cond, rows.map(lambda v: v[n:])
-        length = rows.text.shape[1] if rows.text is not None else 1
-        null = Condition(*self.model.null_condition(n, length))
-        return cond, null.map(lambda v: v.detach())
+        return cond, self.null_condition(cond)
 
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Scaled latents of (N, 3, H, W) images in [-1, 1], after checking the size suits the model."""
+        h, w = images.shape[-2:]
+        step = self.autoencoder.downsample * self.model.config.patch_size
+        if h % step or w % step:
+            raise ValueError(f"the image is {w}x{h} (width x height); this model needs both sides to be "
+                             f"multiples of {step}: resize or crop it")
+        return self.autoencoder.encode(images.to(self.device))
+
+    def null_condition(self, like: Condition) -> Condition:
+        """The learned null condition with the rows and token length of ``like``: what ``encode``
+        pairs with a prompt that has no negative prompt, and the unconditional model alone."""
+        if like.labels is not None:
+            return Condition(labels=torch.full_like(like.labels, self.model.config.num_classes))
+        rows = next(v for v in (like.text, like.pooled) if v is not None).shape[0]
+        length = like.text.shape[1] if like.text is not None else 1
+        return Condition(*self.model.null_condition(rows, length)).map(lambda v: v.detach())
+
+    def unconditional(self, n: int = 1) -> Condition:
+        """n rows of the null condition with the token length of an empty prompt (no prompt at all)."""
+        empty = self.encode([0 if self.model.config.num_classes else ""])[1]
+        return empty.repeat(n)
+
+    # -- step 3: the starting latents -------------------------------------------------
+    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a height x width image (default: the model's base size)."""
+        d = self.autoencoder.downsample
+        height, width = check_image_size(height, width, base=self.model.config.base_size * d,
+                                         step=d * self.model.config.patch_size)
+        return self.model.config.in_channels, height // d, width // d
+
+    def noise(self, seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
+        """Step 3: one independently seeded noise tensor per image (seeds from ``seeds``), so an
+        image does not depend on the batch it was drawn in."""
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(rows).to(self.device)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: float) -> Tensor:
+        """x_t = alpha(t) x0 + sigma(t) noise at one time t for the whole batch (exactly ``noise``
+        at flow's t = 1): where img2img and inpainting start, and what inpainting re-imposes."""
+        alpha, sigma = self.path.alpha_sigma(torch.tensor(float(t), dtype=torch.float64))
+        return float(alpha) * x0 + float(sigma) * noise
+
+    # -- step 4: the guided denoiser ---------------------------------------------------
     def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
                  dtype: torch.dtype | None = torch.bfloat16, mask_latent: Tensor | None = None,
                  guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Callable[[Tensor, Tensor], Tensor]:
         """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1 and
         ``guidance_interval[0] <= t <= guidance_interval[1]`` (one conditional pass elsewhere).
         ``mask_latent``: an inpainting variant's extra input channels, one row per image."""
-        guidance_scale = _finite(guidance_scale, "guidance scale")
+        guidance_scale = check_finite(guidance_scale, "guidance scale")
         guided = uncond is not None and guidance_scale != 1.0
         lo, hi = check_guidance_interval(guidance_interval)
         both = Condition.cat(cond, uncond) if guided else cond
@@ -145,6 +242,20 @@ class Text2Image:
 
         return denoise
 
+    def prompt_denoiser(self, prompt: str | int | None, plan: SamplingPlan | None = None, *,
+                        negative_prompt: str | None = None, dtype: torch.dtype | None = torch.bfloat16,
+                        repeat: int = 1, mask_latent: Tensor | None = None) -> Denoise:
+        """``denoiser`` for one prompt, its row repeated ``repeat`` times, guided as ``plan`` says
+        (``plan=None``: the conditional prediction alone, as inversion needs). ``prompt=None``:
+        the null condition alone (unconditional, never guided)."""
+        if prompt is None:
+            return self.denoiser(self.unconditional(repeat), None, 1.0, dtype, mask_latent)
+        cond, uncond = self.encode([prompt], None if negative_prompt is None else [negative_prompt])
+        if plan is None:
+            return self.denoiser(cond.repeat(repeat), None, 1.0, dtype, mask_latent)
+        return self.denoiser(cond.repeat(repeat), uncond.repeat(repeat), plan.guidance_scale, dtype, mask_latent,
+                             plan.guidance_interval)
+
     def inference_model(self, dtype: torch.dtype | None) -> Denoiser:
         """The denoiser for sampling under ``autocast(dtype)``: a copy whose linear and conv
         weights are stored in ``dtype``, which is exactly what autocast would cast them to on
@@ -161,96 +272,61 @@ class Text2Image:
             self._cast = (key, cast)
         return self._cast[1]
 
-    # -- sampling ---------------------------------------------------------------------------
-    def resolve_guidance(self, guidance_scale: float | None) -> float:
-        """``guidance_scale``, or the sampling config's when None (``denoiser`` checks it)."""
-        return self.sampling.guidance_scale if guidance_scale is None else guidance_scale
-
-    def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
-        d = self.autoencoder.downsample
-        height, width = check_image_size(height, width, base=self.model.config.base_size * d,
-                                         step=d * self.model.config.patch_size)
-        return self.model.config.in_channels, height // d, width // d
-
-    def noise(self, seeds: Sequence[int], shape: tuple[int, int, int]) -> Tensor:
-        """One independently seeded noise tensor per image, so an image does not depend on the
-        batch it was drawn in."""
-        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(rows).to(self.device)
-
-    def grid(self, steps: int, grid: str | None = None, shift: float | None = None,
-             t_start: float = 1.0) -> Tensor:
-        grid = grid or self.sampling.grid
-        shift = self.sampling.shift if shift is None else shift
-        return time_grid(steps, self.path, grid, shift=shift, t_max=t_start)
-
-    def sample(self, x: Tensor, denoise: Callable, ts: Tensor, *, sampler: str, seed: int = 0,
-               on_step: Callable | None = None, progress: bool = True, **opts: Any) -> Tensor:
-        """Run a sampler over grid ``ts`` from x, with an optional progress bar."""
-        fn = get_sampler(sampler)
+    # -- steps 5 and 6 ---------------------------------------------------------------------
+    def sample(self, x: Tensor, denoise: Denoise, plan: SamplingPlan, *, seed: int = 0,
+               on_step: OnStep | None = None, progress: bool = True) -> Tensor:
+        """Step 5: the plan's sampler over its grid from x (``seed`` drives a stochastic sampler's
+        noise), with an optional progress bar. ``on_step`` may replace each step's result."""
+        fn = get_sampler(plan.sampler)
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
-        bar = _progress(len(ts) - 1, progress)
+        bar = _progress(len(plan.ts) - 1, progress)
 
         def hook(i: int, t: Tensor, x_next: Tensor, x0: Tensor) -> Tensor | None:
             bar.update(1)
-            check_finite_sample(x_next, f"step {i + 1} of {len(ts) - 1}")
+            check_finite_sample(x_next, f"step {i + 1} of {len(plan.ts) - 1}")
             return on_step(i, t, x_next, x0) if on_step else None
 
         try:
-            return fn(denoise, x, ts.to(x.device), self.path, generator=gen, on_step=hook, **opts)
+            return fn(denoise, x, plan.ts.to(x.device), self.path, generator=gen, on_step=hook, **plan.options)
         finally:
             bar.close()
 
-    @torch.no_grad()
-    def __call__(self, prompts: str | int | Sequence[str | int], negative_prompt: str | Sequence[str] | None = None,
-                 steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
-                 seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
-                 output_type: str = "pil", progress: bool = True, shift: float | None = None,
-                 grid: str | None = None, eta: float | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> list[Image.Image] | Tensor:
-        """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
-        seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
-        ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's)."""
-        if hasattr(prompts, "tolist") and not isinstance(prompts, (str, int)):  # an array of class ids
-            prompts = prompts.tolist()
-        if isinstance(prompts, (str, int)):
-            prompts = [prompts]
-        elif isinstance(prompts, Sequence):
-            prompts = list(prompts)
-        else:
-            raise ValueError(f"prompts must be a string, a class id or a list of them, got {prompts!r}")
-        if not prompts:
-            raise ValueError("no prompts given")
-        k = _positive(num_images_per_prompt, "num_images_per_prompt")
-        steps = _positive(self.sampling.steps if steps is None else steps, "steps")
-        g = self.resolve_guidance(guidance_scale)
-        negative = _negatives(negative_prompt, len(prompts))
-        seeds = _seeds(seed, len(prompts) * k)
-        cond, uncond = self.encode(prompts, negative)
-        x = self.noise(seeds, self.latent_shape(height, width))
-        # An inpainting variant generating from nothing: everything is to be painted.
-        repaint_all = (masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
-                       if is_inpainting(self.model.config) else None)
-        interval = self.sampling.guidance_interval if guidance_interval is None else guidance_interval
-        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), g, dtype, repaint_all, interval)
-        name = sampler or self.sampling.sampler
-        opts = {"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {}
-        latents = self.sample(x, denoise, self.grid(steps, grid, shift), sampler=name,
-                              seed=seeds[0], progress=progress, **opts)
-        return self.decode(latents, output_type)
-
-    def decode(self, latents: Tensor, output_type: str = "pil") -> list[Image.Image] | Tensor:
+    def decode(self, latents: Tensor, output_type: OutputType = "pil") -> list[Image.Image] | Tensor:
+        """Step 6: latents to PIL images, a tensor in [-1, 1] ("tensor") or the latents themselves."""
+        check_output_type(output_type)
         if output_type == "latent":
             return latents
         check_finite_sample(latents, "the end of sampling")
         images = self.autoencoder.decode(latents.float())
         check_finite_sample(images, "decoding")
-        if output_type == "tensor":
-            return images
-        if output_type != "pil":
-            raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
-        return to_pil(images)
+        return images if output_type == "tensor" else to_pil(images)
+
+    # -- the whole call ---------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompts: str | int | Sequence[str | int], negative_prompt: str | Sequence[str] | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
+                 seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
+                 output_type: OutputType = "pil", progress: bool = True, shift: float | None = None,
+                 grid: str | None = None, eta: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> list[Image.Image] | Tensor:
+        """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
+        seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
+        ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's)."""
+        prompts = prompt_list(prompts)
+        k = check_positive(num_images_per_prompt, "num_images_per_prompt")
+        plan = self.prepare(steps, sampler=sampler, guidance_scale=guidance_scale,
+                            guidance_interval=guidance_interval, grid=grid, shift=shift, eta=eta)
+        check_output_type(output_type)
+        seeds = seed_list(seed, len(prompts) * k)
+        cond, uncond = self.encode(prompts, negative_list(negative_prompt, len(prompts)))
+        x = self.noise(seeds, self.latent_shape(height, width))
+        # An inpainting variant generating from nothing: everything is to be painted.
+        repaint_all = (masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
+                       if is_inpainting(self.model.config) else None)
+        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), plan.guidance_scale, dtype, repaint_all,
+                                plan.guidance_interval)
+        return self.decode(self.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
 
 
 def check_finite_sample(x: Tensor, where: str) -> None:
@@ -296,48 +372,6 @@ def _class_labels(prompts: Sequence[Any], num_classes: int, device) -> Tensor:
     if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"class ids must be in [0, {num_classes - 1}], got {labels}")
     return torch.tensor(labels, device=device)
-
-
-def _negatives(negative: str | Sequence[str] | None, n: int) -> list[str] | None:
-    if negative is None:
-        return None
-    negative = [negative] * n if isinstance(negative, str) else list(negative)
-    if len(negative) != n:
-        raise ValueError(f"got {len(negative)} negative prompts for {n} prompts")
-    return negative
-
-
-def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(seed, torch.Tensor):
-        seed = seed.tolist()
-    if isinstance(seed, numbers.Integral):
-        seeds = [int(seed) + i for i in range(n)]
-    elif isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise ValueError(f"seed must be an integer or one integer per image, got {seed!r}")
-    else:
-        seeds = [int(s) if isinstance(s, numbers.Integral) else s for s in seed]
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for {n} images (prompts x num_images_per_prompt)")
-    for s in seeds:
-        if not isinstance(s, int) or not -2**63 <= s < 2**64:
-            raise ValueError(f"seeds must be integers in [-2**63, 2**64), got {s!r}")
-    return seeds
-
-
-def _finite(v: float, name: str) -> float:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v}")
-    return v
-
-
-def _positive(v: int, name: str) -> int:
-    if int(v) < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return int(v)
 
 
 def _progress(total: int, enabled: bool):

@@ -83,7 +83,7 @@ def test_img2img_strength_one_is_the_plain_sample_on_the_flow_path(tiny):
 def test_img2img_runs_strength_times_steps_steps(tiny, monkeypatch):
     seen = []
     original = tiny.sample
-    monkeypatch.setattr(tiny, "sample", lambda x, d, ts, **kw: seen.append(ts.clone()) or original(x, d, ts, **kw))
+    monkeypatch.setattr(tiny, "sample", lambda x, d, plan, **kw: seen.append(plan.ts.clone()) or original(x, d, plan, **kw))
     edit.img2img(tiny, _image(0), "x", strength=0.5, steps=10, output_type="latent")
     assert len(seen[0]) == 6 and float(seen[0][0]) == 0.5 and float(seen[0][-1]) == 0.0
 
@@ -670,3 +670,20 @@ def test_random_box_masks_for_training():
     assert training_mask_latent(x0, torch.Generator().manual_seed(1)).shape == (3, 5, 16, 16)
     with pytest.raises(ValueError, match="min_side"):
         random_box_masks(1, 8, 8, min_side=0.9, max_side=0.5)
+
+
+def test_seed_interpolation_frames_are_samples_of_the_slerped_noise(tiny):
+    """Every frame, the middle ones included, is the sample of ``slerp(noise_a, noise_b, w)``
+    under one prompt: replacing the middle frames by anything else fails here."""
+    frames = edit.interpolate(tiny, "a red circle", (3, 8), frames=4, steps=2)
+    plan = tiny.prepare(2)
+    cond, uncond = tiny.encode(["a red circle"])
+    shape = tiny.latent_shape(None, None)
+    a, b = tiny.noise([3], shape), tiny.noise([8], shape)
+    for k, frame in enumerate(frames):
+        w = k / 3
+        denoise = tiny.denoiser(cond, uncond, plan.guidance_scale, guidance_interval=plan.guidance_interval)
+        latents = tiny.sample(edit.slerp(a, b, w), denoise, plan, seed=8 if k == 3 else 3, progress=False)
+        assert np.array_equal(_arr(frame), _arr(tiny.decode(latents)[0])), f"frame {k}"
+    mid = edit.slerp(a, b, 0.5)
+    assert abs(float(mid.norm() / a.norm()) - 1) < 0.05  # on the sphere, not the shrunken chord

@@ -204,3 +204,61 @@ def test_bf16_inference_copy_equals_autocast_and_follows_weight_changes(tiny_cli
     refreshed = pipe.denoiser(cond, None, 1.0, dtype=torch.bfloat16)
     torch.testing.assert_close(refreshed(x, t), reference(), atol=0, rtol=0)
     assert not torch.equal(refreshed(x, t), fast(x, t))
+
+
+def test_call_is_the_composition_of_the_public_steps(tiny_clip, tiny_vae):
+    """The recipe in ``Text2Image``'s docstring, step by step, gives exactly what ``pipe(...)``
+    gives: what a server or a new editing tool builds on."""
+    from latentdit.plan import seed_list
+
+    pipe = _pipe(tiny_clip, tiny_vae)
+    pipe.sampling = SamplingConfig(steps=3, guidance_scale=4.0, guidance_interval=(0.3, 0.9))
+    plan = pipe.prepare()
+    assert (plan.steps, plan.sampler, plan.guidance_scale, plan.guidance_interval) == (3, "dpmpp_2m", 4.0, (0.3, 0.9))
+    seeds = seed_list(7, 2)
+    cond, uncond = pipe.encode(["a red circle", "a blue square"], ["a star", "a star"])
+    x = pipe.noise(seeds, pipe.latent_shape(16, 16))
+    denoise = pipe.denoiser(cond, uncond, plan.guidance_scale, None, guidance_interval=plan.guidance_interval)
+    latents = pipe.sample(x, denoise, plan, seed=seeds[0], progress=False)
+    out = pipe(["a red circle", "a blue square"], negative_prompt="a star", seed=7, dtype=None, progress=False,
+               output_type="latent")
+    assert torch.equal(latents, out)
+    assert torch.equal(pipe.decode(latents, "tensor"), pipe.autoencoder.decode(latents))
+
+
+def test_prepare_resolves_every_default_and_the_grid_of_a_partial_run(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    pipe.sampling = SamplingConfig(steps=10, sampler="ddim", eta=0.3, guidance_scale=2.5, shift=2.0)
+    plan = pipe.prepare()
+    assert plan.options == {"eta": 0.3} and plan.guidance_interval == (0.0, 1.0)
+    torch.testing.assert_close(plan.ts, pipe.grid(10))
+    assert pipe.prepare(sampler="euler", eta=0.9).options == {}  # eta is DDIM's alone
+    assert pipe.prepare(sampler="ddim", eta=0.9).options == {"eta": 0.9}
+    part = pipe.prepare(strength=0.45, guidance_scale=1.0, guidance_interval=(0.2, 0.8))
+    assert part.steps == 4 and len(part.ts) == 5 and part.t_start == pytest.approx(0.45) and float(part.ts[-1]) == 0
+    assert (part.guidance_scale, part.guidance_interval) == (1.0, (0.2, 0.8))
+    assert pipe.prepare(steps=3, strength=0.01).steps == 1  # at least one step
+    back = part.with_grid(pipe.grid(6))
+    assert back.steps == 6 and back.sampler == "ddim" and back.options == {"eta": 0.3}
+    for kw, match in [(dict(strength=0.0), "strength > 0"), (dict(strength=1.5), r"strength must be in \[0, 1\]"),
+                      (dict(sampler="plms"), "sampler"), (dict(steps=0), "steps must be >= 1"),
+                      (dict(guidance_scale=float("nan")), "guidance scale must be a finite number"),
+                      (dict(guidance_interval=(0.9, 0.1)), "guidance_interval")]:
+        with pytest.raises(ValueError, match=match):
+            pipe.prepare(**kw)
+
+
+def test_add_noise_and_null_conditions(tiny_clip, tiny_vae):
+    pipe = _pipe(tiny_clip, tiny_vae)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(pipe.add_noise(x0, noise, 1.0), noise)  # flow: pure noise at t = 1
+    torch.testing.assert_close(pipe.add_noise(x0, noise, 0.25), 0.75 * x0 + 0.25 * noise)
+    cond, uncond = pipe.encode(["a red circle", "two blue hearts at the bottom"])
+    null = pipe.null_condition(cond)
+    for a, b in ((null.text, uncond.text), (null.mask, uncond.mask), (null.pooled, uncond.pooled)):
+        assert torch.equal(a, b)
+    assert null.text.shape == cond.text.shape and int(null.mask.sum()) == 2  # one learned token per row
+    empty = pipe.unconditional(3)
+    assert empty.text.shape[0] == 3 and torch.equal(empty.text[0, 0], null.text[0, 0])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe.encode_image(torch.zeros(1, 3, 18, 16))

@@ -11,7 +11,6 @@ from PIL import Image
 from torch import Tensor
 
 from ..pipeline import Condition, Text2Image
-from .core import null_like, resolve_steps, run_sampler
 
 
 def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
@@ -78,17 +77,16 @@ def interpolate(pipe: Text2Image, prompts: str | Sequence[str], seeds: int | Seq
         raise ValueError("interpolate needs two different prompts, two different seeds, or both")
     if frames < 2:
         raise ValueError(f"frames must be >= 2, got {frames}")
+    plan = pipe.prepare(steps, sampler=sampler, guidance_scale=guidance_scale)  # as pipe(...) samples
     shape = pipe.latent_shape(height, width)
     ends = [pipe.encode([pa])[0], pipe.encode([pb])[0]]
     noise = [pipe.noise([sa], shape), pipe.noise([sb], shape)]
-    g = pipe.resolve_guidance(guidance_scale)
-    ts = pipe.grid(resolve_steps(pipe, steps))
     images = []
     for k in range(frames):
         w = k / (frames - 1)
         cond = ends[0] if pa == pb else mix_conditions(*ends, w)  # seeds only: one prompt (or class)
-        denoise = pipe.denoiser(cond, null_like(pipe, cond), g, dtype,
-                                guidance_interval=pipe.sampling.guidance_interval)
-        latents = run_sampler(pipe, slerp(*noise, w), denoise, ts, sampler, sb if w == 1 else sa, progress=progress)
+        denoise = pipe.denoiser(cond, pipe.null_condition(cond), plan.guidance_scale, dtype,
+                                guidance_interval=plan.guidance_interval)
+        latents = pipe.sample(slerp(*noise, w), denoise, plan, seed=sb if w == 1 else sa, progress=progress)
         images += pipe.decode(latents, "pil")
     return images

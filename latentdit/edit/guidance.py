@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..pipeline import Text2Image
+from ..plan import OutputType, check_output_type, seed_list
 from ..samplers import Denoise
-from .core import OutputType, check_output, finish, prompt_denoiser, resolve_steps, run_sampler, seed_list
 
 LossFn = Callable[[Tensor], Tensor]  # (N, C, H, W) x0, pixels in [-1, 1] or latents -> (N,) or ()
 
@@ -80,12 +80,11 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    check_output(output_type)
+    check_output_type(output_type)
     seeds = seed_list(seed, num_images)
-    denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds),
-                              guidance_interval=pipe.sampling.guidance_interval)  # as pipe(...)
+    plan = pipe.prepare(steps, sampler=sampler, guidance_scale=guidance_scale)  # as pipe(...) samples
+    denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds))
     decode = pipe.autoencoder.decode_differentiable if space == "pixel" else None
     x = pipe.noise(seeds, pipe.latent_shape(height, width))
-    latents = run_sampler(pipe, x, loss_guided(denoise, loss_fn, scale, decode), pipe.grid(resolve_steps(pipe, steps)),
-                          sampler, seeds[0], progress=progress)
-    return finish(pipe, latents, output_type)
+    latents = pipe.sample(x, loss_guided(denoise, loss_fn, scale, decode), plan, seed=seeds[0], progress=progress)
+    return pipe.decode(latents, output_type)

@@ -17,20 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..pipeline import Text2Image
+from ..plan import OutputType, check_output_type, check_strength, seed_list
 from ..samplers import invert as invert_latents
-from .core import (
-    OutputType,
-    check_output,
-    check_strength,
-    encode,
-    finish,
-    noised,
-    partial_steps,
-    prompt_denoiser,
-    resolve_steps,
-    run_sampler,
-    seed_list,
-)
+from .core import EVERY_STEP, decode_pasted
 from .images import ImageInput, load_image, load_mask
 from .repaint import latent_mask
 
@@ -92,11 +81,11 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
     iterations; other samplers invert naively."""
     if not 0.0 < t_stop <= 1.0:
         raise ValueError(f"t_stop must be in (0, 1], got {t_stop}")
-    x0 = encode(pipe, load_image(image))
-    ts = pipe.grid(resolve_steps(pipe, steps), t_start=t_stop)
+    x0 = pipe.encode_image(load_image(image))
+    ts = pipe.grid(pipe.prepare(steps, sampler=sampler).steps, t_start=t_stop)  # all the steps, ending at t_stop
     if fixed_point_iters is None:
         fixed_point_iters = DEFAULT_FIXED_POINT_ITERS if sampler == "ddim" else 0
-    denoise = prompt_denoiser(pipe, prompt, None, 1.0, dtype)
+    denoise = pipe.prompt_denoiser(prompt, None, dtype=dtype)  # no CFG: it would break the round trip
     latents = invert_latents(denoise, x0, ts, pipe.path, sampler=sampler, fixed_point_iters=fixed_point_iters,
                              refine_first_step=False)
     # contiguous, as a saved and loaded copy is: bf16 kernels can differ by layout in the last bit
@@ -107,11 +96,10 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
 def reconstruct(pipe: Text2Image, inversion: Inversion, *, dtype: torch.dtype | None = torch.bfloat16,
                 output_type: OutputType = "pil", progress: bool = False):
     """Sample back from inverted latents with the inversion's own prompt, grid and sampler."""
-    check_output(output_type)
-    denoise = prompt_denoiser(pipe, inversion.prompt, None, 1.0, dtype)
-    latents = run_sampler(pipe, inversion.latents.to(pipe.device), denoise, inversion.ts, inversion.sampler, 0,
-                          progress=progress)
-    return finish(pipe, latents, output_type)
+    check_output_type(output_type)
+    plan = pipe.prepare(sampler=inversion.sampler).with_grid(inversion.ts)
+    denoise = pipe.prompt_denoiser(inversion.prompt, None, dtype=dtype)
+    return pipe.decode(pipe.sample(inversion.latents.to(pipe.device), denoise, plan, progress=progress), output_type)
 
 
 def psnr(a: Tensor, b: Tensor) -> float:
@@ -135,10 +123,11 @@ def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, ta
         raise ValueError(f"mask noise level t must be in (0, 1), got {t}")
     if samples < 1:
         raise ValueError(f"mask samples must be >= 1, got {samples}")
-    x0 = encode(pipe, load_image(image))
-    x = noised(pipe, x0.expand(samples, -1, -1, -1), pipe.noise(seed_list(seed, samples), tuple(x0.shape[1:])), t)
+    x0 = pipe.encode_image(load_image(image))
+    x = pipe.add_noise(x0.expand(samples, -1, -1, -1), pipe.noise(seed_list(seed, samples), tuple(x0.shape[1:])), t)
     tt = torch.full((samples,), float(t), device=x.device)
-    estimates = [prompt_denoiser(pipe, p, None, 1.0, dtype, samples)(x, tt) for p in (source_prompt, target_prompt)]
+    estimates = [pipe.prompt_denoiser(p, None, dtype=dtype, repeat=samples)(x, tt)
+                 for p in (source_prompt, target_prompt)]
     diff = (estimates[0] - estimates[1]).abs().mean(dim=(0, 1))  # (h, w)
     if not bool(diff.max() > 0):
         raise ValueError("the two prompts give the same estimates: there is nothing to locate an edit by")
@@ -164,9 +153,11 @@ def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, t
     null condition in CFG; the source prompt is a good one, so guidance pushes along what the two
     prompts differ in rather than towards the target prompt as a whole."""
     strength = check_strength(strength)
-    check_output(output_type)
+    check_output_type(output_type)
     if strength == 0.0:
         raise ValueError("editing needs strength > 0 (at 0 the image is returned unchanged)")
+    plan = pipe.prepare(steps, sampler=sampler, guidance_scale=guidance_scale, guidance_interval=EVERY_STEP,
+                        strength=strength)
     pixels = load_image(image)
     if isinstance(mask, str) and mask == "auto":
         region = edit_mask(pipe, pixels, source_prompt, target_prompt, threshold=mask_threshold, dtype=dtype)
@@ -174,14 +165,13 @@ def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, t
         region = None if mask is None else load_mask(mask, (pixels.shape[-1], pixels.shape[-2]))
     if region is not None and not bool((region > 0).any()):
         raise ValueError("the edit mask is all black: nothing to edit (white = edit)")
-    inv = invert(pipe, pixels, source_prompt, steps=partial_steps(resolve_steps(pipe, steps), strength),
-                 t_stop=strength, sampler=sampler, fixed_point_iters=fixed_point_iters, dtype=dtype)
-    denoise = prompt_denoiser(pipe, target_prompt, negative_prompt, guidance_scale, dtype)
+    inv = invert(pipe, pixels, source_prompt, steps=plan.steps, t_stop=strength, sampler=sampler,
+                 fixed_point_iters=fixed_point_iters, dtype=dtype)
+    denoise = pipe.prompt_denoiser(target_prompt, plan, negative_prompt=negative_prompt, dtype=dtype)
     if region is None:
-        return finish(pipe, run_sampler(pipe, inv.latents, denoise, inv.ts, sampler, 0, progress=progress),
-                      output_type)
+        return pipe.decode(pipe.sample(inv.latents, denoise, plan, progress=progress), output_type)
     cells = F.max_pool2d(latent_mask(pipe, region).to(inv.latents.device), 3, stride=1, padding=1)
-    source = prompt_denoiser(pipe, source_prompt, None, 1.0, dtype)
+    source = pipe.prompt_denoiser(source_prompt, None, dtype=dtype)
 
     def both(x: Tensor, t: Tensor) -> Tensor:  # row 0 retraces the input, row 1 is the edit
         return torch.cat([source(x[:1], t[:1]), denoise(x[1:], t[1:])])
@@ -189,6 +179,6 @@ def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, t
     def keep_outside(i: int, t: Tensor, x: Tensor, x0: Tensor) -> Tensor:
         return torch.cat([x[:1], cells * x[1:] + (1 - cells) * x[:1]])
 
-    latents = run_sampler(pipe, inv.latents.repeat(2, 1, 1, 1), both, inv.ts, sampler, 0, keep_outside, progress)
+    latents = pipe.sample(inv.latents.repeat(2, 1, 1, 1), both, plan, on_step=keep_outside, progress=progress)
     pixel_cells = F.interpolate(cells, scale_factor=pipe.autoencoder.downsample, mode="nearest").cpu()
-    return finish(pipe, latents[1:], output_type, (pixels, pixel_cells))
+    return decode_pasted(pipe, latents[1:], output_type, (pixels, pixel_cells))

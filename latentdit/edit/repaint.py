@@ -17,21 +17,10 @@ from torch import Tensor
 
 from ..inpainting import is_inpainting, masked_condition
 from ..pipeline import Text2Image
+from ..plan import OutputType, check_output_type, check_strength, seed_list
 from ..samplers import OnStep
 from ..vae import to_pil
-from .core import (
-    OutputType,
-    check_output,
-    check_strength,
-    encode,
-    finish,
-    noised,
-    partial_steps,
-    prompt_denoiser,
-    resolve_steps,
-    run_sampler,
-    seed_list,
-)
+from .core import EVERY_STEP, decode_pasted
 from .images import ImageInput, load_image, load_mask
 
 Direction = Literal["left", "right", "up", "down"]
@@ -48,15 +37,16 @@ def img2img(pipe: Text2Image, image: ImageInput, prompt: str | int, *, strength:
     to and sampling starts from, in ``round(steps * strength)`` steps: 0 returns the autoencoder
     round-trip of the input, 1 ignores it (on the flow path it is then the plain sample of that seed)."""
     strength, seeds = check_strength(strength), seed_list(seed, num_images)
-    check_output(output_type)
-    x0 = encode(pipe, load_image(image))
+    check_output_type(output_type)
+    x0 = pipe.encode_image(load_image(image))
     if strength == 0.0:  # decode the encoding as it is: a copy in another memory layout differs by ~1e-6
-        return finish(pipe, x0.expand(len(seeds), -1, -1, -1), output_type)
+        return pipe.decode(x0.expand(len(seeds), -1, -1, -1), output_type)
+    plan = pipe.prepare(steps, sampler=sampler, guidance_scale=guidance_scale, guidance_interval=EVERY_STEP,
+                        strength=strength)
     x0 = x0.repeat(len(seeds), 1, 1, 1)
-    ts = pipe.grid(partial_steps(resolve_steps(pipe, steps), strength), t_start=strength)
-    x = noised(pipe, x0, pipe.noise(seeds, tuple(x0.shape[1:])), strength)
-    denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds))
-    return finish(pipe, run_sampler(pipe, x, denoise, ts, sampler, seeds[0], progress=progress), output_type)
+    x = pipe.add_noise(x0, pipe.noise(seeds, tuple(x0.shape[1:])), strength)
+    denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds))
+    return pipe.decode(pipe.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
 
 
 def latent_mask(pipe: Text2Image, mask: Tensor) -> Tensor:
@@ -72,7 +62,7 @@ def reimpose(pipe: Text2Image, known: Tensor, noise: Tensor, mask: Tensor) -> On
     keep = 1 - mask
 
     def hook(i: int, t: Tensor, x_next: Tensor, x0: Tensor) -> Tensor:
-        return mask * x_next + keep * noised(pipe, known, noise, float(t))
+        return mask * x_next + keep * pipe.add_noise(known, noise, float(t))
 
     return hook
 
@@ -102,23 +92,24 @@ def inpaint(pipe: Text2Image, image: ImageInput, mask: ImageInput, prompt: str |
     over the edge ``mask_blur`` softens). ``strength`` < 1 starts the masked region from the
     noised input instead of pure noise."""
     strength, seeds = check_strength(strength), seed_list(seed, num_images)
-    check_output(output_type)
+    check_output_type(output_type)
     if strength == 0.0:
         raise ValueError("inpainting needs strength > 0 (at 0 nothing is repainted)")
+    plan = pipe.prepare(steps, sampler=sampler, guidance_scale=guidance_scale, guidance_interval=EVERY_STEP,
+                        strength=strength)
     pixels = load_image(image)
     m = load_mask(mask, (pixels.shape[-1], pixels.shape[-2]), mask_blur)
     if not bool((m > 0).any()):
         raise ValueError("the mask is all black: nothing to repaint (white = repaint)")
-    known = encode(pipe, pixels).repeat(len(seeds), 1, 1, 1)
+    known = pipe.encode_image(pixels).repeat(len(seeds), 1, 1, 1)
     noise = pipe.noise(seeds, tuple(known.shape[1:]))
-    ts = pipe.grid(partial_steps(resolve_steps(pipe, steps), strength), t_start=strength)
     m_lat = latent_mask(pipe, m).to(known.device)
-    hook = reimpose(pipe, known, noise, m_lat)
-    denoise = prompt_denoiser(pipe, prompt, negative_prompt, guidance_scale, dtype, len(seeds),
-                              variant_channels(pipe, known, m_lat))
-    x = noised(pipe, known, noise, strength)  # the masked region starts from the same noise
-    latents = run_sampler(pipe, x, denoise, ts, sampler, seeds[0], hook, progress)
-    return finish(pipe, latents, output_type, (pixels, m) if paste else None)
+    denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds),
+                                   mask_latent=variant_channels(pipe, known, m_lat))
+    x = pipe.add_noise(known, noise, strength)  # the masked region starts from the same noise
+    latents = pipe.sample(x, denoise, plan, seed=seeds[0], on_step=reimpose(pipe, known, noise, m_lat),
+                          progress=progress)
+    return decode_pasted(pipe, latents, output_type, (pixels, m) if paste else None)
 
 
 def extend_canvas(pixels: Tensor, left: int = 0, right: int = 0, top: int = 0,
