@@ -83,7 +83,8 @@ def test_img2img_strength_one_is_the_plain_sample_on_the_flow_path(tiny):
 def test_img2img_runs_strength_times_steps_steps(tiny, monkeypatch):
     seen = []
     original = tiny.sample
-    monkeypatch.setattr(tiny, "sample", lambda x, d, plan, **kw: seen.append(plan.ts.clone()) or original(x, d, plan, **kw))
+    monkeypatch.setattr(tiny, "sample",
+                        lambda x, d, plan, **kw: seen.append(plan.ts.clone()) or original(x, d, plan, **kw))
     edit.img2img(tiny, _image(0), "x", strength=0.5, steps=10, output_type="latent")
     assert len(seen[0]) == 6 and float(seen[0][0]) == 0.5 and float(seen[0][-1]) == 0.0
 
