@@ -26,7 +26,7 @@ from PIL import Image
 
 from latentdit.datasets.shapes import BACKGROUNDS, COLORS, SHAPES, render_scene
 from latentdit.edit import inpaint
-from latentdit.evaluate.checker import read_attributes, score
+from latentdit.evaluate import read_attributes, score
 from latentdit.pipeline import Text2Image
 
 SIZE, EDGE = 64, 32

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ..datasets.shapes import scene_of
-from .checker import aggregate, check_expect, read_attributes, score_read
+from .checker import read_attributes
+from .scoring import aggregate, check_expect, score_read
 
 HELDOUT_PAIRS_KEY = "heldout_pairs"
 

@@ -1,4 +1,5 @@
-"""Text-image alignment for the `shapes` world, read from pixels only (no model).
+"""What a `shapes`-style image shows, read from pixels only (no model): background and objects
+with colour, shape, size and cell. ``scoring`` turns a reading into pass/fail per category.
 
 Why a hand-made reader: a learned detector would need data and a GPU and would share the
 generator's blind spots; the `shapes` world is simple enough that colour statistics, connected
@@ -10,25 +11,12 @@ prompts the same way: per category (colour, position, counting, ...) from detect
 from __future__ import annotations
 
 import functools
-import itertools
-from collections import Counter
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..datasets.shapes import (
-    BACKGROUNDS,
-    COLORS,
-    POSITIONS,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    check_choice,
-    relation_between,
-    scene_of,
-    shape_coverage,
-)
+from ..datasets.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, shape_coverage
 
 _COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32)  # (K, 3)
@@ -45,15 +33,13 @@ _LARGE = 0.25  # bbox side / canvas side above which an object is large (small ~
 _HALO = 3  # pixels around the 50% mask whose partial coverage still belongs to the object
 _BLURS = (0.0, 0.6, 1.0, 1.3, 1.6, 2.0)  # Gaussian sigmas (pixels) tried when fitting shapes
 _EXACT = 0.02  # squared template error per unit of mass below which a fit needs no blur
-_MAX_MATCHED = 8  # objects considered when matching a prompt's objects (largest first)
 _YCBCR = np.array([[0.299, 0.587, 0.114], [-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
 # Inner product that trusts luma over chroma: JPEG and many decoders keep chroma at half resolution,
 # so shape is read mostly from luma where the object differs from the background in brightness.
 _LUMA_WEIGHTED = (_YCBCR.T @ np.diag([1.0, _CHROMA_WEIGHT, _CHROMA_WEIGHT]) @ _YCBCR).astype(np.float32)
 
-CATEGORIES: tuple[str, ...] = (
-    "color", "shape", "position", "size", "single_all", "relation", "count", "background",
-)
+UNKNOWN_SHAPE = "unknown"  # what the reader calls an object no shape template fits
+
 
 
 # ----------------------------------------------------------------------------- reading
@@ -201,13 +187,18 @@ def _template_error(shape: str, alpha: np.ndarray, moments: tuple, blur: float) 
     return float(((template - alpha) ** 2).sum()), box
 
 
-def _fit_shape(alpha: np.ndarray) -> tuple[str, tuple[float, float, float, float]]:
-    """Shape and box whose rendering, blurred by the best of a few sigmas, reproduces the coverage.
+def _fit_shape(alpha: np.ndarray) -> tuple[str, tuple[float, float, float, float]] | None:
+    """Shape and box whose rendering, blurred by the best of a few sigmas, reproduces the coverage;
+    None when no shape can (no positive mass, or a spread no template reaches).
 
     Trying blurs (instead of solving for one) lets each shape pick the softness that suits it, which
     separates small stars from blobs far better than a moment-based estimate of the blur. A crisp
     image that a crisp template already explains almost exactly skips the blurred fits."""
+    if not float(alpha.sum()) > 0:  # coverage clipped below 0 can cancel out: no centroid exists
+        return None
     moments = _moments(alpha)
+    if not np.isfinite(moments).all():
+        return None
     best = (np.inf, "", (0.0, 0.0, 0.0, 0.0))
     for blur in _BLURS:
         for shape in SHAPES:
@@ -216,7 +207,7 @@ def _fit_shape(alpha: np.ndarray) -> tuple[str, tuple[float, float, float, float
                 best = min(best, (fit[0], shape, fit[1]))
         if best[0] < _EXACT * moments[0]:
             break
-    return best[1], best[2]
+    return (best[1], best[2]) if best[1] and np.isfinite(best[2]).all() else None
 
 
 def _coverage(rgb: np.ndarray, mask: np.ndarray, others: np.ndarray, bg: np.ndarray,
@@ -245,8 +236,12 @@ def _describe_object(rgb: np.ndarray, mask: np.ndarray, others: np.ndarray, bg: 
                      background: str) -> dict:
     colour = _colour_name(rgb, mask, background)
     alpha, ox, oy = _coverage(rgb, mask, others, bg, colour)
-    shape, (x0, y0, x1, y1) = _fit_shape(alpha)
-    x0, y0, x1, y1 = x0 + ox, y0 + oy, x1 + ox, y1 + oy
+    fit = _fit_shape(alpha)
+    if fit is None:  # a smear no shape explains: keep it as an object of unknown shape (never a match)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        shape, (x0, y0, x1, y1) = UNKNOWN_SHAPE, (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    else:
+        shape, (x0, y0, x1, y1) = fit[0], (fit[1][0] + ox, fit[1][1] + oy, fit[1][2] + ox, fit[1][3] + oy)
     height, width = mask.shape
     center = ((x0 + x1) / 2, (y0 + y1) / 2)
     return {
@@ -254,8 +249,8 @@ def _describe_object(rgb: np.ndarray, mask: np.ndarray, others: np.ndarray, bg: 
         "shape": shape,
         "size": "large" if max((x1 - x0) / width, (y1 - y0) / height) >= _LARGE else "small",
         "cell": _cell_name(center, width, height),
-        "center": [round(center[0], 2), round(center[1], 2)],
-        "bbox": [round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)],
+        "center": [round(float(center[0]), 2), round(float(center[1]), 2)],
+        "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2)],
         "area": int(mask.sum()),
     }
 
@@ -269,153 +264,3 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict:
     objects = [_describe_object(rgb, m, union & ~m, bg, background) for m in masks]
     objects.sort(key=lambda o: -o["area"])
     return {"background": background, "objects": objects, "count": len(objects)}
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-_KEY_CATEGORY = {"color": "color", "shape": "shape", "size": "size", "cell": "position"}
-
-
-def _match_score(expected: dict, found: dict) -> int:
-    """Colour+shape beats colour alone beats shape alone: how a prompt's object is identified."""
-    return 2 * (found["color"] == expected.get("color")) + (found["shape"] == expected.get("shape"))
-
-
-def _match(expected: list[dict], found: list[dict]) -> list[dict | None]:
-    """Assign distinct found objects to expected ones, maximising the total match score."""
-    pool = found[:_MAX_MATCHED]
-    if len(pool) < len(expected):
-        pool = pool + [None] * (len(expected) - len(pool))
-    best, best_total = None, -1
-    for chosen in itertools.permutations(pool, len(expected)):
-        total = sum(_match_score(e, f) for e, f in zip(expected, chosen) if f is not None)
-        if total > best_total:
-            best, best_total = list(chosen), total
-    return best
-
-
-def _attribute_checks(pairs: list[tuple[dict, dict | None]]) -> dict[str, bool]:
-    """Per category: every expected object that states it has a found object that agrees."""
-    results = {}
-    for key, category in _KEY_CATEGORY.items():
-        stated = [(e, f) for e, f in pairs if key in e]
-        if stated:
-            results[category] = all(f is not None and f[key] == e[key] for e, f in stated)
-    return results
-
-
-def _score_single(found: list[dict], expect: dict) -> dict[str, bool]:
-    """A single-object prompt is held to the largest object, so extra junk cannot help it pass."""
-    wanted = expect["objects"][0]
-    results = _attribute_checks([(wanted, found[0] if found else None)])
-    if {"color", "shape", "cell"} <= wanted.keys():
-        results["single_all"] = results["color"] and results["shape"] and results["position"]
-    return results
-
-
-def _score_relation(found: list[dict], expect: dict) -> dict[str, bool]:
-    expected = expect["objects"][:2]
-    matched = _match(expected, found)
-    results = _attribute_checks(list(zip(expected, matched)))
-    if expect.get("relation"):
-        a, b = matched
-        results["relation"] = (a is not None and b is not None
-                               and relation_between(a["center"], b["center"]) == expect["relation"])
-    return results
-
-
-def _score_count(found: list[dict], expect: dict) -> dict[str, bool]:
-    """Every object found must look as asked; positions (if stated) must match as a multiset."""
-    wanted = expect["objects"][0]
-    results = {}
-    for key, category in _KEY_CATEGORY.items():
-        if key == "cell" and all("cell" in o for o in expect["objects"]):
-            wanted_cells = Counter(o["cell"] for o in expect["objects"])
-            results[category] = Counter(o["cell"] for o in found) == wanted_cells
-        elif key in wanted and key != "cell":
-            results[category] = bool(found) and all(f[key] == wanted[key] for f in found)
-    return results
-
-
-_SCORERS = {"single": _score_single, "relation": _score_relation, "count": _score_count}
-
-
-def score(image: Image.Image | np.ndarray, expect: dict) -> dict[str, bool]:
-    """Pass/fail per category for what `expect` (dataset attribute schema, any subset) states."""
-    return score_read(read_attributes(image), expect)
-
-
-_EXPECT_KEYS = {"scene", "objects", "relation", "count", "background", "canvas"}  # a full scene is fine too
-_OBJECT_VALUES = {"color": COLORS, "shape": SHAPES, "size": SIZES, "cell": POSITIONS}
-_OBJECT_GEOMETRY = {"center", "bbox"}  # in a full scene's objects; not checked
-
-
-def check_expect(expect: object) -> dict:
-    """``expect`` if it follows the attribute schema the checker scores; else a ValueError naming
-    the first key or value that does not (a typo would otherwise score as a silent miss)."""
-    if not isinstance(expect, dict) or not isinstance(expect.get("objects"), list) or not expect["objects"]:
-        raise ValueError("expect must be an object with a non-empty 'objects' list")
-    unknown = sorted(set(expect) - _EXPECT_KEYS)
-    if unknown:
-        raise ValueError(f"expect has unknown key(s) {unknown}; known: {sorted(_EXPECT_KEYS)}")
-    for obj in expect["objects"]:
-        if not isinstance(obj, dict):
-            raise ValueError(f"each of expect's objects must be an object, got {obj!r}")
-        for key, value in obj.items():
-            if key in _OBJECT_GEOMETRY:
-                continue
-            if key not in _OBJECT_VALUES:
-                raise ValueError(f"an expected object has unknown key {key!r}; known: {sorted(_OBJECT_VALUES)}")
-            check_choice(key, value, _OBJECT_VALUES[key])
-    if expect.get("relation") is not None:
-        check_choice("relation", expect["relation"], RELATIONS)
-    count = expect.get("count", 1)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
-    if "background" in expect:
-        check_choice("background", expect["background"], BACKGROUNDS)
-    scene = scene_of(expect)
-    if scene == "relation" and len(expect["objects"]) < 2:
-        raise ValueError("a relation scene needs two expected objects")
-    return expect
-
-
-def score_read(read: dict, expect: dict, *, checked: bool = False) -> dict[str, bool]:
-    """``score`` on what ``read_attributes`` already read from an image. ``checked=True`` skips
-    ``check_expect`` for a caller that validated every expectation once, before scoring."""
-    if not checked:
-        check_expect(expect)
-    results = _SCORERS[scene_of(expect)](read["objects"], expect)
-    if "count" in expect:
-        results["count"] = read["count"] == expect["count"]
-    if "background" in expect:
-        results["background"] = read["background"] == expect["background"]
-    return results
-
-
-def evaluate_images(items: list[tuple[Image.Image | np.ndarray, dict]]) -> dict:
-    """Accuracy per category, overall (mean over all checks) and per image (all checks right)."""
-    if not items:
-        raise ValueError("evaluate_images needs at least one (image, expect) pair")
-    return aggregate([score(image, expect) for image, expect in items])
-
-
-def aggregate(results: list[dict[str, bool]]) -> dict:
-    """Combine per-image ``score`` results into the accuracies ``evaluate_images`` reports."""
-    if not results:
-        raise ValueError("aggregate needs at least one scored image")
-    passes: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
-    all_right = []
-    for results_one in results:
-        for category, ok in results_one.items():
-            passes[category].append(ok)
-        all_right.append(all(results_one.values()))
-    checks = [ok for values in passes.values() for ok in values]
-    return {
-        "n": len(results),
-        "overall": float(np.mean(checks)) if checks else float("nan"),
-        "image_accuracy": float(np.mean(all_right)),
-        "per_category": {c: float(np.mean(v)) for c, v in passes.items() if v},
-        "checks": {c: len(v) for c, v in passes.items() if v},
-    }
