@@ -105,6 +105,7 @@ def test_img2img_rejects_sizes_the_model_cannot_take(tiny):
         edit.img2img(tiny, _image(0, size=18), "x")
 
 
+@pytest.mark.weights
 def test_low_strength_keeps_the_input_high_strength_follows_the_prompt(shapes):
     src = _red_circle(0)
     # The packaged model keeps the red circle up to strength 0.25 (PSNR 23.0 dB); at 0.3 it darkens.
@@ -181,6 +182,7 @@ def test_inpaint_reimposes_the_known_latents_and_pastes_the_known_pixels(tiny):
         assert not np.array_equal(_arr(o)[:, :8], _arr(img)[:, :8])
 
 
+@pytest.mark.weights
 def test_inpaint_keeps_the_unmasked_region_of_the_input(shapes):
     src, m = _red_circle(0), np.zeros((64, 64), dtype=bool)
     m[:, :16] = True  # repaint the left strip; the circle sits in the kept part
@@ -249,6 +251,7 @@ def test_pan_rejects_unknown_directions(tiny):
 # -------------------------------------------------------------------------------- inversion
 
 
+@pytest.mark.weights
 @pytest.mark.slow
 @pytest.mark.parametrize("steps,floor,floor_ae", [(20, 28.0, 35.0), (50, 29.0, 45.0)])
 def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
@@ -266,6 +269,7 @@ def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
     assert p_input > floor and p_ae > floor_ae
 
 
+@pytest.mark.weights
 @pytest.mark.parametrize("background,gain", [("white", 1.5), ("gray", 3.0)])
 def test_fixed_point_refinement_improves_the_round_trip(shapes, background, gain):
     """10-step round trips, packaged model, bf16 (measured: white 28.9 dB naive, 31.3 dB refined;
@@ -324,6 +328,7 @@ def test_negative_prompt_steers_the_edit(tiny):
     assert not torch.allclose(plain, negative)
 
 
+@pytest.mark.weights
 @pytest.mark.slow
 def test_edit_red_circle_to_blue_keeps_its_position(shapes):
     """The issue's acceptance test, judged by the pixel checker over eight inputs. The prompts
@@ -428,6 +433,7 @@ def test_mp4_has_the_frames_written(tmp_path):
 # -------------------------------------------------------------------------------- sizes
 
 
+@pytest.mark.weights
 @pytest.mark.slow
 def test_sampling_at_twice_the_training_resolution(shapes):
     images = shapes("a red circle in the center", seed=[0, 1], num_images_per_prompt=2, height=128, width=128,
@@ -439,6 +445,7 @@ def test_sampling_at_twice_the_training_resolution(shapes):
         assert found is not None and found["color"] == "red"
 
 
+@pytest.mark.weights
 def test_sampling_at_a_non_square_size(shapes):
     img = shapes("a large blue square", seed=0, height=64, width=128, progress=False)[0]
     assert img.size == (128, 64)
@@ -449,6 +456,7 @@ def test_sampling_at_a_non_square_size(shapes):
 # -------------------------------------------------------------------------------- loss guidance
 
 
+@pytest.mark.weights
 @pytest.mark.slow
 def test_color_guidance_moves_the_mean_colour_towards_the_target(shapes):
     target = np.array(COLORS["blue"], dtype=np.float64)

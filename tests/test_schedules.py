@@ -150,6 +150,19 @@ def test_time_densities(density, mean, quantiles):
     assert torch.equal(t, again) and not torch.equal(t, other)
 
 
+@pytest.mark.parametrize("m,s", [(0.0, 1.0), (0.5, 0.6), (-0.3, 1.8)])
+def test_logit_normal_has_its_location_and_scale(m, s):
+    """logit-normal(m, s) means logit(t) ~ N(m, s^2), both parameters: the scale sets how much
+    training time the middle noise levels get (SD3, arXiv:2403.03206, eq. 19)."""
+    t = sample_time(N_DRAWS, f"logit-normal({m}, {s})", generator=torch.Generator().manual_seed(3)).double()
+    z = torch.log(t / (1 - t))
+    assert abs(z.mean().item() - m) < 0.03 and abs(z.std().item() - s) < 0.03, (z.mean().item(), z.std().item())
+    mixed = sample_time(N_DRAWS, f"0.5*logit-normal({m}, {s}) + 0.5*uniform",
+                        generator=torch.Generator().manual_seed(4)).double()
+    assert abs((mixed < 0.5).double().mean().item() - 0.5 * (0.5 + 0.5 * math.erf(-m / (s * math.sqrt(2))))
+               - 0.25) < 0.01
+
+
 def test_time_shift():
     t = torch.linspace(0, 1, 11)
     assert torch.equal(time_shift(t, 1.0), t)

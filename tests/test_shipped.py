@@ -8,6 +8,8 @@ from latentdit.datasets.shapes import prompt_set
 from latentdit.evaluate import run_alignment
 from latentdit.pipeline import Text2Image
 
+pytestmark = pytest.mark.weights  # every threshold here was measured on the packaged model
+
 
 @pytest.fixture(scope="module")
 def pipe():
