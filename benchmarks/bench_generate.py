@@ -87,7 +87,8 @@ def settings(cores: int, compare: bool) -> dict[str, dict[str, str] | None]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One measurement in a fresh process: thread policy, then torch, load, warm-up, repeats."""
+    """One measurement in a fresh process: thread policy, then torch, load, warm-up, repeats.
+    Prints one JSON line per event as it happens, so a run cut short still tells how far it got."""
     policy = None
     if args.worker == "policy":
         from latentdit.threads import apply_thread_policy
@@ -97,27 +98,40 @@ def worker(args: argparse.Namespace) -> None:
 
     from latentdit.pipeline import Text2Image
 
+    t0 = time.perf_counter()
     pipe = Text2Image.from_pretrained(args.model)
-    runs = time_call(pipe, args.repeats, torch.bfloat16, args.steps)
-    print(json.dumps({"median_s": statistics.median(runs), "runs": runs, "threads": torch.get_num_threads(),
-                      "wait": os.environ.get("OMP_WAIT_POLICY", "default"), "policy": policy}))
+    print(json.dumps({"loaded_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+                      "policy": policy}), flush=True)
+    time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
+    print(json.dumps({"warm": True}), flush=True)
+    for i in range(1, args.repeats + 1):
+        print(json.dumps({"run_s": time_once(pipe, torch.bfloat16, args.steps, i)}), flush=True)
 
 
 def measure(args: argparse.Namespace, name: str, extra: dict[str, str] | None) -> dict:
+    """The worker's events folded into {median_s, runs, threads, policy, timed_out}; a worker past
+    ``--timeout`` is stopped and its median is over the calls it finished (None if none)."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       env.get("PYTHONPATH")]))
     cmd = [sys.executable, __file__, "--worker", "policy" if extra is None else "fixed",
            "--model", args.model, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    timed_out = False
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:  # a setting that collapses under load: a lower bound
-        return {"median_s": float(args.timeout) / (args.repeats + 1), "threads": None, "policy": None,
-                "timed_out": True}
-    if done.returncode:
-        raise SystemExit(f"{name}: the worker failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        if done.returncode:
+            raise SystemExit(f"{name}: the worker failed:\n{done.stderr[-2000:]}")
+        out = done.stdout
+    except subprocess.TimeoutExpired as e:  # a setting that collapses under load
+        timed_out = True
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    head = next((ev for ev in events if "loaded_s" in ev), {})
+    runs = [ev["run_s"] for ev in events if "run_s" in ev]
+    return {"median_s": statistics.median(runs) if runs else None, "runs": runs, "timed_out": timed_out,
+            "timeout": args.timeout,
+            "threads": head.get("threads"), "policy": head.get("policy"), "warm": any("warm" in ev for ev in events)}
 
 
 def start_burners(n: int) -> list[subprocess.Popen]:
@@ -125,6 +139,13 @@ def start_burners(n: int) -> list[subprocess.Popen]:
     every = list(range(os.cpu_count() or 1))
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"],
                              preexec_fn=lambda: os.sched_setaffinity(0, every)) for _ in range(n)]
+
+
+def _show(m: dict) -> str:
+    if m["median_s"] is None:
+        return f"no call done in {m['timeout']:.0f} s" if "timeout" in m else "no call done"
+    cut = f", stopped after {len(m['runs'])} calls" if m["timed_out"] else ""
+    return f"{m['median_s']:6.2f} s ({m['threads']} threads{cut})"
 
 
 def contended(args: argparse.Namespace) -> None:
@@ -140,15 +161,10 @@ def contended(args: argparse.Namespace) -> None:
             for b in burners:
                 b.kill()
                 b.wait()
-        ratio = busy["median_s"] / idle["median_s"]
-        over = ">" if busy.get("timed_out") or idle.get("timed_out") else ""
-        rows[name] = {"timed_out": bool(over), "idle_s": round(idle["median_s"], 3), "contended_s": round(busy["median_s"], 3),
-                      "ratio": round(ratio, 2), "idle_threads": idle["threads"],
-                      "contended_threads": busy["threads"], "idle_policy": idle["policy"],
-                      "contended_policy": busy["policy"]}
-        print(f"{name:<24} idle {idle['median_s']:6.2f} s ({idle['threads']} threads)   "
-              f"{cores} busy processes {over}{busy['median_s']:6.2f} s ({busy['threads']} threads)   "
-              f"ratio {over}{ratio:.2f}x")
+        ratio = busy["median_s"] / idle["median_s"] if busy["median_s"] and idle["median_s"] else None
+        rows[name] = {"idle": idle, "contended": busy, "ratio": None if ratio is None else round(ratio, 2)}
+        print(f"{name:<24} idle {_show(idle)}   {cores} busy processes {_show(busy)}   "
+              f"ratio {'-' if ratio is None else f'{ratio:.2f}x'}")
     print(json.dumps({"model": args.model, "images": len(PROMPTS), "steps": args.steps,
                       "repeats": args.repeats, "cores": cores, "settings": rows}))
 
@@ -163,9 +179,9 @@ def main() -> None:
     ap.add_argument("--contended", action="store_true",
                     help="time the command's thread policy idle and while every core is kept busy")
     ap.add_argument("--compare", action="store_true", help="with --contended: also fixed thread settings")
-    ap.add_argument("--timeout", type=float, default=120.0,
-                    help="with --contended: seconds one measurement may take before it counts as collapsed "
-                         "(its median is then reported as at least timeout / (repeats + 1))")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="with --contended: seconds one worker (load, warm-up, repeats) may run; one cut "
+                         "short reports the median of the calls it finished")
     ap.add_argument("--worker", choices=["policy", "fixed"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
