@@ -283,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = _common_args()
     for name, (setup, _, help) in COMMANDS.items():
-        setup(sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter))
+        p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter)
+        setup(p)
+        for action in p._actions:  # argparse prints nothing for an option without help text
+            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+                action.help = "default: %(default)s"
     return parser
 
 

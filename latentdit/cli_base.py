@@ -28,8 +28,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
         default = action.default
-        if ("%(default)" in help or "default" in help.lower() or default in (None, False, argparse.SUPPRESS)
-                or action.option_strings == []):
+        if ("%(default)" in help or "default" in help.lower() or action.option_strings == []
+                or default is None or default is False or default == argparse.SUPPRESS):
             return help
         return f"{help} (default: %(default)s)" if help else "default: %(default)s"
 

@@ -227,6 +227,10 @@ def test_help_shows_defaults_and_the_chosen_presets_values(capsys):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 8)" in text and "(default: shapes)" in text and "default: out/<prompt>.png" in text
+    assert "uses seed + k) (default: 0)" in text  # a default of 0 is a default too
+    with pytest.raises(SystemExit):
+        cli.main(["inpaint", "--help"])
+    assert "--seed SEED default: 0" in " ".join(capsys.readouterr().out.split())  # option without help text
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "tiny", "--help"])
     tiny = capsys.readouterr().out
