@@ -30,7 +30,7 @@ class ThreadPolicy:
     passive: bool  # idle OpenMP workers sleep at once instead of spinning
     cores: int  # the cores this process may run on
     busy: float  # cores other programs kept busy when the policy was chosen
-    source: str  # "override" (--threads / LATENTDIT_THREADS) or "measured"
+    source: str  # "override" (--threads / LATENTDIT_THREADS), "OMP_NUM_THREADS" or "measured"
 
     def describe(self) -> str:
         wait = "passive" if self.passive else "default"
@@ -97,15 +97,19 @@ def parse_threads(value: object, where: str) -> int | None:
 
 def choose_threads(threads: int | None = None, *, busy: float | None = None,
                    cores: int | None = None, env: MutableMapping[str, str] | None = None) -> ThreadPolicy:
-    """The policy for this moment: ``threads`` (or ``LATENTDIT_THREADS``) if given, else one
-    thread per core that other programs leave free (at least one). Waiting is passive whenever
+    """The policy for this moment: ``threads`` (or ``LATENTDIT_THREADS``, or an ``OMP_NUM_THREADS``
+    already set) if given, else one thread per core that other programs leave free (at least one). Waiting is passive whenever
     fewer threads than cores run or some core is busy; an explicit ``OMP_WAIT_POLICY`` wins."""
     env = os.environ if env is None else env
     cores = len(usable_cores()) if cores is None else cores
     override = threads if threads else parse_threads(env.get(THREADS_ENV), THREADS_ENV)
+    # A launcher (accelerate, torchrun) or the user may have set OpenMP's count already.
+    inherited = _int_or_none(env.get("OMP_NUM_THREADS"))
     busy = busy_cores() if busy is None else busy
     if override:
         n, source = override, "override"
+    elif inherited:
+        n, source = inherited, "OMP_NUM_THREADS"
     else:
         taken = int(busy + 1 - BUSY_THRESHOLD)  # cores others use more than BUSY_THRESHOLD of
         n, source = max(1, cores - taken), "measured"
@@ -113,6 +117,13 @@ def choose_threads(threads: int | None = None, *, busy: float | None = None,
     wait = env.get("OMP_WAIT_POLICY", "").upper()
     passive = wait == "PASSIVE" or (wait != "ACTIVE" and loaded)
     return ThreadPolicy(n, passive, cores, round(busy, 2), source)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value and int(value) > 0 else None
+    except ValueError:
+        return None
 
 
 def apply_thread_policy(threads: int | None = None, *, env: MutableMapping[str, str] | None = None,

@@ -27,6 +27,12 @@ def test_an_override_wins_and_the_environment_counts():
     assert choose_threads(busy=0.0, cores=4, env={"LATENTDIT_THREADS": "0"}).source == "measured"
 
 
+def test_a_launchers_openmp_count_is_kept_unless_overridden():
+    assert choose_threads(busy=0.0, cores=4, env={"OMP_NUM_THREADS": "1"}).source == "OMP_NUM_THREADS"
+    assert choose_threads(busy=0.0, cores=4, env={"OMP_NUM_THREADS": "1"}).threads == 1
+    assert choose_threads(3, busy=0.0, cores=4, env={"OMP_NUM_THREADS": "1"}).threads == 3
+
+
 def test_an_explicit_wait_policy_is_kept():
     assert choose_threads(busy=0.0, cores=2, env={"OMP_WAIT_POLICY": "passive"}).passive
     assert not choose_threads(busy=2.0, cores=2, env={"OMP_WAIT_POLICY": "ACTIVE"}).passive
