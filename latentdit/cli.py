@@ -100,6 +100,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
     p.add_argument("--random-tiny", action="store_true",
                    help="demo: an UNTRAINED, randomly initialised tiny model (its images are noise)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="let a running 'latentdit serve' at URL draw the image (token: $LATENTDIT_TOKEN)")
 
 
 DEFAULT_OUT = "out"  # git ignores it; the working directory stays clean
@@ -111,6 +113,10 @@ def run_generate(args: argparse.Namespace) -> int:
         return _generate_classes(args)
     if bool(args.prompt) == bool(args.from_file):
         raise ValueError("give either a prompt or --from-file FILE")
+    if args.server:
+        from .serve.cli import generate_on_server
+
+        return generate_on_server(args)
     items = read_prompt_file(args.from_file) if args.from_file else None
     if args.out is None:
         args.out = DEFAULT_OUT if items else str(Path(DEFAULT_OUT) / f"{slug(args.prompt)}.png")
@@ -305,6 +311,7 @@ def _common_args() -> argparse.ArgumentParser:
 def _load_optional_commands() -> None:
     """Subcommands defined in other modules of this layer register themselves on import."""
     from . import cli_edit, cli_eval, cli_train  # noqa: F401
+    from .serve import cli as _serve  # noqa: F401
 
 
 ACCEPTS_OVERRIDES = {"train", "train-ae"}
