@@ -200,7 +200,6 @@ def _add_generate(router, state: State) -> None:
     @router.post("/generate", response_model=ImagesResponse,
                  responses={200: {"content": {"image/png": {}}}, 429: {"description": "queue full"}})
     async def generate(body: GenerateRequest, request: Request):
-        pipe = state.pipe
         condition = check_condition(state, body.prompt, body.class_label)
         h, w = check_size(state, body.height, body.width)
         if body.num_images > state.limits.max_images:
@@ -209,10 +208,10 @@ def _add_generate(router, state: State) -> None:
         if as_png and body.num_images != 1:
             raise _field_error("num_images", "Accept: image/png returns one image; ask for num_images 1 "
                                              "or accept application/json", 406)
-        s = resolve_sampling(state, body.steps, body.guidance_scale, body.sampler, body.seed, body.num_images)
-        interval = body.guidance_interval or tuple(pipe.sampling.guidance_interval)
+        s = resolve_sampling(state, body.steps, body.guidance_scale, body.sampler, body.seed, body.num_images,
+                             body.guidance_interval)
         key = (("steps", s["steps"]), ("guidance_scale", s["guidance_scale"]), ("sampler", s["sampler"]),
-               ("height", h), ("width", w), ("guidance_interval", tuple(interval)),
+               ("height", h), ("width", w), ("guidance_interval", s["guidance_interval"]),
                ("negative", body.negative_prompt is not None),
                ("alone", secrets.token_hex(8) if s["sampler"] in STOCHASTIC else ""))
         payload = ([condition] * body.num_images, s["seeds"], body.negative_prompt)
@@ -249,17 +248,18 @@ def check_size(state: State, height: int | None, width: int | None) -> tuple[int
 
 
 def resolve_sampling(state: State, steps: int | None, guidance: float | None, sampler: str | None,
-                     seed: int | None, n: int) -> dict[str, Any]:
-    """The model's defaults filled in, and one seed per image (random when none is given)."""
-    cfg = state.pipe.sampling
-    steps = cfg.steps if steps is None else steps
-    if steps > state.limits.max_steps:
+                     seed: int | None, n: int, guidance_interval: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The pipeline's plan for these options (its defaults filled in and checked), and one seed
+    per image (random when none is given)."""
+    if steps is not None and steps > state.limits.max_steps:
         raise _field_error("steps", f"steps must be <= {state.limits.max_steps}, got {steps}")
+    plan = state.pipe.prepare(steps, sampler=sampler, guidance_scale=guidance, guidance_interval=guidance_interval)
     seed = secrets.randbelow(2**32) if seed is None else seed
     if seed + n - 1 > MAX_SEED:
         raise _field_error("seed", f"seed + num_images - 1 must be <= {MAX_SEED}")
-    return {"steps": steps, "guidance_scale": float(state.pipe.resolve_guidance(guidance)),
-            "sampler": sampler or cfg.sampler, "seeds": [seed + i for i in range(n)]}
+    return {"steps": plan.steps, "guidance_scale": float(plan.guidance_scale), "sampler": plan.sampler,
+            "guidance_interval": tuple(float(v) for v in plan.guidance_interval),
+            "seeds": [seed + i for i in range(n)]}
 
 
 async def run_job(state: State, request, key: Hashable | None, payload: Any, images: int) -> Any:
