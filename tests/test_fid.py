@@ -99,7 +99,8 @@ def test_eval_fid_cli_on_a_class_model(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 6 and report["reference_samples"] == 6 and report["image_size"] == 16
-    assert report["fid"] > 0 and np.isfinite(report["kid"])
+    assert report["fid"] > 0 and np.isfinite(report["kid"]) and report["kid_subset_size"] == 3
+    assert report["kid_std"] > 0  # subsets smaller than the sets: they differ
     assert json.loads((tmp_path / "out" / "fid.json").read_text())["fid"] == report["fid"]
     assert len(list((tmp_path / "cache").glob("ref-*.npz"))) == 1
     assert main(["eval", "fid", "--model", str(tmp_path / "model")]) == 2
