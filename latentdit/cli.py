@@ -14,12 +14,14 @@ from .cli_base import (
     COMMANDS,
     SAMPLER_NAMES,
     HelpFormatter,
+    add_device_arg,
     add_guidance_interval_arg,
     autocast_dtype,
     check_image_out,
     check_out_folder,
     command,
     load_pipeline,
+    resolve_device_arg,
     save_images,
 )
 from .threads import THREADS_ENV, apply_thread_policy, parse_threads
@@ -98,6 +100,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         "at most 4x that")
     p.add_argument("--width", type=int, default=None, help="image width in pixels; default and limit as --height")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    add_device_arg(p)
     p.add_argument("--random-tiny", action="store_true",
                    help="demo: an UNTRAINED, randomly initialised tiny model (its images are noise)")
     p.add_argument("--server", default=None, metavar="URL",
@@ -125,7 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         check_out_folder(args.out)
     _check_generate_numbers(args)
-    pipe = _random_tiny_pipeline() if args.random_tiny else load_pipeline(args.model)
+    resolve_device_arg(args)
+    pipe = _random_tiny_pipeline(args.device) if args.random_tiny else load_pipeline(args.model, args.device)
     kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
               sampler=args.sampler,
               num_images_per_prompt=args.num_images, height=args.height, width=args.width,
@@ -258,7 +262,7 @@ def _safe_id(value: str, path: str, n: int) -> str:
     return value
 
 
-def _random_tiny_pipeline():
+def _random_tiny_pipeline(device: str = "cpu"):
     """An untrained tiny model in pixel space with the MiniLM encoder: shows the machinery works."""
     import torch
 
@@ -275,7 +279,8 @@ def _random_tiny_pipeline():
     model = Denoiser(cfg)
     for p in model.final.parameters():  # zero-init output would give a flat grey image
         torch.nn.init.normal_(p, std=0.02)
-    return Text2Image(model, load_autoencoder("identity"), load_text_encoder("minilm"))
+    return Text2Image(model.to(device), load_autoencoder("identity"), load_text_encoder("minilm", device=device),
+                      device=device)
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -107,11 +107,29 @@ def save_images(images, out: str | Path) -> int:
     return 0
 
 
-def load_pipeline(model: str):
-    """A ``Text2Image`` for a model folder, packaged name or hub id."""
+def load_pipeline(model: str, device: str = "auto"):
+    """A ``Text2Image`` for a model folder, packaged name or hub id, on ``device``."""
     from .pipeline import Text2Image
 
-    return Text2Image.from_pretrained(model)
+    return Text2Image.from_pretrained(model, device=device)
+
+
+DEVICE_HELP = "auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device`` of every command that runs a model, resolved when the model is about to load
+    (argument errors stay quick: no torch import)."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def resolve_device_arg(args: argparse.Namespace) -> None:
+    """Replace ``args.device`` by the device it names; a device that is not there is a ValueError
+    (one line from ``cli.main``) before any model loads."""
+    if getattr(args, "device", None) is not None:
+        from .device import resolve_device
+
+        args.device = str(resolve_device(args.device))
 
 
 def add_guidance_interval_arg(p: argparse.ArgumentParser) -> None:

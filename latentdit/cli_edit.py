@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_base import SAMPLER_NAMES, autocast_dtype, check_image_out, command, load_pipeline, save_images
+from .cli_base import (
+    SAMPLER_NAMES,
+    add_device_arg,
+    autocast_dtype,
+    check_image_out,
+    command,
+    load_pipeline,
+    save_images,
+)
 
 
 def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = None) -> None:
@@ -19,6 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = Non
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    add_device_arg(p)
 
 
 def _repaint_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +66,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     check_strength(args.strength)
     image = load_image(args.image)
     check_image_out(args.out)
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     return save_images(img2img(pipe, image, args.prompt, strength=args.strength, **_repaint(args)), args.out)
 
 
@@ -81,7 +90,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     mask = load_mask(args.mask, (image.shape[-1], image.shape[-2]))
     check_image_out(args.out)
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     images = inpaint(pipe, image, mask, args.prompt, mask_blur=args.mask_blur, strength=args.strength,
                      **_repaint(args))
     return save_images(images, args.out)
@@ -105,7 +114,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
     sides = dict(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
     extend_canvas(image, **sides)  # checks the sizes before the model loads
     check_image_out(args.out)
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     return save_images(outpaint(pipe, image, args.prompt, **sides, **_repaint(args)), args.out)
 
 
@@ -130,7 +139,7 @@ def run_invert(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: the inversion is saved as latents, in a .safetensors file")
     if args.reconstruct:
         check_image_out(args.reconstruct, "--reconstruct")
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     inv = invert(pipe, image, args.prompt, steps=args.steps, t_stop=args.t_stop,
                  fixed_point_iters=args.fixed_point_iters, dtype=autocast_dtype(args.fp32))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +192,7 @@ def run_edit(args: argparse.Namespace) -> int:
     check_image_out(args.out)
     if args.save_mask:
         check_image_out(args.save_mask, "--save-mask")
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     if mask == "auto" and args.save_mask:
         mask = edit_mask(pipe, image, args.source, args.target, threshold=args.mask_threshold,
                          dtype=autocast_dtype(args.fp32))
@@ -217,7 +226,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if args.frames < 2:
         raise ValueError(f"--frames must be >= 2, got {args.frames}")
     out = check_animation_path(args.out, args.fps)
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     frames = interpolate(pipe, args.prompts, args.seeds, frames=args.frames, sampler=args.sampler,
                          height=args.height, width=args.width, **_sampling(args))
     print(save_animation(frames, out, fps=args.fps))
@@ -243,7 +252,7 @@ def run_pan(args: argparse.Namespace) -> int:
     out = check_animation_path(args.out, args.fps)
     if args.frames < 2:
         raise ValueError(f"--frames must be >= 2, got {args.frames}")
-    pipe = _pipeline(args.model)
+    pipe = _pipeline(args.model, device=args.device)
     frames = pan(pipe, image, args.prompt, direction=args.direction, step=args.step, frames=args.frames,
                  seed=args.seed, **_sampling(args))
     print(save_animation(frames, out, fps=args.fps))

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_base import SAMPLER_NAMES, add_guidance_interval_arg, command
+from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default: the model's sampling config")
     add_guidance_interval_arg(p)
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
     p.add_argument("--reference", default=None,
                    help="fid: the reference data (shard folder, image folder, tars, parquet, saved "
@@ -61,7 +62,7 @@ def run_eval(args: argparse.Namespace) -> int:
         items = prompt_set(args.split, args.n, seed=args.seed)
     if args.reference == "renders":
         return _print(score_references(items, out_dir=args.out))
-    pipe = Text2Image.from_pretrained(args.model)
+    pipe = Text2Image.from_pretrained(args.model, device=args.device)
     if args.reference == "autoencoder":
         return _print(score_references(items, pipe, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
@@ -87,7 +88,7 @@ def run_fid(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference {args.reference} does not exist")
     if args.n < 2 or (args.n_reference is not None and args.n_reference < 2):
         raise ValueError(f"FID needs --n and --n-reference >= 2, got {args.n} and {args.n_reference}")
-    pipe = Text2Image.from_pretrained(args.model)
+    pipe = Text2Image.from_pretrained(args.model, device=args.device)
     prompts = None
     if pipe.model.config.is_text:
         prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()

@@ -13,7 +13,7 @@ import json
 import typing
 from typing import Any
 
-from .cli_base import command
+from .cli_base import add_device_arg, command, resolve_device_arg
 
 OVERRIDES_HELP = ("any config field as --key value or --section.key value "
                   "(e.g. --steps 500 --optim.lr 1e-4 --model.depth 6)")
@@ -160,6 +160,7 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="image side (shapes canvas / resize)")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -169,14 +170,17 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from .text import load_text_encoder
     from .vae import load_autoencoder
 
+    resolve_device_arg(args)
     if args.source == "shapes" and not args.n:
         raise ValueError("--n is required with --source shapes (the dataset is infinite)")
     source = open_source(args.source, n=args.n, size=args.size, split=args.split, seed=args.seed,
                          labels=args.labels, image_column=args.image_column,
                          caption_column=args.caption_column, label_column=args.label_column)
     kind = "identity" if args.autoencoder == "identity" else "kl"
-    ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder)
-    te = load_text_encoder(args.text_encoder, args.text_encoder_path, max_length=args.max_length)
+    # Both encoders run on --device; the shards are written from the CPU copies of their outputs.
+    ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder, device=args.device)
+    te = load_text_encoder(args.text_encoder, args.text_encoder_path, max_length=args.max_length,
+                           device=args.device)
     manifest = preprocess(source, args.out, autoencoder=ae, text_encoder=te, n=args.n,
                           shard_size=args.shard_size, batch_size=args.batch_size,
                           latent_format=args.latent_format, image_size=args.size,
@@ -198,6 +202,7 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
                    action=_PresetAction, epilog=_ae_epilog,
                    help="named recipe the config file and overrides apply on top of ('none': AEConfig defaults)")
     p.add_argument("--config", default=None, help="JSON file of AEConfig fields")
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.epilog = _ae_epilog(argparse.Namespace())
 
@@ -210,7 +215,10 @@ def run_train_ae(args: argparse.Namespace) -> int:
 
     base = {} if args.preset == "none" else dict(AE_PRESETS[args.preset])
     data = merge(merge(base, load_config_file(args.config)), parse_overrides(args.overrides))
-    metrics = train_autoencoder(from_dict(AEConfig, data), args.out, progress=not args.no_progress)
+    config = from_dict(AEConfig, data)
+    resolve_device_arg(args)
+    metrics = train_autoencoder(config, args.out, progress=not args.no_progress,
+                                device=args.device)
     print(json.dumps(metrics))
     return 0
 
@@ -227,6 +235,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "dit (vp-linear + eps); default: the preset's")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (on CUDA with CUDA graphs: the shapes are static)")
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--print-config", action="store_true", help="print the final config and exit")
     p.epilog = _train_epilog(argparse.Namespace())
@@ -247,7 +258,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("--data is required: a shard folder written by `latentdit preprocess`")
     from .train import train
 
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, device=args.device,
+                   compile=args.compile)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0
 

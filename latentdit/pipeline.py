@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, check_image_size, component_path, load_denoiser
 from .config import SamplingConfig, check_guidance_interval
+from .device import resolve_device
 from .inpainting import is_inpainting, masked_condition
 from .model import Denoiser
 from .plan import (
@@ -106,11 +107,13 @@ class Text2Image:
             raise ValueError("this model is text-conditional: pass a text_encoder")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "shapes", device: str | torch.device = "cpu",
+    def from_pretrained(cls, name_or_path: str | Path = "shapes", device: str | torch.device = "auto",
                         text_encoder: TextEncoder | None = None,
                         autoencoder: Autoencoder | None = None) -> Text2Image:
         """Load a model folder, a packaged model name (``shapes``) or a hub id, with the encoders
-        its config names (override either by passing an instance)."""
+        its config names (override either by passing an instance). ``device="auto"``: the
+        accelerator when there is one."""
+        device = resolve_device(device)
         model, config, directory = load_denoiser(name_or_path, device)
         return cls(model, autoencoder or _load_ae(config, directory, device),
                    text_encoder or _load_text(config, directory, device),

@@ -7,9 +7,9 @@ data position and the LR follow from the step) goes into an atomic checkpoint fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,26 +32,49 @@ from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where
     make_config,
     recipe_dict,
 )
-from .train_state import TrainState, prune_checkpoints, resume_state, save_state
+from .train_state import (  # noqa: F401 (device set-up and TrainingDiverged re-exported beside train_step)
+    Logger,
+    StepCounters,
+    TrainingDiverged,
+    TrainState,
+    check_parallelism,
+    compile_denoiser,
+    make_accelerator,
+    prune_checkpoints,
+    resume_state,
+    save_state,
+    to_device,
+)
 
 
 # -- the loss ----------------------------------------------------------------------------------
 def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: TrainConfig,
                    gen: torch.Generator) -> Tensor:
-    """Mean squared error between the network output and the target named by its config."""
+    """Mean squared error between the network output and the target named by its config. The
+    randomness (times, noise, condition dropout) is drawn on the generator's device, so an
+    accelerator never waits for the CPU to draw it and copy it over."""
     x0 = batch.latents
-    n, device = x0.shape[0], x0.device
-    t = sample_time(n, cfg.diffusion.time_density, shift=cfg.diffusion.time_shift, generator=gen).to(device)
-    eps = torch.randn(x0.shape, generator=gen).to(device)
-    drop = (torch.rand(n, generator=gen) < cfg.cond_dropout).to(device)
+    n, device = x0.shape[0], gen.device
+    t = sample_time(n, cfg.diffusion.time_density, shift=cfg.diffusion.time_shift, generator=gen, device=device)
+    eps = torch.randn(x0.shape, generator=gen, device=device)
+    drop = torch.rand(n, generator=gen, device=device) < cfg.cond_dropout
     target = from_x0_eps(x0, eps, t, path, cfg.model.prediction)
     text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
     # The inpainting variant sees the clean latents outside a random box, and the box.
-    extra = {"mask_latent": training_mask_latent(x0, gen)} if cfg.model.extra_in_channels else {}
+    extra = {"mask_latent": training_mask_latent(x0, _host_generator(gen))} if cfg.model.extra_in_channels else {}
     if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
         extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
     pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
     return (pred.float() - target).pow(2).mean()
+
+
+def _host_generator(gen: torch.Generator) -> torch.Generator:
+    """The box masks are drawn on the CPU: a device generator seeds a CPU one (one small sync,
+    for the inpainting variant only); a CPU generator is used as it is."""
+    if gen.device.type == "cpu":
+        return gen
+    seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _condition(batch: Batch, mcfg: ModelConfig) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -82,86 +105,106 @@ def ema_decay(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: dict[str, Tensor], model: Denoiser, decay: float) -> None:
-    """EMA matched by parameter name, so a reordered or wrapped model cannot misalign it."""
-    for name, p in model.named_parameters():
-        ema[name].lerp_(p.detach().float(), 1 - decay)
+def update_ema(ema: dict[str, Tensor], model: Denoiser, decay: float, ok: Tensor | None = None) -> None:
+    """EMA matched by parameter name, so a reordered or wrapped model cannot misalign it; one
+    multi-tensor kernel per step instead of one per parameter. ``ok`` (a bool tensor): update
+    only if it is True, decided on the device without a host sync (a skipped step keeps the EMA)."""
+    names = [name for name, _ in model.named_parameters()]
+    targets = [ema[name] for name in names]
+    params = [p.detach().float() for p in model.parameters()]
+    if ok is None:
+        torch._foreach_lerp_(targets, params, 1 - decay)
+        return
+    weight = ok.to(device=targets[0].device, dtype=torch.float32) * (1 - decay)
+    diff = torch._foreach_sub(params, targets)
+    torch._foreach_mul_(diff, weight)
+    torch._foreach_add_(targets, diff)
 
 
 # -- one optimisation step -----------------------------------------------------------------------
 def train_step(acc, model, opt, batches: list[Batch], path: NoisePath, cfg: TrainConfig,
-               gen: torch.Generator, step: int) -> tuple[Tensor, Tensor, bool]:
+               gen: torch.Generator, step: int, *, sync_free: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Accumulate over micro-batches, clip, and step unless the gradient is not finite.
-    Returns (mean loss, grad norm, stepped). The norm is all-reduced, so every rank agrees."""
+    Returns (mean loss, grad norm, stepped) as tensors on the device; the norm is all-reduced,
+    so every rank agrees. ``sync_free`` (default: on any accelerator) skips a non-finite step
+    inside the fused optimiser (``found_inf``) instead of reading the check on the host."""
     for group in opt.param_groups:
         group["lr"] = learning_rate(step, cfg)
-    total = torch.zeros(())
+    total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
-        sync = acc.no_sync(model) if i < len(batches) - 1 else _nullcontext()
+        sync = acc.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
         with sync, _autocast(acc.device, cfg.mixed_precision):
             loss = diffusion_loss(model, batch, path, cfg, gen) / len(batches)
         acc.backward(loss)
-        total += loss.detach().float().cpu()
+        total += loss.detach().float()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    ok = bool(torch.isfinite(norm)) and bool(torch.isfinite(total))
-    if ok:
+    ok = torch.isfinite(norm) & torch.isfinite(total)
+    inner = getattr(opt, "optimizer", opt)  # accelerate wraps the optimiser
+    if sync_free is None:
+        sync_free = acc.device.type != "cpu"
+    if sync_free and _is_fused(inner):
+        inner.found_inf = (~ok).float()  # the fused kernel skips the update, step count included
+        try:
+            opt.step()
+        finally:
+            del inner.found_inf
+    elif bool(ok):  # a host sync: free on the CPU, the fallback for unfused optimisers
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return total, norm.detach().float().cpu(), ok
+    return total, norm.detach().float(), ok
+
+
+def _is_fused(opt: torch.optim.Optimizer) -> bool:
+    return bool(opt.param_groups[0].get("fused"))
 
 
 def _autocast(device: torch.device, mixed: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # -- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, device: str = "auto", compile: bool = False) -> dict[str, Any]:
     """Train, checkpoint, preview and export. ``resume``: "latest" or a checkpoint folder.
-    ``stop_after``: stop (with a checkpoint) after this many steps of this call, as a crash would."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    ``stop_after``: stop (with a checkpoint) after this many steps of this call, as a crash would.
+    ``device``: as ``--device``; under ``accelerate launch`` each process takes its own GPU.
+    ``compile``: ``torch.compile`` the denoiser (CUDA graphs on one CUDA process)."""
+    acc = make_accelerator(device)
+    check_parallelism(acc)
     reader = ShardReader(cfg.data)
     model, ema, opt, state = _setup(cfg, reader, acc, resume)
     model, opt = acc.prepare(model, opt)
-    log = _Logger(cfg, acc, state.step, progress)
+    graphs = compile_denoiser(_unwrap(model), acc) if compile else False
+    log = Logger(cfg, acc, state.step, progress)
+    bad = StepCounters(acc.device, state.bad_streak, state.bad_total)
+    sync_free = _sync_free(acc)
+    check_every = cfg.log_every if sync_free else 1
     stream = _batches(reader, cfg, acc, state.step)
     path = NoisePath(cfg.diffusion.path)
     last = min(cfg.steps, state.step + stop_after) if stop_after else cfg.steps
     while state.step < last:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         micro = [next(stream) for _ in range(cfg.optim.grad_accum)]
-        loss, norm, ok = train_step(acc, model, opt, micro, path, cfg, state.generator, state.step)
-        _account(state, ok, cfg)
-        if ok:
+        loss, norm, ok = train_step(acc, model, opt, micro, path, cfg, state.generator, state.step,
+                                    sync_free=sync_free)
+        bad.add(ok)
+        if sync_free:  # gated on the device: no sync, a few more passes over the weights
+            update_ema(ema, _unwrap(model), ema_decay(state.step, cfg), ok)
+        elif bool(ok):
             update_ema(ema, _unwrap(model), ema_decay(state.step, cfg))
         state.step += 1
+        if state.step % check_every == 0 or state.step % cfg.checkpoint_every == 0 or state.step == last:
+            bad.check(state, cfg.max_bad_steps)
         log.step(state, loss, norm, ok, opt.param_groups[0]["lr"], micro)
         _periodic(cfg, acc, model, ema, opt, state, reader, last)
     log.close()
     return _finish(cfg, acc, model, ema, reader, state, log)
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last checkpoint before them is kept."""
-
-
-def _account(state: TrainState, ok: bool, cfg: TrainConfig) -> None:
-    """Count skipped (non-finite) steps; too many in a row means the run has diverged."""
-    state.bad_streak = 0 if ok else state.bad_streak + 1
-    state.bad_total += 0 if ok else 1
-    if state.bad_streak >= cfg.max_bad_steps:
-        raise TrainingDiverged(
-            f"{state.bad_streak} non-finite steps in a row at step {state.step}: training diverged. "
-            "Lower optim.lr, keep mixed_precision bf16 off fp16, or check the data for NaNs.")
+def _sync_free(acc) -> bool:
+    """Keep the step's checks on the device: on accelerators; on the CPU reading a flag is free."""
+    return acc.device.type != "cpu"
 
 
 def _periodic(cfg, acc, model, ema, opt, state, reader, last) -> None:
@@ -203,7 +246,9 @@ def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
     model.to(acc.device).train()
     ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     opt = make_optimizer(model, cfg)
-    state = TrainState(generator=torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index))
+    # Drawn on the device: the stream differs from the CPU's, but is as reproducible and resumable.
+    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
+    state = TrainState(generator=gen)
     if resume:
         found = resume_state(Path(cfg.out), resume, model, ema, opt, state, acc.process_index)
         if found is not None and acc.is_main_process:
@@ -257,89 +302,10 @@ def _batches(reader: ShardReader, cfg: TrainConfig, acc, step: int) -> Iterator[
     stream = reader.batches(cfg.batch_size, seed=cfg.seed, start_step=step * accum,
                             rank=acc.process_index, world_size=acc.num_processes)
     for batch in stream:
-        yield batch if acc.device.type == "cpu" else batch.to(acc.device)
+        yield to_device(batch, acc.device)
 
 
-# -- logging, previews, export -------------------------------------------------------------------
-class _Logger:
-    """tqdm bar + TensorBoard + metrics.jsonl. Losses accumulate as tensors between log lines so
-    the hot loop never forces a sync with ``.item()``."""
-
-    def __init__(self, cfg: TrainConfig, acc, start: int, progress: bool):
-        self.cfg, self.main = cfg, acc.is_main_process
-        self.world = acc.num_processes
-        self.loss_sum, self.count, self.images, self.t0 = torch.zeros(()), 0, 0, time.perf_counter()
-        self.bar = self.tb = None
-        self.history: list[dict[str, float]] = []
-        if self.main:
-            from tqdm.auto import tqdm
-
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
-            self.tb = _tensorboard(Path(cfg.out) / "tb")
-            self.jsonl = open(_metrics_upto(Path(cfg.out) / "metrics.jsonl", start), "a")
-
-    def step(self, state: TrainState, loss: Tensor, norm: Tensor, ok: bool, lr: float, micro) -> None:
-        if ok:
-            self.loss_sum += loss
-            self.count += 1
-        self.images += sum(b.latents.shape[0] for b in micro) * self.world
-        if not self.main:
-            return
-        self.bar.update(1)
-        if state.step % self.cfg.log_every == 0:
-            self._emit(state, norm, lr)
-
-    def _emit(self, state: TrainState, norm: Tensor, lr: float) -> None:
-        elapsed = time.perf_counter() - self.t0
-        # Strict JSON: a window of only skipped steps has no loss, a non-finite norm is null.
-        loss = float(self.loss_sum) / self.count if self.count else None
-        norm = float(norm) if bool(torch.isfinite(norm)) else None
-        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
-               "images_per_s": self.images / max(elapsed, 1e-9), "skipped": state.bad_total}
-        self.history.append(row)
-        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self.jsonl.flush()
-        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
-                             ips=f"{row['images_per_s']:.1f}")
-        if self.tb is not None:
-            for k in ("loss", "lr", "grad_norm", "images_per_s"):
-                if row[k] is not None:
-                    self.tb.add_scalar(f"train/{k}", row[k], state.step)
-        self.loss_sum, self.count, self.images, self.t0 = torch.zeros(()), 0, 0, time.perf_counter()
-
-    def close(self) -> None:
-        if self.main:
-            self.bar.close()
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _metrics_upto(file: Path, step: int) -> Path:
-    """Drop rows after ``step`` (the resume point: those steps run again) and any line a kill cut
-    short, so the log holds each step once."""
-    if not file.exists():
-        return file
-    keep = []
-    for line in file.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_bytes(file, "".join(keep).encode())
-    return file
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: logs still go to metrics.jsonl
-        return None
-    return SummaryWriter(str(folder))
-
-
+# -- previews, export ----------------------------------------------------------------------------
 def ema_model(cfg: TrainConfig, ema: dict[str, Tensor]) -> Denoiser:
     model = Denoiser(cfg.model)
     missing = model.load_state_dict(ema, strict=False).missing_keys

@@ -1,4 +1,6 @@
-"""Resumable training state: atomic checkpoint folders of safetensors + JSON, never pickles.
+"""Resumable training state: atomic checkpoint folders of safetensors + JSON, never pickles; what
+the loop reads only now and then (skip counters, logged losses), kept on the device; and the
+device set-up around the step (accelerator, host->device copies, compile).
 
 A checkpoint ``checkpoints/step-0000500/`` holds the raw weights, the EMA weights, the optimiser
 moments, one RNG state per process and ``state.json`` (step, skip counters, optimiser hyper-
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .checkpoint import atomic_write_bytes
+from .device import resolve_device
+from .shards import Batch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -62,7 +69,8 @@ def save_state(out: Path, acc, model: torch.nn.Module, ema: dict[str, Tensor], o
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    save_file({"generator": state.generator.get_state()}, tmp / f"rng-rank{acc.process_index}.safetensors")
+    save_file({"generator": state.generator.get_state()}, tmp / f"rng-rank{acc.process_index}.safetensors",
+              metadata={"device": state.generator.device.type})
     acc.wait_for_everyone()
     if acc.is_main_process:
         _write_main(tmp, model, ema, opt, state, config, acc.num_processes)
@@ -137,10 +145,21 @@ def apply_checkpoint(folder: Path, loaded: _Loaded, model: torch.nn.Module, ema:
         ema[name].copy_(value)
     opt.load_state_dict(unflatten_optimizer(loaded.optimizer, info["optimizer"]))
     state.step, state.bad_streak, state.bad_total = info["step"], info["bad_streak"], info["bad_total"]
-    if loaded.rng is not None:
+    rng = folder / f"rng-rank{rank}.safetensors"
+    if loaded.rng is not None and _rng_device(rng) == state.generator.device.type:
         state.generator.set_state(loaded.rng)
-    else:  # resumed on more processes than were saved: new ranks get a fresh, distinct stream
+    else:  # more processes than were saved, or another device type: a fresh, distinct stream
+        if loaded.rng is not None:
+            print(f"{rng} holds a {_rng_device(rng)} generator and this run draws on "
+                  f"{state.generator.device.type}: the random stream restarts from a new seed")
         state.generator.manual_seed(10_007 * (rank + 1) + state.step)
+
+
+def _rng_device(file: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return (f.metadata() or {}).get("device", "cpu")  # written before devices were recorded: cpu
 
 
 def resume_state(out: Path, spec: str, model: torch.nn.Module, ema: dict[str, Tensor], opt,
@@ -217,3 +236,170 @@ def prune_checkpoints(out: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (retention limit)."""
     for _, folder in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- read at log time --------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last checkpoint before them is kept."""
+
+
+class StepCounters:
+    """Non-finite (skipped) steps, counted on the device so the loop never waits for the check;
+    ``check`` reads them (one sync) and stops a run that has diverged."""
+
+    def __init__(self, device: torch.device, streak: int = 0, total: int = 0) -> None:
+        self.streak = torch.tensor(streak, device=device)
+        self.worst = self.streak.clone()
+        self.total = torch.tensor(total, device=device)
+
+    def add(self, ok: Tensor) -> None:
+        bad = (~ok).long()
+        self.streak.add_(1).mul_(bad)  # +1 on a skipped step, back to 0 on a good one
+        torch.maximum(self.worst, self.streak, out=self.worst)
+        self.total.add_(bad)
+
+    def check(self, state: TrainState, max_bad: int) -> None:
+        state.bad_streak, state.bad_total = int(self.streak), int(self.total)
+        worst = int(self.worst)
+        if worst >= max_bad:
+            raise TrainingDiverged(
+                f"{worst} non-finite steps in a row by step {state.step}: training diverged. "
+                "Lower optim.lr, keep mixed_precision bf16 off fp16, or check the data for NaNs.")
+
+
+class Logger:
+    """tqdm bar + TensorBoard + metrics.jsonl. Losses accumulate as device tensors between log
+    lines so the hot loop never forces a sync with ``.item()``."""
+
+    def __init__(self, cfg, acc, start: int, progress: bool):
+        self.cfg, self.main, self.device = cfg, acc.is_main_process, acc.device
+        self.world = acc.num_processes
+        self.bar = self.tb = None
+        self.history: list[dict[str, float]] = []
+        self._reset()
+        if self.main:
+            from tqdm.auto import tqdm
+
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
+            self.tb = _tensorboard(Path(cfg.out) / "tb")
+            self.jsonl = open(_metrics_upto(Path(cfg.out) / "metrics.jsonl", start), "a")
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), device=self.device)
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def step(self, state: TrainState, loss: Tensor, norm: Tensor, ok: Tensor, lr: float, micro) -> None:
+        """``loss``, ``norm``, ``ok``: tensors of this step, read only on a logging step."""
+        self.loss_sum += torch.where(ok, loss, 0.0)  # a skipped step's loss may be NaN
+        self.count += ok
+        self.images += sum(b.latents.shape[0] for b in micro) * self.world
+        if not self.main:
+            return
+        self.bar.update(1)
+        if state.step % self.cfg.log_every == 0:
+            self._emit(state, norm, lr)
+
+    def _emit(self, state: TrainState, norm: Tensor, lr: float) -> None:
+        elapsed = time.perf_counter() - self.t0
+        # Strict JSON: a window of only skipped steps has no loss, a non-finite norm is null.
+        count = int(self.count)
+        loss = float(self.loss_sum) / count if count else None
+        norm = float(norm) if bool(torch.isfinite(norm)) else None
+        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
+               "images_per_s": self.images / max(elapsed, 1e-9), "skipped": state.bad_total}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
+        self.jsonl.flush()
+        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
+                             ips=f"{row['images_per_s']:.1f}")
+        if self.tb is not None:
+            for k in ("loss", "lr", "grad_norm", "images_per_s"):
+                if row[k] is not None:
+                    self.tb.add_scalar(f"train/{k}", row[k], state.step)
+        self._reset()
+
+    def close(self) -> None:
+        if self.main:
+            self.bar.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _metrics_upto(file: Path, step: int) -> Path:
+    """Drop rows after ``step`` (the resume point: those steps run again) and any line a kill cut
+    short, so the log holds each step once."""
+    if not file.exists():
+        return file
+    keep = []
+    for line in file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(file, "".join(keep).encode())
+    return file
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: logs still go to metrics.jsonl
+        return None
+    return SummaryWriter(str(folder))
+
+
+# -- the device around the step -------------------------------------------------------------
+def make_accelerator(device: str = "auto"):
+    """An ``accelerate.Accelerator`` on the device ``--device`` names: ``cpu`` forces the CPU, and
+    ``cuda:N`` picks one GPU for a single process (under ``accelerate launch`` each rank has its own)."""
+    from accelerate import Accelerator
+
+    want = resolve_device(device)
+    if want.type == "cpu":
+        return Accelerator(cpu=True)
+    if want.type == "cuda" and want.index is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"--device {device} names one GPU, but this is a multi-process launch where "
+                             "each process takes its own: use --device cuda or auto")
+        torch.cuda.set_device(want.index)
+    acc = Accelerator()
+    if acc.device.type != want.type:
+        raise ValueError(f"--device {device}: accelerate chose {acc.device} (check `accelerate config`)")
+    return acc
+
+
+def check_parallelism(acc) -> None:
+    """Data parallel (DDP) only: the EMA, the condition dropout (outside the forward) and the
+    checkpoint writer read whole parameters, which FSDP/DeepSpeed shard (docs/performance.md)."""
+    kind = getattr(acc.distributed_type, "name", str(acc.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"accelerate is configured for {kind}, but latentdit trains data-parallel only "
+                         "(the EMA and checkpoints need whole parameters): launch with "
+                         "`accelerate launch --multi_gpu ...` (see docs/performance.md)")
+
+
+def compile_denoiser(model: torch.nn.Module, acc) -> bool:
+    """``torch.compile`` the denoiser in place (parameter names, hence EMA and checkpoints, stay as
+    they are). On one CUDA process the shapes are static, so CUDA graphs ("reduce-overhead") remove
+    the per-kernel launch cost; with DDP/FSDP plain inductor. Returns whether CUDA graphs are on."""
+    graphs = acc.device.type == "cuda" and acc.num_processes == 1
+    model.compile(mode="reduce-overhead" if graphs else None)
+    return graphs
+
+
+def to_device(batch: Batch, device: torch.device, pin: bool | None = None) -> Batch:
+    """Host -> device without blocking the host: on CUDA through pinned memory, so the copy
+    overlaps the previous step's kernels. On the CPU the batch is returned as it is."""
+    if device.type == "cpu":
+        return batch
+    pin = device.type == "cuda" if pin is None else pin
+
+    def move(t: Tensor) -> Tensor:
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    return Batch(move(batch.latents), move(batch.tokens), move(batch.mask), move(batch.pooled),
+                 batch.captions, move(batch.index), None if batch.labels is None else move(batch.labels))

@@ -513,7 +513,7 @@ def cli(shapes, monkeypatch):
     from latentdit.cli import main
 
     asked = []
-    monkeypatch.setattr(cli_edit, "_pipeline", lambda name: asked.append(name) or shapes)
+    monkeypatch.setattr(cli_edit, "_pipeline", lambda name, **_: asked.append(name) or shapes)
 
     def run(*argv):
         return main([str(a) for a in argv]), asked
