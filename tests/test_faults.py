@@ -139,7 +139,7 @@ def _tiny_nan_pipeline(bad_call: int):
 
 
 def test_non_finite_sample_names_the_step_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_pipeline", lambda name: _tiny_nan_pipeline(bad_call=3))
+    monkeypatch.setattr(cli, "load_pipeline", lambda name, *_: _tiny_nan_pipeline(bad_call=3))
     out = tmp_path / "pic.png"
     rc, line = run(capsys, "generate", "1", "--out", out, "--steps", "5", "--sampler", "euler",
                    "--guidance", "1", "--height", "64")
@@ -149,7 +149,7 @@ def test_non_finite_sample_names_the_step_and_writes_nothing(tmp_path, capsys, m
 
 def _no_load(monkeypatch) -> list[str]:
     asked: list[str] = []
-    monkeypatch.setattr(cli, "load_pipeline", lambda name: asked.append(name) or pytest.fail("model loaded"))
+    monkeypatch.setattr(cli, "load_pipeline", lambda name, *_: asked.append(name) or pytest.fail("model loaded"))
     return asked
 
 
@@ -207,7 +207,7 @@ def test_prompt_file_with_corrupt_bytes_is_named(tmp_path, capsys, monkeypatch):
 
 def test_default_output_lands_in_the_ignored_out_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "load_pipeline", lambda name: _tiny_nan_pipeline(bad_call=10**9))
+    monkeypatch.setattr(cli, "load_pipeline", lambda name, *_: _tiny_nan_pipeline(bad_call=10**9))
     assert cli.main(["generate", "2", "--steps", "1", "--height", "64"]) == 0
     assert capsys.readouterr().out.strip() == str(Path("out") / "2.png")
     assert (tmp_path / "out" / "2.png").is_file()
