@@ -10,7 +10,7 @@ from latentdit.device import resolve_device
 
 # Commands that run a model (a denoiser, an encoder or an autoencoder) on some device.
 MODEL_COMMANDS = {"generate", "eval", "img2img", "inpaint", "outpaint", "invert", "edit", "interpolate",
-                  "pan", "preprocess", "train", "train-ae"}
+                  "pan", "preprocess", "train", "train-ae", "serve"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
