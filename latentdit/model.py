@@ -52,9 +52,7 @@ class HeadNorm(nn.Module):
     ("rms"), with an optional learned per-channel scale that follows the input dtype (no
     mixed-dtype warning under bf16 autocast). On CPU torch has a fused layer_norm but decomposes
     rms_norm into small ops; "rms" is therefore computed here from one fused fp32 ``vector_norm``
-    reduction and two products (on a strided (8, 64, 6, 64) bf16 query: 445 vs 694 us a call,
-    2.1 vs 2.5 ms forward + backward; forward + backward of the shapes-small model at batch 64
-    took 1.44 s instead of 1.73 s on two threads, and about the same, 2.44 vs 2.47 s, on one)."""
+    reduction and two products, which is faster there (docs/architecture.md#performance-notes)."""
 
     def __init__(self, dim: int, kind: str, affine: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -79,9 +77,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) with an optional (N, 1, 1, S) key mask.
 
     Accelerators use ``scaled_dot_product_attention``. On CPU in bf16, for the short sequences of
-    latent DiTs, SDPA's flash kernel has a slow backward (measured 38 ms vs ~6 ms forward per call
-    at 64 tokens); the explicit product is faster there, so it is used up to
-    EXPLICIT_ATTENTION_MAX. In fp32 SDPA is the faster of the two.
+    latent DiTs, SDPA's flash kernel has a backward several times slower than its forward
+    (docs/architecture.md#performance-notes); the explicit product is faster there, so it is used
+    up to EXPLICIT_ATTENTION_MAX. In fp32 SDPA is the faster of the two.
     """
     explicit = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if not explicit or q.shape[-2] * k.shape[-2] > EXPLICIT_ATTENTION_MAX:

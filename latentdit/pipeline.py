@@ -72,7 +72,7 @@ class Condition:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and CUDA (2-4x faster on this CPU); ``None``/fp32 disables it."""
+    """bf16 autocast on CPU and CUDA (faster on CPUs with bf16 matrix units); ``None``/fp32 disables it."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -262,8 +262,8 @@ class Text2Image:
     def inference_model(self, dtype: torch.dtype | None) -> Denoiser:
         """The denoiser for sampling under ``autocast(dtype)``: a copy whose linear and conv
         weights are stored in ``dtype``, which is exactly what autocast would cast them to on
-        every call (on CPU those casts were ~12% of a sampling run). Rebuilt when the model's
-        weights change; the model itself is returned for fp32."""
+        every call (a visible share of a CPU sampling run: docs/architecture.md#performance-notes).
+        Rebuilt when the model's weights change; the model itself is returned for fp32."""
         if dtype is None or dtype == torch.float32:
             return self.model
         key = (dtype, tuple((p.data_ptr(), p._version) for p in self.model.parameters()))

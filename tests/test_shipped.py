@@ -24,8 +24,8 @@ def test_packaged_model_is_in_the_package():
 
 
 def test_packaged_model_guides_on_a_limited_interval(pipe):
-    """Its sampling config guides for t in [0.3, 0.9] only (62.5% held-out alignment against 60.1%
-    guided on every step); an explicit (0, 1) still guides everywhere and gives another image."""
+    """Its sampling config guides for t in [0.3, 0.9] only (why: docs/testing.md, packaged-model
+    figures); an explicit (0, 1) still guides everywhere and gives another image."""
     assert pipe.sampling.guidance_interval == (0.3, 0.9)
     kw = dict(seed=3, steps=6, progress=False, output_type="latent")
     limited = pipe("a red circle above a blue square", **kw)
@@ -61,8 +61,8 @@ def test_generate_uses_the_packaged_model_by_default(tmp_path):
 
 def test_eval_reference_scores_the_packaged_autoencoders_round_trip(tmp_path, capsys):
     """`--reference autoencoder` scores ground-truth renders after the packaged autoencoder: the
-    ceiling of any denoiser on it. Measured on 256 held-out prompts: colour 97.3%, position 97.9%,
-    shape 80.5% (small stars come back as blobs); `--reference renders` scores 100%."""
+    ceiling of any denoiser on it (its per-category scores: docs/testing.md, packaged-model figures);
+    `--reference renders` scores every check right."""
     import json
 
     from latentdit.cli import main

@@ -74,7 +74,7 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
                   output_type: OutputType = "pil", progress: bool = False):
     """Sample ``prompt`` steered by a differentiable ``loss_fn`` of the predicted clean image in
     ``space`` (pixels in [-1, 1], or latents), with strength ``scale`` (0 = the plain sample; on
-    the shipped shapes model 0.03-0.3 steers while staying on its images).
+    docs/editing.md gives the range that steers the packaged model while staying on its images).
     Example: ``sample_guided(pipe, "a circle", color_loss("blue"), scale=0.1)``."""
     if space not in ("pixel", "latent"):
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")

@@ -13,7 +13,7 @@ embedding, so every encoder returns the same three tensors in a `TextEmbeddings`
 Offline notes: MiniLM is read from the installed package with `local_files_only=True`, which is
 the per-call equivalent of HF_HUB_OFFLINE=1 (the process environment is never changed) and does
 not write to HOME. Hub ids are first looked up in the local Hugging Face cache and only then on
-the hub; set HF_HUB_OFFLINE=1 to skip the network retries (~25 s) on a machine without network.
+the hub; set HF_HUB_OFFLINE=1 to skip the network retries on a machine without network.
 A HOME-less sandbox may still need HF_HOME pointing at a writable folder for hub ids.
 
 The package's parts (``_base``, ``_encoders``, ``_loading``) are private: import every public
