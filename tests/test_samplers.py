@@ -359,3 +359,22 @@ def test_registry():
     assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
     with pytest.raises(ValueError, match="euler, heun, ddim, ddpm, dpmpp_2m"):
         get_sampler("lms")
+
+
+def test_inversion_leaves_the_first_inverse_step_naive_unless_asked():
+    """``refine_first_step=False`` (what editing uses) must not refine the step from the clean
+    latent at all: with one step, the result is exactly naive inversion."""
+    path = NoisePath("flow")
+    denoise = lambda x, t: 0.5 * x  # noqa: E731
+    x0, ts = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.tensor([0.6, 0.0], dtype=torch.float64)
+    naive = invert(denoise, x0, ts, path, fixed_point_iters=0)
+    assert torch.equal(invert(denoise, x0, ts, path, fixed_point_iters=3, refine_first_step=False), naive)
+    assert not torch.equal(invert(denoise, x0, ts, path, fixed_point_iters=3, refine_first_step=True), naive)
+
+
+def test_karras_grid_rejects_bad_bounds():
+    path = NoisePath("vp-cosine")
+    for kw in (dict(t_min=0.5, t_max=0.5), dict(t_min=0.9, t_max=0.5), dict(rho=0.0)):
+        with pytest.raises(ValueError, match="t_min|rho"):
+            time_grid(4, path, "karras", **kw)
+    assert len(time_grid(4, path, "karras", rho=0.5)) == 5  # any rho > 0 is a grid

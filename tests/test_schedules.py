@@ -193,3 +193,24 @@ def test_time_density_mixture_draws_each_term_with_its_weight():
 def test_bad_density_strings_raise(bad):
     with pytest.raises(ValueError):
         sample_time(10, bad)
+
+
+@pytest.mark.parametrize("shift", [0.5, 2.0, 3.0])
+def test_time_shift_is_its_formula_for_every_shift(shift):
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(time_shift(t, shift), shift * t / (1 + (shift - 1) * t))
+
+
+def test_beta_density_below_one_and_saturating_draws_stay_inside_the_unit_interval():
+    """beta(0.5, 0.5) is the arcsine law, quantile sin^2(pi p / 2): it takes the k < 1 branch of the
+    Gamma sampler. A logit-normal with a huge scale saturates float32 to 0 and 1, which the clamp
+    keeps strictly inside (0, 1) (t = 0 or 1 would make some paths' targets infinite)."""
+    t = sample_time(N_DRAWS, "beta(0.5, 0.5)", generator=torch.Generator().manual_seed(5))
+    for p in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert abs(torch.quantile(t, p).item() - math.sin(math.pi * p / 2) ** 2) < 1e-2, p
+    small = sample_time(N_DRAWS, "beta(0.3, 0.6)", generator=torch.Generator().manual_seed(7)).double()
+    assert abs(small.mean().item() - 1 / 3) < 5e-3  # a / (a + b)
+    assert abs(small.var().item() - 0.18 / (0.81 * 1.9)) < 5e-3  # ab / ((a + b)^2 (a + b + 1))
+    wide = sample_time(10_000, "logit-normal(0, 40)", generator=torch.Generator().manual_seed(6))
+    assert (wide == 1e-5).any() and (wide == torch.tensor(1 - 1e-5)).any()
+    assert wide.min() >= 1e-5 and wide.max() <= torch.tensor(1 - 1e-5)
