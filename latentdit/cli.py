@@ -226,7 +226,8 @@ def read_prompt_file(path: str) -> list[dict]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); give one prompt or JSON object per line") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); "
+                         "give one prompt or JSON object per line") from None
     items, lines = [], {}
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=HelpFormatter)
         setup(p)
         for action in p._actions:  # argparse prints nothing for an option without help text
-            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+            shown = action.default is not None and action.default is not False
+            if action.help is None and action.option_strings and shown:
                 action.help = "default: %(default)s"
     return parser
 

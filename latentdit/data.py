@@ -348,7 +348,7 @@ def _shard_chunks(it, manifest, shard_size, batch_size, ae, cache, image_size, b
 
 def _encode_batch(samples: list[Sample], manifest: dict, ae: Autoencoder, cache: CaptionCache,
                   image_size: int | None) -> dict:
-    images = [_fit_image(s.image, image_size) for s in samples]
+    images = [fit_image(s.image, image_size) for s in samples]
     latents = ae.encode(from_pil(_same_size(images)))  # (B, C, H, W) float32
     shape = list(latents.shape[1:])
     if manifest["latent_shape"] is None:
@@ -377,8 +377,9 @@ def _labels(samples: list[Sample], info: dict) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def _fit_image(image: Image.Image, size: int | None) -> Image.Image:
-    """Resize the short side to `size`, then centre-crop a square (no distortion, no flips)."""
+def fit_image(image: Image.Image, size: int | None, resample: int | None = None) -> Image.Image:
+    """RGB, the short side resized to `size`, then a centred square crop (no distortion, no flips).
+    `resample`: a PIL filter, Lanczos by default."""
     from PIL import Image as PILImage
 
     image = image.convert("RGB")
@@ -387,7 +388,7 @@ def _fit_image(image: Image.Image, size: int | None) -> Image.Image:
     w, h = image.size
     scale = size / min(w, h)
     rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((rw, rh), PILImage.Resampling.LANCZOS)
+    image = image.resize((rw, rh), PILImage.Resampling.LANCZOS if resample is None else resample)
     left, top = (rw - size) // 2, (rh - size) // 2
     return image.crop((left, top, left + size, top + size))
 

@@ -238,7 +238,8 @@ def _read_caption_index(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); it must hold one JSON object per line") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); "
+                         "it must hold one JSON object per line") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -98,8 +98,9 @@ def parse_threads(value: object, where: str) -> int | None:
 def choose_threads(threads: int | None = None, *, busy: float | None = None,
                    cores: int | None = None, env: MutableMapping[str, str] | None = None) -> ThreadPolicy:
     """The policy for this moment: ``threads`` (or ``LATENTDIT_THREADS``, or an ``OMP_NUM_THREADS``
-    already set) if given, else one thread per core that other programs leave free (at least one). Waiting is passive whenever
-    fewer threads than cores run or some core is busy; an explicit ``OMP_WAIT_POLICY`` wins."""
+    already set) if given, else one thread per core that other programs leave free (at least one).
+    Waiting is passive whenever fewer threads than cores run or some core is busy; an explicit
+    ``OMP_WAIT_POLICY`` wins."""
     env = os.environ if env is None else env
     cores = len(usable_cores()) if cores is None else cores
     override = threads if threads else parse_threads(env.get(THREADS_ENV), THREADS_ENV)

