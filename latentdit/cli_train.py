@@ -53,13 +53,6 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def fields_epilog(cls: type, prefix: str = "", values: dict[str, Any] | None = None) -> str:
     """A one-line-per-field listing of a config dataclass for ``--help``: each field's value in
     ``values`` (a preset's config) where given, else the dataclass default."""
@@ -211,10 +204,10 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
 def run_train_ae(args: argparse.Namespace) -> int:
     from .config import from_dict
     from .train_ae import train_autoencoder
-    from .train_config import AE_PRESETS, AEConfig
+    from .train_config import AE_PRESETS, AEConfig, merge_config
 
     base = {} if args.preset == "none" else dict(AE_PRESETS[args.preset])
-    data = merge(merge(base, load_config_file(args.config)), parse_overrides(args.overrides))
+    data = merge_config(base, load_config_file(args.config), parse_overrides(args.overrides))
     config = from_dict(AEConfig, data)
     resolve_device_arg(args)
     metrics = train_autoencoder(config, args.out, progress=not args.no_progress,
@@ -246,11 +239,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train a denoiser on preprocessed shards (accelerate launch -m latentdit train ...)")(_train_args)
 def run_train(args: argparse.Namespace) -> int:
     from .config import to_dict
-    from .train_config import make_config, recipe_dict
+    from .train_config import resolve_train_config
 
-    data = merge(merge(recipe_dict(args.preset, args.objective), load_config_file(args.config)),
-                 parse_overrides(args.overrides))
-    cfg = make_config(data)
+    cfg = resolve_train_config(args.preset, args.objective, load_config_file(args.config),
+                               parse_overrides(args.overrides))
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0

@@ -102,14 +102,22 @@ def recipe_dict(name: str, objective: str | None = None) -> dict[str, Any]:
     if objective == recipe["objective"]:  # the recipe's own tuning of its objective
         diffusion = {**diffusion, **recipe.get("diffusion", {})}
     model = to_dict(model_preset(recipe["preset"], **{**recipe["model"], **model_fields}))
-    return _merge({"model": model, "diffusion": dict(diffusion)}, recipe["train"])
+    return merge_config({"model": model, "diffusion": dict(diffusion)}, recipe["train"])
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with each override merged in, section by section; later values win."""
     out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    for over in overrides:
+        for k, v in over.items():
+            out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def resolve_train_config(preset: str, objective: str | None = None, *overrides: dict[str, Any]) -> TrainConfig:
+    """The one way a training config is assembled: the named recipe (with another objective if
+    asked), then each override (a config file's dict, command-line fields) in order."""
+    return make_config(merge_config(recipe_dict(preset, objective), *overrides))
 
 
 def make_config(data: dict[str, Any]) -> TrainConfig:

@@ -101,3 +101,16 @@ def test_presets_sizes():
     assert (base.width, base.depth) == (768, 12)
     large = model_preset("large")
     assert (large.width, large.depth) == (1152, 28)
+
+
+def test_resolve_train_config_merges_sections_in_order():
+    from latentdit.train_config import merge_config, resolve_train_config
+
+    cfg = resolve_train_config("shapes-small", None, {"optim": {"lr": 5e-4}, "steps": 7},
+                               {"optim": {"warmup_steps": 3}, "steps": 9})
+    assert cfg.steps == 9  # the later override wins
+    assert cfg.optim.lr == 5e-4 and cfg.optim.warmup_steps == 3  # sections merge, not replace
+    assert cfg.optim.grad_clip == 1.0 and cfg.model.width == 384  # the recipe's other fields stay
+    assert resolve_train_config("shapes-small", "tld").model.prediction == "x0"
+    base = {"a": {"b": 1, "c": 2}}
+    assert merge_config(base, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}} and base["a"]["c"] == 2
