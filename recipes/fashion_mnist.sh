@@ -12,12 +12,7 @@ STEPS=${STEPS:-1500}
 FID_N=${FID_N:-200}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-stage() {  # run one stage and say how long it took
-  local name=$1 start=$SECONDS
-  shift
-  "$@"
-  echo "[recipe] $name: $((SECONDS - start)) s (total $SECONDS s)"
-}
+. "$(dirname "$0")/stage.sh"  # stage NAME CMD ...: run one stage and print its time
 
 # Class names are the captions; 4 text tokens keep the (unused) text part of the shards small.
 stage preprocess latentdit preprocess --source fashion-mnist --labels --size 32 --n "$N" --out "$RUN/shards" \

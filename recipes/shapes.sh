@@ -14,12 +14,7 @@ EVAL_N=${EVAL_N:-64}
 DEST=${DEST:-$RUN/model}  # never the packaged weights unless asked for
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-stage() {  # run one stage and say how long it took
-  local name=$1 start=$SECONDS
-  shift
-  "$@"
-  echo "[recipe] $name: $((SECONDS - start)) s (total $SECONDS s)"
-}
+. "$(dirname "$0")/stage.sh"  # stage NAME CMD ...: run one stage and print its time
 
 stage autoencoder latentdit train-ae --preset shapes-fast --out "$RUN/ae" --steps "$AE_STEPS" --no-progress
 stage preprocess latentdit preprocess --source shapes --n "$N" --out "$RUN/shards" --autoencoder "$RUN/ae/autoencoder" \
