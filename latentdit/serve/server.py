@@ -13,17 +13,6 @@ TOKEN_ENV = "LATENTDIT_TOKEN"
 log = logging.getLogger("latentdit.serve")
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when available, else CPU."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -55,7 +44,7 @@ def serve(model: str = "shapes", host: str = "127.0.0.1", port: int = 8000, devi
         print(f"WARNING: serving on {host} without a token: anyone who can reach this port can use the "
               f"model. Pass --token or set {TOKEN_ENV}.", file=sys.stderr)
     if pipe is None:
-        pipe = Text2Image.from_pretrained(model, device=resolve_device(device))
+        pipe = Text2Image.from_pretrained(model, device=device)
     warm_up(pipe)
     app = create_app(pipe, name=str(model), token=token, max_batch=max_batch, max_wait=max_wait_ms / 1000,
                      max_queue=max_queue, timeout=timeout)
