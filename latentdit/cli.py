@@ -136,12 +136,15 @@ def run_generate(args: argparse.Namespace) -> int:
               dtype=autocast_dtype(args.fp32))
     if items is None:
         return save_images(pipe(args.prompt, negative_prompt=args.negative, seed=args.seed, **kw), args.out)
+    from .plan import prompt_seeds
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start: start + args.batch_size]
-        seeds = [it.get("seed", args.seed + 1000 * (start + i)) + k for i, it in enumerate(chunk)
-                 for k in range(args.num_images)]
+        seeds = [s for i, it in enumerate(chunk)
+                 for s in (prompt_seeds(it["seed"], 0, args.num_images) if "seed" in it
+                           else prompt_seeds(args.seed, start + i, args.num_images))]
         negative = [it.get("negative", args.negative or "") for it in chunk]
         images = pipe([it["prompt"] for it in chunk], seed=seeds,
                       negative_prompt=negative if any(negative) else None, **kw)

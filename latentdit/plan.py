@@ -73,6 +73,12 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def prompt_seeds(seed: int, index: int, images: int) -> list[int]:
+    """The seeds of the images of prompt number ``index`` in a list of prompts: seed + 1000 * index
+    + k, so each prompt keeps its images however the list is batched."""
+    return [seed + 1000 * index + k for k in range(images)]
+
+
 def seed_list(seed: int | Sequence[int], n: int) -> list[int]:
     """The seed of each of n images: ``seed + i`` from an int, or one given seed per image."""
     if n < 1:

@@ -116,3 +116,28 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, monkeypatch, capsys
 def test_outputs_without_a_suffix_are_written_as_png(tmp_path, capsys):
     assert main(["generate", "a red circle", "--random-tiny", "--steps", "1", "--out", str(tmp_path / "pic")]) == 0
     assert (tmp_path / "pic.png").exists() and capsys.readouterr().out.strip().endswith("pic.png")
+
+
+def test_from_file_images_do_not_depend_on_batching(tmp_path):
+    """Each prompt of a file keeps its seeds (seed + 1000 * line + k, or its own "seed") however
+    the file is batched, so a rerun with another --batch-size redraws the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from latentdit.plan import prompt_seeds
+
+    assert prompt_seeds(5, 2, 3) == [2005, 2006, 2007]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square"}\n'
+                       '{"prompt": "a green star", "seed": 7}\n')
+    outs = {}
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}"
+        assert main(["generate", "--from-file", str(prompts), "--random-tiny", "--steps", "2", "--fp32",
+                     "--num-images", "2", "--batch-size", str(batch), "--out", str(out)]) == 0
+        outs[batch] = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.glob("*.png"))}
+    assert len(outs[1]) == 6 and outs[1].keys() == outs[3].keys()
+    for name in outs[1]:
+        assert np.abs(outs[1][name] - outs[3][name]).max() <= 2, name
+    first = list(outs[1].values())
+    assert np.abs(first[0] - first[1]).max() > 2  # the two images of a prompt differ (seeds + k)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..datasets.shapes import scene_of
+from ..plan import prompt_seeds
 from .checker import read_attributes
 from .scoring import aggregate, check_expect, score_read
 
@@ -79,7 +80,7 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):
         chunk = items[start: start + max(1, batch_size // samples)]
-        seeds = [seed + 1000 * (start + i) + k for i in range(len(chunk)) for k in range(samples)]
+        seeds = [s for i in range(len(chunk)) for s in prompt_seeds(seed, start + i, samples)]
         images_all += pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
                            steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                            sampler=sampler, progress=False)
