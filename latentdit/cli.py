@@ -83,6 +83,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         "prompt per line; writes OUT/<id>_<k>.png")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch in --from-file mode")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load on top of --model")
     p.add_argument("--out", default=None,
                    help=f"output image (a folder with --from-file); default: {DEFAULT_OUT}/<prompt>.png, "
                         f"or the folder {DEFAULT_OUT} with --from-file")
@@ -129,7 +130,8 @@ def run_generate(args: argparse.Namespace) -> int:
         check_out_folder(args.out)
     _check_generate_numbers(args)
     resolve_device_arg(args)
-    pipe = _random_tiny_pipeline(args.device) if args.random_tiny else load_pipeline(args.model, args.device)
+    pipe = (_random_tiny_pipeline(args.device) if args.random_tiny
+            else load_pipeline(args.model, args.device, args.adapter))
     kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
               sampler=args.sampler,
               num_images_per_prompt=args.num_images, height=args.height, width=args.width,

@@ -107,11 +107,12 @@ def save_images(images, out: str | Path) -> int:
     return 0
 
 
-def load_pipeline(model: str, device: str = "auto"):
-    """A ``Text2Image`` for a model folder, packaged name or hub id, on ``device``."""
+def load_pipeline(model: str, device: str = "auto", adapter: str | None = None):
+    """A ``Text2Image`` for a model folder, packaged name or hub id, on ``device``, with an
+    optional LoRA ``adapter`` folder loaded on top."""
     from .pipeline import Text2Image
 
-    return Text2Image.from_pretrained(model, device=device)
+    return Text2Image.from_pretrained(model, device=device, adapter=adapter)
 
 
 DEVICE_HELP = "auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"

@@ -13,6 +13,7 @@ from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("metric", choices=["alignment", "fid"], help="what to measure")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load on top of --model")
     p.add_argument("--prompts", default=None, help="prompts JSONL ({id, prompt, expect} per line)")
     p.add_argument("--split", default="heldout", choices=["train", "heldout"],
                    help="without --prompts: draw prompts from this shapes split")
@@ -62,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         items = prompt_set(args.split, args.n, seed=args.seed)
     if args.reference == "renders":
         return _print(score_references(items, out_dir=args.out))
-    pipe = Text2Image.from_pretrained(args.model, device=args.device)
+    pipe = Text2Image.from_pretrained(args.model, device=args.device, adapter=args.adapter)
     if args.reference == "autoencoder":
         return _print(score_references(items, pipe, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointConfig, check_image_size, component_path, load
 from .config import SamplingConfig, check_guidance_interval
 from .device import resolve_device
 from .inpainting import is_inpainting, masked_condition
+from .lora import load_adapter, remove_lora
 from .model import Denoiser
 from .plan import (
     OutputType,
@@ -109,15 +110,27 @@ class Text2Image:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "shapes", device: str | torch.device = "auto",
                         text_encoder: TextEncoder | None = None,
-                        autoencoder: Autoencoder | None = None) -> Text2Image:
+                        autoencoder: Autoencoder | None = None, adapter: str | Path | None = None) -> Text2Image:
         """Load a model folder, a packaged model name (``shapes``) or a hub id, with the encoders
         its config names (override either by passing an instance). ``device="auto"``: the
-        accelerator when there is one."""
+        accelerator when there is one. ``adapter``: a LoRA adapter folder to load on top."""
         device = resolve_device(device)
         model, config, directory = load_denoiser(name_or_path, device)
-        return cls(model, autoencoder or _load_ae(config, directory, device),
+        pipe = cls(model, autoencoder or _load_ae(config, directory, device),
                    text_encoder or _load_text(config, directory, device),
                    NoisePath(config.diffusion.path), config.sampling, device)
+        if adapter is not None:
+            pipe.load_adapter(adapter)
+        return pipe
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Merge a LoRA adapter folder (``latentdit finetune-concept``) into the denoiser; it must
+        have been trained on this very base model (``lora.load_adapter`` checks)."""
+        load_adapter(self.model, directory, merge=True)
+
+    def unload_adapter(self) -> None:
+        """Take a loaded adapter back out: the base model as it was loaded."""
+        remove_lora(self.model, merge=False)
 
     # -- step 1: options and the time grid --------------------------------------------
     def prepare(self, steps: int | None = None, *, sampler: str | None = None,
