@@ -1,0 +1,59 @@
+"""``latentdit finetune-concept``: teach a model a new word from a few captioned images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .cli_base import add_device_arg, command, resolve_device_arg
+
+
+def _concept_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shapes", help="the base model: folder, packaged name or hub id")
+    p.add_argument("--images", required=True,
+                   help="folder of 3-10 images of the concept; NAME.txt beside NAME.png is its caption "
+                        "(it must contain the token), else 'a TOKEN CLASS-WORD'")
+    p.add_argument("--token", default="sks", help="the new word, one the model's captions never use")
+    p.add_argument("--class-word", default="shape", help="the kind of thing the concept is")
+    p.add_argument("--out", required=True, help="folder to write the adapter (or, with --full, the model) into")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora-rank", type=int, default=8, help="rank of the low-rank adapters")
+    mode.add_argument("--full", action="store_true", help="fine-tune every weight and write a whole model folder")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
+    p.add_argument("--lora-targets", default="attention", choices=["attention", "attention+mlp"],
+                   help="which linear layers get adapters")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8, help="instance rows per step (and as many prior rows)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 with adapters, 2e-5 with --full")
+    p.add_argument("--prior-images", type=int, default=96, help="prior-preservation images made by the base model")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior loss (0: no prior)")
+    p.add_argument("--prior-source", default="generated", choices=["generated", "renders"],
+                   help="prior images: the base model's samples for training captions, or the ground-truth "
+                        "renders of those captions' scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
+    add_device_arg(p)
+
+
+@command("finetune-concept", "teach a model a new concept from 3-10 images (DreamBooth, LoRA)")(_concept_args)
+def run_concept(args: argparse.Namespace) -> int:
+    from .concept import ConceptConfig, finetune_concept
+    from .lora import TARGET_SETS, LoRAConfig
+
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    lora = None if args.full else LoRAConfig(rank=args.lora_rank, targets=TARGET_SETS[args.lora_targets],
+                                             alpha=float(args.lora_alpha or args.lora_rank))
+    cfg = ConceptConfig(token=args.token, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
+                        prior_images=args.prior_images, prior_weight=args.prior_weight,
+                        prior_source=args.prior_source, lora=lora, lr=args.lr, seed=args.seed,
+                        mixed_precision="no" if args.fp32 else "bf16")
+    resolve_device_arg(args)
+    summary = finetune_concept(args.model, args.images, args.out, cfg, device=args.device)
+    last = summary["history"][-1]
+    print(json.dumps({"out": args.out, "images": len(summary["images"]), "skipped": summary["skipped"],
+                      "instance_loss": last["instance_loss"], "prior_loss": last["prior_loss"],
+                      "seconds": summary["seconds"]}, indent=1))
+    flag = f"--model {args.out}" if args.full else f"--model {args.model} --adapter {args.out}"
+    print(f'use it: latentdit generate {flag} "a {args.token} {args.class_word}"')
+    return 0
