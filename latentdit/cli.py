@@ -322,7 +322,7 @@ def _common_args() -> argparse.ArgumentParser:
 
 def _load_optional_commands() -> None:
     """Subcommands defined in other modules of this layer register themselves on import."""
-    from . import cli_concept, cli_edit, cli_eval, cli_train  # noqa: F401
+    from . import cli_concept, cli_control, cli_edit, cli_eval, cli_train  # noqa: F401
     from .serve import cli as _serve  # noqa: F401
 
 

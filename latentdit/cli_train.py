@@ -137,6 +137,8 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
                         "'data-{000..009}.tar', URLs), .parquet files or a save_to_disk dataset folder")
     p.add_argument("--labels", action="store_true",
                    help="store class labels (class sub-folders, .cls members, a label column)")
+    p.add_argument("--control", default=None, choices=["silhouette", "edges"],
+                   help="also store each image's control map of this kind (for a control variant)")
     p.add_argument("--image-column", default=None, help="parquet / datasets: the image column")
     p.add_argument("--caption-column", default=None, help="parquet / datasets: the caption column")
     p.add_argument("--label-column", default=None, help="parquet / datasets: the class label column")
@@ -177,7 +179,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     manifest = preprocess(source, args.out, autoencoder=ae, text_encoder=te, n=args.n,
                           shard_size=args.shard_size, batch_size=args.batch_size,
                           latent_format=args.latent_format, image_size=args.size,
-                          progress=not args.no_progress, labels=args.labels)
+                          progress=not args.no_progress, labels=args.labels, control=args.control)
     kinds = ", ".join(f"{k} {v}" for k, v in manifest.get("skips", {}).items())
     classes = manifest.get("labels", {}).get("num_classes") if args.labels else None
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out}"

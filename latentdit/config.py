@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -22,6 +23,7 @@ Prediction = Literal["eps", "v", "x0", "flow"]
 SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
 GridName = Literal["uniform", "shifted", "karras"]
 QKNorm = Literal["layer", "rms", "none"]
+ControlKind = Literal["silhouette", "edges"]
 
 T = TypeVar("T")
 
@@ -166,6 +168,9 @@ class ModelConfig:
     # in bf16 the tanh kernel is ~4x slower; checkpoint format 1 always used it.
     gelu: Literal["exact", "tanh"] = "exact"
     prediction: Prediction = "flow"
+    # A structure-conditioned variant: the kind of control map its extra input channels carry
+    # (latentdit/control.py); None for a plain model or the inpainting variant.
+    control: ControlKind | None = None
 
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +187,10 @@ class ModelConfig:
             raise ValueError("width must be a multiple of 4 (2-D sin-cos position embedding)")
         if min(self.in_channels, self.patch_size, self.depth, self.base_size) < 1:
             raise ValueError("in_channels, patch_size, depth and base_size must be >= 1")
+        if self.control is not None and self.control_factor ** 2 != self.extra_in_channels:
+            raise ValueError(f"a control model carries its map as factor**2 extra channels (pixel unshuffle: "
+                             f"16 for latents at 1/4 of the image side), got extra_in_channels "
+                             f"{self.extra_in_channels}")
         text = self.text_dim > 0 or self.pooled_dim > 0
         if not text and self.num_classes == 0:
             raise ValueError("the model needs a condition: set text_dim/pooled_dim > 0 or num_classes > 0")
@@ -192,6 +201,11 @@ class ModelConfig:
     @property
     def is_text(self) -> bool:
         return self.text_dim > 0 or self.pooled_dim > 0
+
+    @property
+    def control_factor(self) -> int:
+        """Image side / latent side of a control model's map (its extra channels are factor**2)."""
+        return max(1, math.isqrt(self.extra_in_channels)) if self.control else 0
 
     @property
     def out_channels(self) -> int:

@@ -153,6 +153,7 @@ def preprocess(
     progress: bool = True,
     caption_cache: int = 100_000,
     labels: bool = False,
+    control: str | None = None,
 ) -> dict:
     """Encode `source` (at most `n` samples in total) into shards in `out_dir`; returns the manifest.
 
@@ -162,12 +163,15 @@ def preprocess(
     `caption_cache`: distinct captions whose embeddings are kept (0 disables the cache).
     `labels`: store each sample's class id (for class-conditional models); the manifest's
     "labels" section records the class count and the source's class names.
+    `control`: also store each image's control map of that kind (``latentdit.control``), what a
+    control variant trains on.
     """
     _check_preprocess_args(n, shard_size, batch_size, latent_format, image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, autoencoder, text_encoder, latent_format)
     _start_labels(out, manifest, labels, getattr(source, "classes", None))
+    _start_control(out, manifest, control)
     done = manifest["num_samples"]
     if n is not None and done >= n:
         return manifest
@@ -248,6 +252,16 @@ def _start_labels(out: Path, manifest: dict, labels: bool, classes: list[str] | 
         names = list(classes) if classes else (have or {}).get("classes")
         manifest["labels"] = {"num_classes": max(len(names or []), (have or {}).get("num_classes", 0)),
                               "classes": names}
+
+
+def _start_control(out: Path, manifest: dict, control: str | None) -> None:
+    if manifest["num_samples"] and manifest.get("control") != control:
+        raise ValueError(f"{out} holds shards with control maps {manifest.get('control')!r}; this run "
+                         f"asks for {control!r}: use another out_dir")
+    if control:
+        from .control import check_kind
+
+        manifest["control"] = check_kind(control)
 
 
 def _write_null(out: Path, te: TextEncoder) -> TextEmbeddings:
@@ -339,7 +353,7 @@ def _shard_chunks(it, manifest, shard_size, batch_size, ae, cache, image_size, b
             bar.set_postfix(cache_hits=cache.hits, skipped=_skipped(it, manifest), refresh=False)
         if not count:
             return
-        keys = ("latents", "tokens", "mask", "pooled") + (("labels",) if "labels" in parts[0] else ())
+        keys = ("latents", "tokens", "mask", "pooled") + tuple(k for k in ("labels", "control") if k in parts[0])
         shard = {k: torch.cat([p[k] for p in parts]) for k in keys}
         yield shard | {"rows": [row for p in parts for row in p["rows"]]}
         if count < shard_size:
@@ -359,6 +373,10 @@ def _encode_batch(samples: list[Sample], manifest: dict, ae: Autoencoder, cache:
     tokens, mask, pooled = cache.encode([s.caption for s in samples])
     rows = [{"caption": s.caption, "attributes": getattr(s, "attributes", None)} for s in samples]
     out = {"latents": latents.cpu(), "tokens": tokens, "mask": mask, "pooled": pooled, "rows": rows}
+    if manifest.get("control"):
+        from .control import control_maps
+
+        out["control"] = control_maps(images, manifest["control"])  # (B, 1, H, W) uint8
     if manifest.get("labels"):
         out["labels"] = _labels(samples, manifest["labels"])
         for row, label in zip(rows, out["labels"].tolist()):
@@ -403,8 +421,7 @@ def _same_size(images: list[Image.Image]) -> list[Image.Image]:
 def _write_shard(out: Path, manifest: dict, shard: dict, latent_format: str, skipped: int) -> None:
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     tensors = {"tokens": shard["tokens"], "mask": shard["mask"].to(torch.uint8), "pooled": shard["pooled"]}
-    if "labels" in shard:
-        tensors["labels"] = shard["labels"]
+    tensors |= {k: shard[k] for k in ("labels", "control") if k in shard}
     if latent_format == "uint8":
         tensors["latents"], scale = quantize_latents(shard["latents"])
         tensors["latent_scale"] = torch.tensor(scale, dtype=torch.float32)

@@ -23,7 +23,8 @@ def inpainting_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def is_inpainting(cfg: ModelConfig) -> bool:
-    return cfg.extra_in_channels == cfg.in_channels + 1
+    """Inpainting variants predate an explicit kind: extra channels that are no control map."""
+    return cfg.control is None and cfg.extra_in_channels == cfg.in_channels + 1
 
 
 def to_inpainting(model: Denoiser) -> Denoiser:

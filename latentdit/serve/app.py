@@ -182,6 +182,10 @@ def _add_routes(app, state: State) -> None:
     from .edits import add_edit_routes
 
     add_edit_routes(router, state)
+    if state.pipe.model.config.control:  # a control model also follows uploaded control maps
+        from .control import add_control_routes
+
+        add_control_routes(router, state)
     app.include_router(router)
 
 
