@@ -21,6 +21,7 @@ from .cli_base import (
     check_out_folder,
     command,
     load_pipeline,
+    read_prompt_file,
     resolve_device_arg,
     save_images,
 )
@@ -223,49 +224,6 @@ def _check_generate_numbers(args: argparse.Namespace) -> None:
 
     base, step = size_limits(load_config(resolve(args.model)))
     check_image_size(args.height, args.width, base=base, step=step)
-
-
-def read_prompt_file(path: str) -> list[dict]:
-    """JSONL lines ``{"id", "prompt", ...}`` (id defaults to the line number) or plain text, one
-    prompt per line (id = line number). Blank lines are skipped but still counted."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); "
-                         "give one prompt or JSON object per line") from None
-    items, lines = [], {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {e.msg}") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise ValueError(f"{path}:{n} has no string 'prompt'")
-            if "seed" in item and (not isinstance(item["seed"], int) or isinstance(item["seed"], bool)):
-                raise ValueError(f"{path}:{n}: 'seed' must be an integer, got {item['seed']!r}")
-            if not isinstance(item.get("negative", ""), str):
-                raise ValueError(f"{path}:{n}: 'negative' must be a string")
-            item["id"] = _safe_id(str(item.get("id", n)), path, n)
-        else:
-            item = {"id": str(n), "prompt": line}
-        if item["id"] in lines:
-            raise ValueError(f"{path}:{n}: id {item['id']!r} repeats line {lines[item['id']]}; ids name "
-                             "the output files, so each must be unique")
-        lines[item["id"]] = n
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path} holds no prompts")
-    return items
-
-
-def _safe_id(value: str, path: str, n: int) -> str:
-    if not value or "/" in value or "\\" in value or value in (".", ".."):
-        raise ValueError(f"{path}:{n}: id {value!r} cannot be used as a file name")
-    return value
 
 
 def _random_tiny_pipeline(device: str = "cpu"):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import SamplerName
+from .lines import read_jsonl
 
 Setup = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -145,3 +146,34 @@ def autocast_dtype(fp32: bool):
     import torch
 
     return None if fp32 else torch.bfloat16
+
+
+def read_prompt_file(path: str) -> list[dict]:
+    """JSONL lines ``{"id", "prompt", ...}`` (id defaults to the line number) or plain text, one
+    prompt per line (id = line number). Blank lines are skipped but still counted."""
+    items, lines = [], {}
+    for n, item in read_jsonl(path, holds="one prompt or JSON object per line", plain=True):
+        if isinstance(item, str):
+            item = {"id": str(n), "prompt": item}
+        else:
+            if not isinstance(item.get("prompt"), str):
+                raise ValueError(f"{path}:{n} has no string 'prompt'")
+            if "seed" in item and (not isinstance(item["seed"], int) or isinstance(item["seed"], bool)):
+                raise ValueError(f"{path}:{n}: 'seed' must be an integer, got {item['seed']!r}")
+            if not isinstance(item.get("negative", ""), str):
+                raise ValueError(f"{path}:{n}: 'negative' must be a string")
+            item["id"] = _safe_id(str(item.get("id", n)), path, n)
+        if item["id"] in lines:
+            raise ValueError(f"{path}:{n}: id {item['id']!r} repeats line {lines[item['id']]}; ids name "
+                             "the output files, so each must be unique")
+        lines[item["id"]] = n
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path} holds no prompts")
+    return items
+
+
+def _safe_id(value: str, path: str, n: int) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", ".."):
+        raise ValueError(f"{path}:{n}: id {value!r} cannot be used as a file name")
+    return value

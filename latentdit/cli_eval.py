@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, command
+from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, command, read_prompt_file
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -92,8 +92,8 @@ def run_fid(args: argparse.Namespace) -> int:
     pipe = Text2Image.from_pretrained(args.model, device=args.device)
     prompts = None
     if pipe.model.config.is_text:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()
-                   if line.strip()] if args.prompts else _reference_captions(args.reference, args.n)
+        prompts = ([item["prompt"] for item in read_prompt_file(args.prompts)] if args.prompts
+                   else _reference_captions(args.reference, args.n))
     cache = None if args.cache_dir == "none" else args.cache_dir
     report = evaluate_fid(pipe, args.reference, args.n, n_reference=args.n_reference, cache_dir=cache,
                           prompts=prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)

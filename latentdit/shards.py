@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 
+from .lines import read_jsonl
 from .text import TextEmbeddings
 from .vae import dequantize_latents
 
@@ -294,10 +295,10 @@ class ShardReader:
     def _sidecar(self, entry: dict) -> list[dict]:
         path = self.directory / sidecar_name(entry["name"])
         try:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            rows = [row for _, row in read_jsonl(path)]
+        except (OSError, ValueError) as err:
             raise ValueError(f"{path} is corrupt ({err}); re-run preprocess") from None
-        if len(rows) != entry["count"] or not all(isinstance(r, dict) and "caption" in r for r in rows):
+        if len(rows) != entry["count"] or not all("caption" in r for r in rows):
             raise ValueError(f"{path} has {len(rows)} rows, expected {entry['count']} with captions; "
                              "re-run preprocess")
         return rows

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .lines import read_jsonl
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_SIDE = 8  # images smaller than this on either side carry no usable content
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before decoding (decompression bombs)
@@ -235,22 +237,9 @@ def _folder_entries(root: Path) -> list[tuple[Path, Any, dict | None]]:
 
 def _read_caption_index(path: Path) -> list[dict]:
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); "
-                         "it must hold one JSON object per line") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number} is not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(
-            row.get("caption"), str
-        ):
-            raise ValueError(f'{path}:{number} needs {{"file": str, "caption": str}}, got {line[:120]!r}')
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("file"), str) or not isinstance(row.get("caption"), str):
+            raise ValueError(f'{path}:{number} needs {{"file": str, "caption": str}}, got {json.dumps(row)[:120]}')
         rows.append(row)
     return rows
 

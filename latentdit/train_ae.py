@@ -52,6 +52,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .config import from_dict, to_dict
+from .lines import first_line
 from .train_config import AEConfig, ae_preset
 from .train_state import flatten_optimizer, unflatten_optimizer
 
@@ -326,7 +327,7 @@ def load_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
             meta = json.loads((f.metadata() or {})["state"])
         tensors = load_file(str(file))
     except Exception as e:  # truncated or corrupt bytes: name the file, never a safetensors traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise ValueError(f"checkpoint file {file} is unreadable or damaged ({reason}); delete it to "
                          "start over") from None
     _check_same_run(from_dict(AEConfig, meta["config"]), cfg, file)

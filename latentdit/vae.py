@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import parse_dtype
+from .lines import first_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -294,7 +295,7 @@ def _load_kl(path: str | None, device: str | torch.device, dtype: torch.dtype | 
             lambda local: AutoencoderKL.from_pretrained(source, local_files_only=local, **extra), source
         )
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         weights = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(source, f))]
         if weights and "config" not in reason.lower():  # the files are there, so they are damaged
             raise ValueError(f"the autoencoder weights in {source} are unreadable or truncated "
@@ -337,7 +338,7 @@ def _from_local_or_hub(load: Callable[[bool], Any], source: str) -> Any:
 
 
 def _missing_message(path: str, err: Exception) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     return (
         f"autoencoder 'kl' is not available from {path!r}: {reason}. Provide a folder with config.json "
         "and diffusion_pytorch_model.safetensors (AutoencoderKL.save_pretrained writes one; "

