@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, to_dict, upgrade_stored_model
+from .lines import first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -190,7 +191,7 @@ def load_weights(directory: str | Path, dtype: torch.dtype | None = torch.float3
     try:
         state = load_file(file)
     except Exception as e:
-        raise ValueError(f"{file} is unreadable or truncated ({_first_line(e)})") from None
+        raise ValueError(f"{file} is unreadable or truncated ({first_line(e)})") from None
     check_finite(state, file)
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
@@ -207,11 +208,6 @@ def check_finite(tensors: dict[str, torch.Tensor], file: str | Path) -> None:
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
             raise ValueError(f"{file} is damaged: {name} holds {bad} non-finite values (NaN or inf)")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):

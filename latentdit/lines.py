@@ -40,4 +40,4 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, or its type's name when the message is empty:
     what a one-line error quotes from a library's multi-line one."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return text.splitlines()[0].strip() if text else type(err).__name__

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
 from .device import resolve_device
+from .lines import first_line
 from .shards import Batch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -201,16 +202,11 @@ def read_tensors(file: Path, finite: bool = True) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise CheckpointDamaged(f"checkpoint file {file} is missing") from None
     except Exception as e:
-        raise CheckpointDamaged(f"checkpoint file {file} is unreadable or truncated ({_first_line(e)})") from None
+        raise CheckpointDamaged(f"checkpoint file {file} is unreadable or truncated ({first_line(e)})") from None
     for name, v in tensors.items() if finite else ():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointDamaged(f"checkpoint file {file} is damaged: {name} holds non-finite values")
     return tensors
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
