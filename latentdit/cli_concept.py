@@ -20,16 +20,17 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--lora-rank", type=int, default=8, help="rank of the low-rank adapters")
     mode.add_argument("--full", action="store_true", help="fine-tune every weight and write a whole model folder")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
-    p.add_argument("--lora-targets", default="attention", choices=["attention", "attention+mlp"],
+    p.add_argument("--lora-targets", default="attention+mlp", choices=["attention", "attention+mlp"],
                    help="which linear layers get adapters")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8, help="instance rows per step (and as many prior rows)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 with adapters, 2e-5 with --full")
-    p.add_argument("--prior-images", type=int, default=96, help="prior-preservation images made by the base model")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 with adapters, 2e-5 with --full")
+    p.add_argument("--prior-images", type=int, default=None,
+                   help="prior-preservation images (default: 1024 renders, or 96 generated: ~1 s each here)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior loss (0: no prior)")
-    p.add_argument("--prior-source", default="generated", choices=["generated", "renders"],
-                   help="prior images: the base model's samples for training captions, or the ground-truth "
-                        "renders of those captions' scenes")
+    p.add_argument("--prior-source", default="renders", choices=["renders", "generated"],
+                   help="prior images for training-split captions: their scenes' ground-truth renders "
+                        "through the autoencoder, or the base model's own samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     add_device_arg(p)
@@ -45,7 +46,7 @@ def run_concept(args: argparse.Namespace) -> int:
     lora = None if args.full else LoRAConfig(rank=args.lora_rank, targets=TARGET_SETS[args.lora_targets],
                                              alpha=float(args.lora_alpha or args.lora_rank))
     cfg = ConceptConfig(token=args.token, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
-                        prior_images=args.prior_images, prior_weight=args.prior_weight,
+                        prior_images=_prior_images(args), prior_weight=args.prior_weight,
                         prior_source=args.prior_source, lora=lora, lr=args.lr, seed=args.seed,
                         mixed_precision="no" if args.fp32 else "bf16")
     resolve_device_arg(args)
@@ -57,3 +58,9 @@ def run_concept(args: argparse.Namespace) -> int:
     flag = f"--model {args.out}" if args.full else f"--model {args.model} --adapter {args.out}"
     print(f'use it: latentdit generate {flag} "a {args.token} {args.class_word}"')
     return 0
+
+
+def _prior_images(args: argparse.Namespace) -> int:
+    if args.prior_images is not None:
+        return args.prior_images
+    return 0 if args.prior_weight == 0 else (1024 if args.prior_source == "renders" else 96)

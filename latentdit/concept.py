@@ -2,11 +2,14 @@
 preservation, on low-rank adapters (``lora.py``) or on every weight.
 
 A handful of instance images, captioned with a rare token ("a red sks shape in the top left"),
-teach the model the token. Every step also regresses images the *base* model generated for its
-own training-split captions (the prior), weighted by ``prior_weight``: that term pulls the
-fine-tuned model towards what the base drew for the prompts it already knew, so it learns the
-new word without forgetting the old ones. The loss is the trainer's ``diffusion_loss``, the LR
-follows its ``learning_rate`` schedule, and the step runs under the same bf16 autocast.
+teach the model the token. Every step also regresses prior rows, images for the base model's own
+training-split captions, weighted by ``prior_weight``: that term holds the model to the prompts it
+already knew while it learns the new word. The prior images are either the ground-truth renders
+of those captions' scenes through the autoencoder ("renders", the default: the very distribution
+the base was trained on) or the base model's own samples for them ("generated", DreamBooth's
+choice where no class images exist; docs/concept.md compares the two). The loss is the trainer's
+``diffusion_loss``, the LR follows its ``learning_rate`` schedule, the step runs under the same
+bf16 autocast.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, component_path, save_pretrained
 from .config import DiffusionConfig, from_dict
-from .lora import LoRAConfig, adapters_of, add_lora, save_adapter
+from .lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, adapters_of, add_lora, save_adapter
 from .pipeline import Text2Image
 from .schedules import NoisePath
 from .shards import Batch
@@ -41,17 +44,17 @@ PriorSource = Literal["generated", "renders"]
 @dataclass
 class ConceptConfig:
     """What ``finetune_concept`` trains. ``lora=None``: every weight (full fine-tune).
-    ``lr=None``: 1e-3 for adapters, 2e-5 for every weight."""
+    ``lr=None``: 2e-3 for adapters, 2e-5 for every weight. Defaults: docs/concept.md's run."""
 
     token: str = "sks"
     class_word: str = "shape"
-    steps: int = 300
+    steps: int = 400
     batch_size: int = 8  # instance rows per step; as many prior rows beside them
-    prior_images: int = 96
+    prior_images: int = 1024
     prior_weight: float = 1.0
-    prior_source: PriorSource = "generated"
+    prior_source: PriorSource = "renders"
     prior_steps: int = 20  # sampling steps of each generated prior image
-    lora: LoRAConfig | None = field(default_factory=LoRAConfig)
+    lora: LoRAConfig | None = field(default_factory=lambda: LoRAConfig(targets=ATTENTION_TARGETS + MLP_TARGETS))
     lr: float | None = None
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # as the base trained: keeps the null condition (CFG) in step
@@ -76,7 +79,7 @@ class ConceptConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.lora else 2e-5)
+        return self.lr if self.lr is not None else (2e-3 if self.lora else 2e-5)
 
 
 # -- the words --------------------------------------------------------------------------------

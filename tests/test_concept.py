@@ -234,6 +234,11 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "a red sks shape", "--model", str(tiny_model_dir), "--adapter", str(out),
                  "--steps", "2", "--out", str(img), "--device", "cpu"]) == 0
     assert Image.open(img).size == (16, 16)
+    capsys.readouterr()
+    assert main(["eval", "alignment", "--model", str(tiny_model_dir), "--adapter", str(out), "--n", "1",
+                 "--samples", "1", "--steps", "1", "--device", "cpu"]) == 0
+    report = capsys.readouterr().out
+    assert json.loads(report[report.index("{"):])["prompts"] == 1
 
     full = tmp_path / "full"
     assert main(["finetune-concept", *common, "--out", str(full), "--full", "--prior-weight", "0"]) == 0
