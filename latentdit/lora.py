@@ -230,11 +230,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True,
     architecture must be the one the adapter names, and (``check_base``) its weights the ones it
     was trained on. ``merge``: fold the update into the weights for sampling."""
     info, tensors = read_adapter(directory)
-    mine = asdict(model.config) if hasattr(model, "config") else None
-    if mine is not None and mine != info.base_config:
-        differ = [k for k in info.base_config if info.base_config.get(k) != mine.get(k)]
-        raise ValueError(f"adapter {directory} was trained on a different base model ({info.base_model}); "
-                         f"the architectures differ in {', '.join(differ[:4]) or 'their fields'}")
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        _check_architecture(model.config, info, directory)
     wrapped = add_lora(model, info.lora)
     try:
         if check_base:
@@ -250,6 +247,20 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True,
     if merge:
         merge_lora(model)
     return info
+
+
+def _check_architecture(config: ModelConfig, info: AdapterFile, directory: str | Path) -> None:
+    """The stored base config, read as a ModelConfig (fields added since take their defaults),
+    must equal the model's."""
+    try:
+        theirs = asdict(from_dict(ModelConfig, info.base_config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adapter {directory}: its base model config is not one this latentdit reads ({e})") from None
+    mine = asdict(config)
+    differ = [k for k in mine if theirs.get(k) != mine[k]]
+    if differ:
+        raise ValueError(f"adapter {directory} was trained on a different base model ({info.base_model}); "
+                         f"the architectures differ in {', '.join(differ[:4])}")
 
 
 def _copy_tensors(wrapped: dict[str, LoRALinear], tensors: dict[str, Tensor], directory: Path | str) -> None:

@@ -135,6 +135,21 @@ def test_loading_onto_a_mismatched_base_fails_clearly(tmp_path):
     assert adapters_of(other)
 
 
+def test_an_adapter_written_before_a_config_field_existed_still_loads(tmp_path):
+    model = _model()
+    add_lora(model, LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "a", LoRAConfig(rank=2), "tiny-test", model.config)
+    file = tmp_path / "a" / ADAPTER_CONFIG
+    data = json.loads(file.read_text())
+    del data["base_config"]["gelu"]  # as if written before the field existed: its default applies
+    file.write_text(json.dumps(data))
+    load_adapter(_model(), tmp_path / "a")
+    data["base_config"]["width_typo"] = 3
+    file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="base model config is not one this latentdit reads"):
+        load_adapter(_model(), tmp_path / "a")
+
+
 def test_bad_adapter_folders_and_configs_are_refused(tmp_path):
     model = _model()
     with pytest.raises(ValueError, match="not an adapter folder"):
