@@ -24,7 +24,7 @@ from .lines import first_line
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm and .gelu (format 1: normed cross-attention, tanh GELU)
-PACKAGED = {"shapes": Path(__file__).parent / "weights" / "shapes"}
+PACKAGED = {name: Path(__file__).parent / "weights" / name for name in ("shapes", "shapes-control")}
 # Largest image side, as a multiple of the side the model was trained at: positional embeddings
 # and attention cost (quadratic in tokens) are sized for the training canvas; 4x is 16x the tokens.
 MAX_SIZE_MULTIPLE = 4

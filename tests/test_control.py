@@ -346,3 +346,36 @@ def test_server_control_endpoint(base, trained):
         assert r.status_code == 422
     with TestClient(create_app(base, name="tiny")) as c:  # a plain model serves no control endpoint
         assert c.post("/v1/control", data=form).status_code == 404
+
+
+# -------------------------------------------------------------------------------- packaged weights
+@pytest.mark.weights
+def test_packaged_control_model_follows_the_map_of_held_out_scenes():
+    """Thresholds measured on the fine-tuned silhouette model (docs/control.md); skipped where
+    its weights are not installed."""
+    from latentdit.checkpoint import PACKAGED
+    from latentdit.datasets.shapes import prompt_set, render_scene
+    from latentdit.evaluate.checker import _as_rgb, _background, _object_masks
+
+    if not (PACKAGED["shapes-control"] / "config.json").exists():
+        pytest.skip("the shapes-control weights are not installed (recipes/control.sh makes them)")
+    pipe = Text2Image.from_pretrained("shapes-control", device="cpu")
+    items = prompt_set("heldout", 8)
+    scenes = [render_scene(it["attributes"], 64) for it in items]
+    maps = torch.from_numpy(np.stack([silhouette(s) for s in scenes])[:, None].astype(np.float32))
+    prompts, seeds = [it["prompt"] for it in items], list(range(len(items)))
+
+    def mean_iou(images) -> float:
+        ious = []
+        for image, m in zip(images, maps[:, 0].bool().numpy()):
+            rgb = _as_rgb(image)
+            name, bg = _background(rgb)
+            found = np.zeros_like(m)
+            for mask in _object_masks(rgb, bg, name):
+                found |= mask
+            ious.append(_iou(found, m))
+        return float(np.mean(ious))
+
+    followed = mean_iou(pipe(prompts, control=maps, seed=seeds, progress=False))
+    ignored = mean_iou(pipe(prompts, control=maps, control_scale=0.0, seed=seeds, progress=False))
+    assert followed > 0.7 and followed > ignored + 0.4
