@@ -175,6 +175,7 @@ class Text2Image:
             null = torch.full_like(labels, self.model.config.num_classes)
             return Condition(labels=labels), Condition(labels=null)
         texts = [_check_prompt(p) for p in prompts] + list(negative or [])
+        self.text_encoder.check_readable(texts)
         emb = self.text_encoder.encode(texts).to(self.device)
         cfg = self.model.config
         rows = Condition(emb.tokens[:, : cfg.max_text_len] if cfg.text_dim else None,

@@ -78,6 +78,15 @@ def test_generate_guidance_interval_flag(tmp_path, capsys):
     assert "guidance_interval must satisfy 0 <= lo < hi <= 1" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_prompt_the_encoder_cannot_read(tmp_path, capsys):
+    """Chinese or emoji for an English-only encoder: one line naming the characters, no image."""
+    out = tmp_path / "g.png"
+    assert main(["generate", "一个红色的圆", "--random-tiny", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read '个', '红', '色', '圆'" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv,match", [
     (["generate", "a", "--out", "{tmp}/x.jpgg"], "cannot write images as '.jpgg'"),
     (["generate", "a", "--out", "{tmp}"], "is a folder"),

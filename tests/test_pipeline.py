@@ -142,6 +142,12 @@ def test_bad_arguments_are_clear(tiny_clip, tiny_vae):
     for seed in (1.5, "3", [1.5], [2**70]):
         with pytest.raises(ValueError, match="seed"):
             pipe("x", seed=seed, steps=1)
+    # A prompt or negative prompt the text encoder would read as unknown tokens is refused before
+    # any sampling: never an image drawn from a prompt that was silently dropped.
+    with pytest.raises(ValueError, match=r"cannot read '🟦'.*large blue square"):
+        pipe("a red circle above a 🟦", steps=1)
+    with pytest.raises(ValueError, match=r"cannot read '圆'"):
+        pipe("a red circle", negative_prompt="圆", steps=1)
 
 
 def test_integer_like_seeds_are_accepted(tiny_clip, tiny_vae):

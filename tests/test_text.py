@@ -286,3 +286,23 @@ def test_embeddings_validate_shapes():
         TextEmbeddings(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="bool"):
         TextEmbeddings(torch.zeros(2, 3, 4), torch.ones(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("prompt, parts", [
+    ("a red circle", []),
+    ("ein roter Kreis", []),
+    ("a 🔴 circle", ["🔴"]),
+    ("一个红色的圆", ["个", "红", "色", "圆"]),
+])
+def test_minilm_names_what_it_cannot_read(minilm, prompt, parts):
+    assert minilm.unreadable(prompt) == parts
+
+
+def test_unreadable_prompts_are_refused_with_words_to_use_instead(minilm):
+    minilm.check_readable(["a red circle", "two blue hearts"])
+    with pytest.raises(ValueError, match=r"cannot read '🔴', so it would be ignored; write it in words "
+                                         r"\(🔴 is 'large red circle'\)"):
+        minilm.check_readable(["a red circle", "a 🔴 above a blue square"])
+    with pytest.raises(ValueError, match=r"cannot read '个', '红', '色', '圆', so they would be ignored; "
+                                         r".*'multilingual' text encoder"):
+        minilm.check_readable(["一个红色的圆"])

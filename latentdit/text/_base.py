@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,6 +124,24 @@ class TextEncoder(ABC):
             parts = [self._encode_batch(list(prompts[i : i + size])) for i in range(0, len(prompts), size)]
         return TextEmbeddings.cat(parts)
 
+    def unreadable(self, prompt: str) -> list[str]:
+        """The parts of ``prompt`` this encoder cannot read (a tokenizer's unknown token), in
+        order. The base class reads any text; tokenizer-based encoders override this."""
+        return []
+
+    def check_readable(self, prompts: Sequence[str]) -> None:
+        """Refuse a prompt with characters the encoder would turn into its unknown token (emoji,
+        a script its vocabulary lacks): silently ignoring part of a prompt draws something
+        else, and a prompt read as nothing but unknown tokens draws a blank image."""
+        for prompt in prompts:
+            parts = self.unreadable(prompt)
+            if parts:
+                unique = list(dict.fromkeys(parts))
+                shown = ", ".join(repr(part) for part in unique)
+                raise ValueError(f"prompt {prompt[:80]!r}: the text encoder {self.name!r} cannot read {shown}, "
+                                 f"so {'it' if len(unique) == 1 else 'they'} would be ignored; "
+                                 f"{_rewrite_hint(unique)}")
+
     def free(self) -> None:
         """Drop the weights so a big encoder (T5-XXL) does not sit beside the denoiser.
 
@@ -178,3 +197,14 @@ def _check_prompts(prompts: Any) -> None:
     bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
     if bad:
         raise ValueError(f"encode() prompts must all be str; got {sorted(set(bad))}")
+
+
+def _rewrite_hint(parts: list[str]) -> str:
+    """What to write instead: an emoji's Unicode name as words, or a model that reads the script."""
+    names = []
+    for part in dict.fromkeys(parts):
+        chars = [c for c in part if unicodedata.category(c) == "So"]  # pictographs / emoji
+        names += [f"{c} is {unicodedata.name(c, '?').lower()!r}" for c in chars]
+    if names:
+        return "write it in words (" + "; ".join(names[:4]) + ")"
+    return "write the prompt in English, or use a model trained with the 'multilingual' text encoder"

@@ -74,6 +74,17 @@ class HFTextEncoder(TextEncoder):
         mean = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(tokens.dtype)  # (N, D)
         return F.normalize(mean, dim=-1) if self.pooling == "mean-normalized" else mean
 
+    def unreadable(self, prompt: str) -> list[str]:
+        self._require_loaded()
+        unk = self.tokenizer.unk_token_id
+        if unk is None:  # byte-level tokenizers (CLIP, GPT-2 style) read every character
+            return []
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            return [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        return [word for word in prompt.split()
+                if unk in self.tokenizer(word, add_special_tokens=False)["input_ids"]]
+
     def _warn_truncated(self, prompts: list[str]) -> None:
         """Like diffusers, say so when prompts lose their tail instead of cutting silently."""
         lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
