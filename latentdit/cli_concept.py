@@ -31,6 +31,8 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-source", default="renders", choices=["renders", "generated"],
                    help="prior images for training-split captions: their scenes' ground-truth renders "
                         "through the autoencoder, or the base model's own samples")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"],
+                   help="how the adapter's tensors are stored (float16: half the file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     add_device_arg(p)
@@ -48,7 +50,7 @@ def run_concept(args: argparse.Namespace) -> int:
     cfg = ConceptConfig(token=args.token, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
                         prior_images=_prior_images(args), prior_weight=args.prior_weight,
                         prior_source=args.prior_source, lora=lora, lr=args.lr, seed=args.seed,
-                        mixed_precision="no" if args.fp32 else "bf16")
+                        mixed_precision="no" if args.fp32 else "bf16", save_dtype=args.save_dtype)
     resolve_device_arg(args)
     summary = finetune_concept(args.model, args.images, args.out, cfg, device=args.device)
     last = summary["history"][-1]

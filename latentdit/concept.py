@@ -60,6 +60,7 @@ class ConceptConfig:
     cond_dropout: float = 0.1  # as the base trained: keeps the null condition (CFG) in step
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
+    save_dtype: Literal["float32", "float16"] = "float32"  # of the adapter file (float16: half the size)
     log_every: int = 25
 
     def __post_init__(self) -> None:
@@ -337,7 +338,8 @@ def _write(pipe: Text2Image, out: Path, cfg: ConceptConfig, base, base_cfg: Chec
     extra = {"concept": {k: summary[k] for k in ("images", "captions")} | {"token": cfg.token,
                                                                           "class_word": cfg.class_word}}
     if cfg.lora is not None:
-        save_adapter(pipe.model, out, cfg.lora, str(base), pipe.model.config, extra=extra)
+        save_adapter(pipe.model, out, cfg.lora, str(base), pipe.model.config, extra=extra,
+                     dtype=getattr(torch, cfg.save_dtype))
         return
     # A whole model: the base's components travel with it, so the folder stands on its own.
     copies = {}

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import atomic_save_tensors, atomic_write_bytes
+from .checkpoint import WEIGHT_DTYPES, atomic_save_tensors, atomic_write_bytes
 from .config import ModelConfig, from_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -177,15 +177,20 @@ class AdapterFile:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config: LoRAConfig, base_model: str,
-                 base_config: ModelConfig, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` into ``directory``."""
+                 base_config: ModelConfig, *, extra: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``adapter.safetensors`` (tensors stored as ``dtype``: float16 halves the file) and
+    ``adapter_config.json`` into ``directory``."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"adapters are stored as float32, float16 or bfloat16, not {dtype}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = list(adapters_of(model))
     if not names:
         raise ValueError("the model carries no LoRA adapters to save")
     info = AdapterFile(config, str(base_model), asdict(base_config), base_fingerprint(model, names), extra or {})
-    atomic_save_tensors(lora_state_dict(model), directory / ADAPTER_WEIGHTS, {"format": "pt"})
+    tensors = {k: v.to(dtype) for k, v in lora_state_dict(model).items()}
+    atomic_save_tensors(tensors, directory / ADAPTER_WEIGHTS, {"format": "pt"})
     atomic_write_bytes(directory / ADAPTER_CONFIG, json.dumps(_jsonable(asdict(info)), indent=2).encode())
     return directory
 
@@ -218,6 +223,10 @@ def read_adapter(directory: str | Path) -> tuple[AdapterFile, dict[str, Tensor]]
         raise ValueError(f"{directory} has no {ADAPTER_WEIGHTS}") from None
     except Exception as e:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS} is unreadable or truncated ({type(e).__name__})") from None
+    odd = [k for k, v in tensors.items() if v.dtype not in WEIGHT_DTYPES]
+    if odd:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: {odd[0]} is stored as {tensors[odd[0]].dtype}; "
+                         "expected float32, float16 or bfloat16")
     bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS} is damaged: {bad[0]} holds non-finite values")

@@ -121,6 +121,27 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         torch.testing.assert_close(fresh(*inputs), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_float16_adapter_is_half_the_file_and_loads_close(tmp_path):
+    model = _model()
+    add_lora(model, LoRAConfig(rank=4))
+    _randomise(model)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        want = model(*inputs)
+    for name, dtype in (("a32", torch.float32), ("a16", torch.float16)):
+        save_adapter(model, tmp_path / name, LoRAConfig(rank=4), "tiny-test", model.config, dtype=dtype)
+    size = {n: (tmp_path / n / ADAPTER_WEIGHTS).stat().st_size for n in ("a32", "a16")}
+    assert size["a16"] < 0.6 * size["a32"]
+    fresh = _model()
+    load_adapter(fresh, tmp_path / "a16", merge=False)
+    with torch.no_grad():
+        got = fresh(*inputs)
+    assert not torch.equal(got, want)  # rounded to float16: close, not identical
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        save_adapter(model, tmp_path / "a8", LoRAConfig(rank=4), "tiny-test", model.config, dtype=torch.float64)
+
+
 def test_loading_onto_a_mismatched_base_fails_clearly(tmp_path):
     model = _model()
     add_lora(model, LoRAConfig(rank=2))
