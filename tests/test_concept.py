@@ -291,3 +291,22 @@ def test_the_reader_tells_the_crescent_from_the_known_shapes():
     assert np.asarray(render_new_shape("red", "center")).shape == (64, 64, 3)
     with pytest.raises(ValueError, match="invisible"):
         render_new_shape("white", "center", background="white")
+
+
+@pytest.mark.weights
+def test_the_shipped_demo_adapter_draws_the_crescent_on_the_packaged_model():
+    """docs/concept/crescent-adapter (docs/concept.md's run) on the packaged model; the seeds are
+    those recipes/concept_eval.py gives its second prompt, which it drew as a crescent 16 of 16 times."""
+    from pathlib import Path
+
+    from latentdit.plan import prompt_seeds
+
+    adapter = Path(__file__).resolve().parents[1] / "docs" / "concept" / "crescent-adapter"
+    pipe = Text2Image.from_pretrained("shapes", device="cpu", adapter=adapter)
+    images = pipe("a green sks shape in the center", num_images_per_prompt=4, seed=prompt_seeds(0, 1, 4),
+                  progress=False)
+    assert hit_rates(images, "green", "center")["all"] >= 0.75
+    pipe.unload_adapter()
+    base = pipe("a green sks shape in the center", num_images_per_prompt=4, seed=prompt_seeds(0, 1, 4),
+                progress=False)
+    assert hit_rates(base)["shape"] <= 0.25
