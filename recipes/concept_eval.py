@@ -66,8 +66,8 @@ def _picture(args: argparse.Namespace, rows: list[list[Image.Image]]) -> None:
     top = []
     if args.images:
         top = [Image.open(f).convert("RGB") for f in sorted(Path(args.images).glob("*.png"))][:5]
-    cols = max(5, 4)
-    blank = Image.new("RGB", rows[0][0].size, (255, 255, 255))
+    cols = 5  # the five instance images; each prompt's four samples and a blank
+    blank = Image.new("RGB", (top or rows[0])[0].size, (255, 255, 255))
     cells = top + [blank] * (cols - len(top)) if top else []
     for row in rows:
         cells += row + [blank] * (cols - len(row))

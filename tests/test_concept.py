@@ -270,6 +270,34 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, argv, messa
     assert len(err) == 1 and message in err[0]
 
 
+def _recipe(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipes_draw_the_concept_and_measure_a_model(tiny_model_dir, tmp_path, capsys):
+    _recipe("concept_images").main([str(tmp_path / "images"), "--n", "5", "--token", "zq"])
+    files = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert files == [f"{k:02d}.{ext}" for k in range(5) for ext in ("png", "txt")]
+    inst = read_instances(tmp_path / "images", "zq", "shape", 64)
+    assert inst.captions[0] == "an orange zq shape in the top right"
+    assert all(read_shape(im)["shape"] == NEW_SHAPE for im in inst.images)
+    capsys.readouterr()
+    picture = tmp_path / "p.png"
+    _recipe("concept_eval").main(["--model", str(tiny_model_dir), "--samples", "2", "--images",
+                                  str(tmp_path / "images"), "--picture", str(picture)])
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.rindex("}") + 1])
+    assert report["images"] == 8 and len(report["per_prompt"]) == 4 and 0 <= report["overall"]["shape"] <= 1
+    assert Image.open(picture).size == (2 * 5 * 64, 2 * 5 * 64)  # 5 columns; the images row + 4 prompt rows
+
+
 # -- the reader -------------------------------------------------------------------------------
 def test_the_reader_tells_the_crescent_from_the_known_shapes():
     from latentdit.datasets.shapes import SHAPES, render_scene
