@@ -32,8 +32,9 @@ from .lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, adapters_of, add_l
 from .pipeline import Text2Image
 from .schedules import NoisePath
 from .shards import Batch
-from .train import _autocast, diffusion_loss, learning_rate
+from .train import diffusion_loss, learning_rate
 from .train_config import OptimConfig, TrainConfig
+from .train_state import autocast_for
 from .vae import from_pil
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -250,7 +251,7 @@ def train_rows(pipe: Text2Image, instances: Batch, prior: Batch | None, cfg: Con
             rows = pick(prior, cfg.batch_size, host) if use_prior else None
             if on_step is not None:
                 on_step(step, inst, rows)
-            with _autocast(pipe.device, cfg.mixed_precision):
+            with autocast_for(pipe.device, cfg.mixed_precision):
                 loss_i = diffusion_loss(model, inst, path, tcfg, gen)
                 loss_p = diffusion_loss(model, rows, path, tcfg, gen) if use_prior else torch.zeros_like(loss_i)
             (loss_i + cfg.prior_weight * loss_p).backward()

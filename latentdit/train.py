@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from .train_state import (  # noqa: F401 (device set-up and TrainingDiverged re-
     StepCounters,
     TrainingDiverged,
     TrainState,
+    autocast_for,
     check_parallelism,
     compile_denoiser,
     make_accelerator,
@@ -45,6 +45,7 @@ from .train_state import (  # noqa: F401 (device set-up and TrainingDiverged re-
     resume_state,
     save_state,
     to_device,
+    warmup_cosine,
 )
 
 
@@ -95,12 +96,8 @@ def _unwrap(model: torch.nn.Module) -> Denoiser:
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr (or constant)."""
     o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return o.lr
-    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=cfg.steps,
+                         min_lr_ratio=o.min_lr_ratio, constant=o.schedule == "constant")
 
 
 def ema_decay(step: int, cfg: TrainConfig) -> float:
@@ -137,7 +134,7 @@ def train_step(acc, model, opt, batches: list[Batch], path: NoisePath, cfg: Trai
     total = torch.zeros((), device=acc.device)
     for i, batch in enumerate(batches):
         sync = acc.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
-        with sync, _autocast(acc.device, cfg.mixed_precision):
+        with sync, autocast_for(acc.device, cfg.mixed_precision):
             loss = diffusion_loss(model, batch, path, cfg, gen) / len(batches)
         acc.backward(loss)
         total += loss.detach().float()
@@ -160,10 +157,6 @@ def train_step(acc, model, opt, batches: list[Batch], path: NoisePath, cfg: Trai
 
 def _is_fused(opt: torch.optim.Optimizer) -> bool:
     return bool(opt.param_groups[0].get("fused"))
-
-
-def _autocast(device: torch.device, mixed: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
 
 
 # -- the loop ------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .config import from_dict, to_dict
 from .lines import first_line
 from .train_config import AEConfig, ae_preset
-from .train_state import flatten_optimizer, unflatten_optimizer
+from .train_state import autocast_for, flatten_optimizer, tensorboard_writer, unflatten_optimizer, warmup_cosine
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -190,11 +190,9 @@ def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
 
 
 def learning_rate(step: int, cfg: AEConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr: the denoiser's schedule."""
+    return warmup_cosine(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                         min_lr_ratio=cfg.min_lr_ratio)
 
 
 def ae_losses(vae: torch.nn.Module, x: Tensor, cfg: AEConfig,
@@ -203,7 +201,7 @@ def ae_losses(vae: torch.nn.Module, x: Tensor, cfg: AEConfig,
     `kl_weight` keeps LDM's meaning. The posterior is read in float32 even under bf16."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    with _autocast(x.device, cfg.mixed_precision):
+    with autocast_for(x.device, cfg.mixed_precision):
         moments = vae.encode(x).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(moments.float())
         recon = vae.decode(posterior.sample(generator=generator)).sample.float()  # (N, 3, H, W)
@@ -224,10 +222,6 @@ def object_mask(x: Tensor, threshold: float = 0.1) -> Tensor:
     background = border.median(dim=-1).values[..., None, None]  # (N, 3, 1, 1)
     unlike = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
     return torch.nn.functional.max_pool2d(unlike, 3, stride=1, padding=1)
-
-
-def _autocast(device: torch.device, mixed: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
 
 
 def _noise(cfg: AEConfig, step: int, device: torch.device) -> torch.Generator:
@@ -387,7 +381,7 @@ class _Log:
 
         self.cfg, self.sum, self.count, self.t0 = cfg, torch.zeros(3), 0, time.perf_counter()
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train-ae")
-        self.tb = _tensorboard(out / "tb")
+        self.tb = tensorboard_writer(out / "tb")
         self.history: list[dict[str, float]] = []
 
     def step(self, step: int, losses: tuple[Tensor, Tensor, Tensor], lr: float) -> None:
@@ -418,14 +412,6 @@ class _Log:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder), flush_secs=30)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -11,6 +11,7 @@ crash mid-write never leaves a half checkpoint that ``--resume latest`` would pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -278,7 +279,7 @@ class Logger:
 
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
-            self.tb = _tensorboard(Path(cfg.out) / "tb")
+            self.tb = tensorboard_writer(Path(cfg.out) / "tb")
             self.jsonl = open(_metrics_upto(Path(cfg.out) / "metrics.jsonl", start), "a")
 
     def _reset(self) -> None:
@@ -340,12 +341,32 @@ def _metrics_upto(file: Path, step: int) -> Path:
     return file
 
 
-def _tensorboard(folder: Path):
+def tensorboard_writer(folder: Path):
+    """A TensorBoard writer for ``folder``, or None where tensorboard is not installed (it is
+    optional: the trainers log to metrics.jsonl / their history as well)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: logs still go to metrics.jsonl
+    except ImportError:
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), flush_secs=30)
+
+
+# -- what every trainer's step shares -----------------------------------------------------------
+def warmup_cosine(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float,
+                  constant: bool = False) -> float:
+    """The learning rate of ``step``: linear warm-up over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio * lr`` at ``total_steps`` (or ``lr`` from then on with ``constant``)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if constant:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast_for(device: torch.device, mixed: str):
+    """bf16 autocast on ``device`` when ``mixed`` is "bf16", else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
 
 
 # -- the device around the step -------------------------------------------------------------
