@@ -32,7 +32,7 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
                    help="prior images for training-split captions: their scenes' ground-truth renders "
                         "through the autoencoder, or the base model's own samples")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"],
-                   help="how the adapter's tensors are stored (float16: half the file)")
+                   help="how the written adapter or model is stored (float16: half the file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     add_device_arg(p)

@@ -61,7 +61,7 @@ class ConceptConfig:
     cond_dropout: float = 0.1  # as the base trained: keeps the null condition (CFG) in step
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
-    save_dtype: Literal["float32", "float16"] = "float32"  # of the adapter file (float16: half the size)
+    save_dtype: Literal["float32", "float16"] = "float32"  # of the written weights (float16: half the size)
     log_every: int = 25
 
     def __post_init__(self) -> None:
@@ -351,7 +351,7 @@ def _write(pipe: Text2Image, out: Path, cfg: ConceptConfig, base, base_cfg: Chec
         if desc and desc.get("path") and (folder / desc["path"]).exists() and local:
             copies[desc["path"]] = Path(local["path"])
     config.extra = {**config.extra, **extra}
-    save_pretrained(pipe.model, out, config, extra_dirs=copies)
+    save_pretrained(pipe.model, out, config, dtype=getattr(torch, cfg.save_dtype), extra_dirs=copies)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -241,8 +241,12 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert json.loads(report[report.index("{"):])["prompts"] == 1
 
     full = tmp_path / "full"
-    assert main(["finetune-concept", *common, "--out", str(full), "--full", "--prior-weight", "0"]) == 0
+    assert main(["finetune-concept", *common, "--out", str(full), "--full", "--prior-weight", "0",
+                 "--save-dtype", "float16"]) == 0
     assert (full / "config.json").exists() and (full / "vae").is_dir()
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(full / "model.safetensors").values()} == {torch.float16}
     assert main(["generate", "a red sks shape", "--model", str(full), "--steps", "2", "--out",
                  str(tmp_path / "g2.png"), "--device", "cpu"]) == 0
     capsys.readouterr()
