@@ -209,23 +209,33 @@ def pixart_item(device: torch.device, args) -> dict:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-class RandomTextEncoder:
-    """Random token embeddings of a fixed length: text encoding is not what is timed here."""
+def random_text_encoder(dim: int, length: int, device: torch.device):
+    """A TextEncoder of random token embeddings of a fixed length (text encoding is not what is
+    timed here); a real subclass, so the pipeline's prompt checks apply to it as to any encoder."""
+    from latentdit.text import TextEmbeddings, TextEncoder
 
-    name, path = "random", None
+    class RandomTextEncoder(TextEncoder):
+        name, path = "random", None
 
-    def __init__(self, dim: int, length: int, device: torch.device):
-        self.dim = self.pooled_dim = dim
-        self.max_length, self.device = length, device
+        def __init__(self) -> None:
+            self.dim = self.pooled_dim = dim
+            self.max_length, self.device = length, device
 
-    def encode(self, prompts, *, batch_size=None):
-        from latentdit.text import TextEmbeddings
+        @property
+        def loaded(self) -> bool:
+            return True
 
-        g = torch.Generator().manual_seed(len(prompts))
-        n = len(prompts)
-        return TextEmbeddings(torch.randn(n, self.max_length, self.dim, generator=g).to(self.device),
-                              torch.ones(n, self.max_length, dtype=torch.bool, device=self.device),
-                              torch.randn(n, self.dim, generator=g).to(self.device))
+        def _release(self) -> None:
+            pass
+
+        def _encode_batch(self, prompts: list[str]) -> TextEmbeddings:
+            g = torch.Generator().manual_seed(len(prompts))
+            n = len(prompts)
+            return TextEmbeddings(torch.randn(n, self.max_length, self.dim, generator=g).to(self.device),
+                                  torch.ones(n, self.max_length, dtype=torch.bool, device=self.device),
+                                  torch.randn(n, self.dim, generator=g).to(self.device))
+
+    return RandomTextEncoder()
 
 
 def sd_sized_decoder(device: torch.device, smoke: bool):
@@ -250,7 +260,7 @@ def sample_item(device: torch.device, args) -> dict:
                         **({} if args.smoke else {"text_dim": 384, "pooled_dim": 384, "max_text_len": 64}))
     torch.manual_seed(0)
     pipe = Text2Image(Denoiser(mcfg).to(device), sd_sized_decoder(device, args.smoke),
-                      RandomTextEncoder(mcfg.text_dim, mcfg.max_text_len, device), NoisePath("flow"),
+                      random_text_encoder(mcfg.text_dim, mcfg.max_text_len, device), NoisePath("flow"),
                       SamplingConfig(), device=device)
     prompts = [f"prompt {i}" for i in range(images)]
 
