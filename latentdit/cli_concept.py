@@ -22,7 +22,7 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
     p.add_argument("--lora-targets", default="attention+mlp", choices=["attention", "attention+mlp"],
                    help="which linear layers get adapters")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=8, help="instance rows per step (and as many prior rows)")
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 with adapters, 2e-5 with --full")
     p.add_argument("--prior-images", type=int, default=None,

@@ -49,7 +49,7 @@ class ConceptConfig:
 
     token: str = "sks"
     class_word: str = "shape"
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 8  # instance rows per step; as many prior rows beside them
     prior_images: int = 1024
     prior_weight: float = 1.0
