@@ -1,6 +1,7 @@
-"""Reading line-oriented JSON files (prompt lists, caption indexes, shard sidecars), and the one-line
-reason of an exception: one reader so that every such file fails with the same clear messages
-(the path and line number, never a JSON traceback)."""
+"""Reading JSON files (line-oriented ones: prompt lists, caption indexes, shard sidecars; and
+single-object ones: configs, manifests, checkpoint state) and the one-line reason of an exception:
+one reader each, so every such file fails with the same clear messages (the path and line
+number, never a JSON traceback)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def read_jsonl(path: str | Path, *, holds: str = "one JSON object per line",
             raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object")
         rows.append((n, row))
     return rows
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file that must hold one object (a config, a manifest, a checkpoint's state). Raises
+    ValueError naming the file: unreadable, not valid JSON (with the line), or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise ValueError(f"{path} is unreadable ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def first_line(err: BaseException) -> str:

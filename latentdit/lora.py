@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .checkpoint import WEIGHT_DTYPES, atomic_save_tensors, atomic_write_bytes
 from .config import ModelConfig, from_dict
+from .lines import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -207,11 +208,8 @@ def read_adapter(directory: str | Path) -> tuple[AdapterFile, dict[str, Tensor]]
     file = directory / ADAPTER_CONFIG
     if not file.exists():
         raise ValueError(f"{directory} is not an adapter folder: {ADAPTER_CONFIG} is missing")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != "latentdit-lora":
+    data = read_json(file)
+    if data.get("format") != "latentdit-lora":
         raise ValueError(f"{file} is not a latentdit LoRA adapter config")
     try:
         info = from_dict(AdapterFile, data)

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 
-from .lines import read_jsonl
+from .lines import read_json, read_jsonl
 from .text import TextEmbeddings
 from .vae import dequantize_latents
 
@@ -89,10 +89,10 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{directory} has no {MANIFEST}; run preprocess (latentdit.data.preprocess) first")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({getattr(err, 'msg', err)}); re-run preprocess") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"{err}; re-run preprocess") from None
+    if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version", 0) > VERSION:
         raise ValueError(f"{path} has format version {manifest['version']}; "

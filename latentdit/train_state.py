@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
 from .device import resolve_device
-from .lines import first_line
+from .lines import first_line, read_json
 from .shards import Batch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -109,13 +109,11 @@ def read_info(folder: Path) -> dict[str, Any]:
     """``state.json``, or CheckpointDamaged naming it and what is wrong."""
     file = folder / "state.json"
     try:
-        info = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointDamaged(f"{file} is unreadable ({e})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointDamaged(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        info = read_json(file)
+    except ValueError as e:
+        raise CheckpointDamaged(str(e)) from None
     need = ("step", "bad_streak", "bad_total", "optimizer", "config")
-    missing = [k for k in need if not isinstance(info, dict) or k not in info]
+    missing = [k for k in need if k not in info]
     if missing:
         raise CheckpointDamaged(f"{file} lacks {', '.join(missing)}")
     return info

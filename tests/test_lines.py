@@ -35,3 +35,22 @@ def test_first_line_of_a_message_or_the_type_name():
     assert first_line(RuntimeError("\n  boom: bad header\n  at offset 3\n")) == "boom: bad header"
     assert first_line(KeyError()) == "KeyError"
     assert first_line(ValueError("   ")) == "ValueError"
+
+
+def test_read_json_wants_one_object_and_names_what_is_wrong(tmp_path):
+    from latentdit.lines import read_json
+
+    f = tmp_path / "c.json"
+    f.write_text('{"a": 1,\n "b": [2]}', encoding="utf-8")
+    assert read_json(f) == {"a": 1, "b": [2]}
+    f.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(ValueError, match=r"c.json is not valid JSON \(Expecting value at line 2\)"):
+        read_json(f)
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"c.json holds a JSON list, not an object"):
+        read_json(f)
+    f.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"c.json is not valid JSON \(not UTF-8 at byte 7\)"):
+        read_json(f)
+    with pytest.raises(ValueError, match=r"missing.json is unreadable"):
+        read_json(tmp_path / "missing.json")
