@@ -10,24 +10,15 @@ import threading
 import time
 
 import numpy as np
-import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
-from latentdit.config import SamplingConfig, model_preset
-from latentdit.model import Denoiser
 from latentdit.pipeline import Text2Image
-from latentdit.schedules import NoisePath
 
 
 def tiny_pipe(tiny_clip, tiny_vae, **preset) -> Text2Image:
     """Tiny random components: 16x16 images, sides in steps of 4, 4 sampler steps."""
-    torch.manual_seed(0)
-    model = Denoiser(model_preset("tiny", **preset))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, None if preset.get("num_classes") else tiny_clip, NoisePath("flow"),
-                      SamplingConfig(steps=4))
+    return tiny_pipeline(tiny_clip, tiny_vae, **preset)
 
 
 def png(img: Image.Image) -> bytes:

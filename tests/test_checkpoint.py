@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_denoiser
 
 from latentdit import checkpoint as ckpt
 from latentdit.checkpoint import CheckpointConfig, load_config, load_denoiser, save_pretrained
@@ -10,11 +11,7 @@ from latentdit.model import Denoiser
 
 
 def _model() -> Denoiser:
-    model = Denoiser(model_preset("tiny", mlp="dwconv"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return tiny_denoiser(None, mlp="dwconv").eval()
 
 
 def _config(model: Denoiser) -> CheckpointConfig:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_denoiser, tiny_pipeline
 
 from latentdit.concept import (
     ConceptConfig,
@@ -21,10 +22,9 @@ from latentdit.concept import (
     read_instances,
     train_rows,
 )
-from latentdit.config import DiffusionConfig, SamplingConfig, model_preset
+from latentdit.config import DiffusionConfig, SamplingConfig
 from latentdit.evaluate.novel import NEW_SHAPE, hit_rates, read_shape, render_new_shape
 from latentdit.lora import LoRAConfig
-from latentdit.model import Denoiser
 from latentdit.pipeline import Text2Image
 from latentdit.shards import Batch
 from latentdit.train import diffusion_loss
@@ -35,12 +35,7 @@ CELLS = ("top left", "center", "bottom right", "top", "left", "right")
 
 
 def _tiny_pipe(tiny_clip, tiny_vae) -> Text2Image:
-    torch.manual_seed(1)
-    model = Denoiser(model_preset("tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, sampling=SamplingConfig(steps=2))
+    return tiny_pipeline(tiny_clip, tiny_vae, seed=1, sampling=SamplingConfig(steps=2))
 
 
 def _write_images(folder, n: int, size: int = 16, captions: bool = True):
@@ -201,11 +196,7 @@ def tiny_model_dir(tmp_path_factory, tiny_vae):
 
     root = tmp_path_factory.mktemp("tiny-model")
     tiny_vae.vae.save_pretrained(root / "ae")
-    torch.manual_seed(3)
-    model = Denoiser(model_preset("tiny", text_dim=384, pooled_dim=384))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = tiny_denoiser(3, text_dim=384, pooled_dim=384)
     config = CheckpointConfig(model=model.config, sampling=SamplingConfig(steps=2),
                               text_encoder={"name": "minilm", "path": None, "dim": 384, "pooled_dim": 384,
                                             "max_length": 16},

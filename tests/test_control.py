@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
 from latentdit.config import ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
 from latentdit.control import (
@@ -23,19 +24,13 @@ from latentdit.control import (
 from latentdit.datasets.shapes import ShapesDataset, shape_coverage
 from latentdit.model import Denoiser
 from latentdit.pipeline import Text2Image
-from latentdit.schedules import NoisePath
 
 SIZE = 16  # tiny pipeline: 16x16 images, KL autoencoder downsample 2 -> 8x8 latents, maps factor 2
 
 
 @pytest.fixture(scope="module")
 def base(tiny_clip, tiny_vae) -> Text2Image:
-    torch.manual_seed(0)
-    model = Denoiser(model_preset("tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, NoisePath("flow"), SamplingConfig(steps=3))
+    return tiny_pipeline(tiny_clip, tiny_vae, sampling=SamplingConfig(steps=3))
 
 
 def _pipe(base: Text2Image, model: Denoiser) -> Text2Image:

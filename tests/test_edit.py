@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
 from latentdit import edit
 from latentdit.config import SamplingConfig, model_preset
@@ -24,12 +25,7 @@ from latentdit.vae import to_pil
 @pytest.fixture(scope="module")
 def tiny(tiny_clip, tiny_vae):
     """Tiny random text encoder, KL autoencoder (downsample 2) and denoiser: 16x16 images."""
-    torch.manual_seed(0)
-    model = Denoiser(model_preset("tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, NoisePath("flow"), SamplingConfig(steps=4))
+    return tiny_pipeline(tiny_clip, tiny_vae)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_pipeline
 
 from latentdit import edit
-from latentdit.config import SamplingConfig, model_preset
-from latentdit.model import Denoiser
-from latentdit.pipeline import Text2Image
-from latentdit.schedules import NoisePath
+from latentdit.config import SamplingConfig
 
 GOLDEN = Path(__file__).parent / "data" / "edit_golden.safetensors"
 
@@ -33,13 +31,7 @@ def _pixels(images) -> torch.Tensor:
 
 
 def _outputs(tiny_clip, tiny_vae) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Denoiser(model_preset("tiny"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    pipe = Text2Image(model, tiny_vae, tiny_clip, NoisePath("flow"),
-                      SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
+    pipe = tiny_pipeline(tiny_clip, tiny_vae, sampling=SamplingConfig(steps=4, guidance_interval=(0.3, 0.9)))
     fp32 = dict(dtype=None, output_type="latent")
     mask = np.zeros((16, 16), dtype=np.uint8)
     mask[4:12, 2:9] = 255

@@ -1,16 +1,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import perturbed
 
 from latentdit.model import Denoiser, build_denoiser, sincos_2d
 
 
 def _randomize(model: Denoiser) -> Denoiser:
     """Init leaves the output at exactly zero; perturb every weight so tests see real outputs."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return perturbed(model).eval()
 
 
 def _inputs(n=2, h=16, w=16, length=6, dim=32, channels=4):

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_pipeline
 
 from latentdit.checkpoint import CheckpointConfig, save_pretrained
 from latentdit.config import DiffusionConfig, SamplingConfig, model_preset
@@ -15,12 +16,7 @@ from latentdit.schedules import NoisePath
 
 
 def _pipe(tiny_clip, tiny_vae, path="flow", prediction="flow"):
-    torch.manual_seed(1)
-    model = Denoiser(model_preset("tiny", prediction=prediction))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return Text2Image(model, tiny_vae, tiny_clip, NoisePath(path), SamplingConfig(steps=4))
+    return tiny_pipeline(tiny_clip, tiny_vae, seed=1, path=path, prediction=prediction)
 
 
 def _arr(img):

@@ -1,0 +1,35 @@
+"""Tiny random models for the tests: a ``tiny`` denoiser with every weight nudged off its init (the
+zero-initialised output layer would otherwise give all-zero predictions) and a pipeline around it."""
+
+from __future__ import annotations
+
+import torch
+
+from latentdit.config import SamplingConfig, model_preset
+from latentdit.model import Denoiser
+from latentdit.pipeline import Text2Image
+from latentdit.schedules import NoisePath
+
+
+def perturbed(model: Denoiser, scale: float = 0.05) -> Denoiser:
+    """Add N(0, scale^2) to every weight, drawn from torch's global generator."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def tiny_denoiser(seed: int | None = 0, **preset) -> Denoiser:
+    """``model_preset("tiny", **preset)`` perturbed; ``seed=None`` keeps the current RNG state."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return perturbed(Denoiser(model_preset("tiny", **preset)))
+
+
+def tiny_pipeline(tiny_clip, tiny_vae, *, seed: int | None = 0, path: str = "flow",
+                  sampling: SamplingConfig | None = None, **preset) -> Text2Image:
+    """A ``tiny_denoiser`` with the session's tiny text encoder (none for a class model) and KL
+    autoencoder: 16x16 images."""
+    model = tiny_denoiser(seed, **preset)
+    text = None if preset.get("num_classes") else tiny_clip
+    return Text2Image(model, tiny_vae, text, NoisePath(path), sampling or SamplingConfig(steps=4))
