@@ -155,6 +155,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="image side (shapes canvas / resize)")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scene-weights", type=float, nargs=3, default=None, metavar=("SINGLE", "RELATION", "COUNT"),
+                   help="shapes: relative frequencies of single-object, relation and counting scenes "
+                        "(default: equal)")
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -170,7 +173,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
         raise ValueError("--n is required with --source shapes (the dataset is infinite)")
     source = open_source(args.source, n=args.n, size=args.size, split=args.split, seed=args.seed,
                          labels=args.labels, image_column=args.image_column,
-                         caption_column=args.caption_column, label_column=args.label_column)
+                         caption_column=args.caption_column, label_column=args.label_column,
+                         scene_weights=args.scene_weights)
     kind = "identity" if args.autoencoder == "identity" else "kl"
     # Both encoders run on --device; the shards are written from the CPU copies of their outputs.
     ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder, device=args.device)

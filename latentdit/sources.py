@@ -255,12 +255,14 @@ def _read_txt(path: Path) -> bytes | None:
 class ShapesSource(SkipLog):
     """The procedural shapes world as Samples 0..n-1; `skip(k)` jumps ahead without rendering."""
 
-    def __init__(self, n: int, size: int = 64, split: str = "train", seed: int = 0) -> None:
+    def __init__(self, n: int, size: int = 64, split: str = "train", seed: int = 0,
+                 scene_weights: tuple[float, ...] | None = None) -> None:
         from .datasets.shapes import ShapesDataset
 
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        self.dataset = ShapesDataset(size=size, split=split, seed=seed)
+        weights = None if scene_weights is None else tuple(float(w) for w in scene_weights)
+        self.dataset = ShapesDataset(size=size, split=split, seed=seed, scene_weights=weights)
         self.total, self._next = n, 0
         self._init_log()
 
@@ -278,8 +280,10 @@ class ShapesSource(SkipLog):
         self._next = min(self.total, self._next + k)
 
 
-def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0) -> ShapesSource:
-    return ShapesSource(n, size, split, seed)
+def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0,
+                  scene_weights: tuple[float, ...] | None = None) -> ShapesSource:
+    """`scene_weights`: relative frequencies of the single / relation / count scenes (default equal)."""
+    return ShapesSource(n, size, split, seed, scene_weights)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -287,21 +291,24 @@ def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0
 
 def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64, split: str = "train",
                 seed: int = 0, labels: bool = False, image_column: str | None = None,
-                caption_column: str | None = None, label_column: str | None = None) -> SkipLog:
+                caption_column: str | None = None, label_column: str | None = None,
+                scene_weights: tuple[float, ...] | None = None) -> SkipLog:
     """The source a ``--source`` value names: "shapes"; "fashion-mnist" or a folder of MNIST-format
     files (labelled, padded to `size`); .tar shards (paths, brace patterns, URLs);
     .parquet files; a ``save_to_disk`` dataset folder; a folder of tars or parquet files; an
-    image folder (with ``labels``: class sub-folders)."""
+    image folder (with ``labels``: class sub-folders). `scene_weights` applies to "shapes" only."""
     from .datasets import archives, mnist
 
     text = str(spec)
+    if scene_weights is not None and text != "shapes":
+        raise ValueError(f"scene weights apply to the shapes source only, not to {text!r}")
     if text == "fashion-mnist" or (Path(text).is_dir() and mnist.is_idx_folder(text)):
         return mnist.IdxSource(mnist.FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
     columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
     if text == "shapes":
         if not n:
             raise ValueError("n is required with the shapes source (the dataset is infinite)")
-        return shapes_source(n, size=size, split=split, seed=seed)
+        return shapes_source(n, size=size, split=split, seed=seed, scene_weights=scene_weights)
     path = Path(text)
     if ".tar" in text and not path.is_dir():
         return archives.tar_source(text, labels)

@@ -280,3 +280,30 @@ class _FakeText:
 
         n = len(texts)
         return TextEmbeddings(torch.ones(n, 4, 2), torch.ones(n, 4, dtype=torch.bool), torch.ones(n, 2))
+
+
+def test_shapes_scene_weights_set_the_mix_and_apply_to_shapes_only(tmp_path, capsys, monkeypatch):
+    from collections import Counter
+
+    from latentdit.cli import main
+
+    def scenes(weights, n=300):
+        source = open_source("shapes", n=n, size=16, scene_weights=weights)
+        return Counter(source.dataset.draw(i)[0]["scene"] for i in range(n))
+
+    assert set(scenes((0, 1, 0), 40)) == {"relation"}
+    mix = scenes((1, 2, 2))
+    assert 0.12 < mix["single"] / 300 < 0.28 and mix["relation"] > 1.5 * mix["single"]
+    assert scenes(None) == scenes((1, 1, 1))    # the default is the equal mix
+    with pytest.raises(ValueError, match="shapes source only"):
+        open_source(str(tmp_path), scene_weights=(1, 1, 1))
+    with pytest.raises(ValueError, match="scene_weights must be 3"):
+        open_source("shapes", n=4, scene_weights=(0, 0, 0))
+
+    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: _FakeText())
+    out = tmp_path / "shards"
+    code = main(["preprocess", "--source", "shapes", "--n", "12", "--size", "16", "--scene-weights", "0", "0", "1",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0 and "12 samples" in capsys.readouterr().out
+    rows = [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(rows) == 12 and {r["attributes"]["scene"] for r in rows} == {"count"}
