@@ -32,10 +32,8 @@ from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where
     make_config,
     recipe_dict,
 )
-from .train_state import (  # noqa: F401 (device set-up and TrainingDiverged re-exported beside train_step)
-    Logger,
-    StepCounters,
-    TrainingDiverged,
+from .train_log import Logger, StepCounters
+from .train_state import (
     TrainState,
     autocast_for,
     check_parallelism,

@@ -6,11 +6,11 @@ arXiv:2112.10752, Sec. 3 and App. G) without its perceptual and GAN terms: an L1
 reconstruction loss, optionally weighted towards object pixels (`object_weight`), plus a tiny KL
 pull towards N(0, I), AdamW with linear warm-up and cosine decay.
 
-    out_dir/checkpoint.safetensors   weights + AdamW moments; its metadata holds the step, the
-                                     config and the optimiser's plain values (nothing pickled)
-    out_dir/checkpoint.json          the same metadata, readable (the safetensors file is the truth)
+    out_dir/checkpoints/step-N/      model + optimizer safetensors and state.json (step, seconds,
+                                     config, the optimiser's plain values), as the denoiser's
     out_dir/autoencoder/             AutoencoderKL.from_pretrained / load_autoencoder("kl", ...)
     out_dir/metrics.json             {"psnr", "scaling_factor", "shift_factor", "steps", "seconds", ...}
+    out_dir/metrics.jsonl            one row per log line (loss, rec, kl, lr, steps_per_s)
     out_dir/reconstructions.png      held-out originals, each row above its reconstructions
     out_dir/tb/                      TensorBoard: train/loss, train/rec, train/kl, train/lr, eval/psnr
 
@@ -22,16 +22,7 @@ posterior means over `scale_batches` training batches (SD's recipe for 0.18215; 
 subtracted with `center_latents`, as SD3/Flux do). Both go into the exported config, so
 `latentdit.vae` hands the denoiser latents of mean ~0 and std ~1.
 
-Speed on the 2-core CPU (one thread, bf16, 64x64; fp32 is ~1.4x slower): widths (32, 64, 128)
-2.5 s/step at batch 32, downsample 8 with (32, 64, 128, 128) 2.0 s, (16, 32, 64) 0.87 s at batch 32
-or 0.25-0.29 s at batch 8. The high-resolution levels dominate (CPU convolutions are memory-bound),
-so the first width sets the cost. train_config.AE_PRESETS["shapes-fast"] (L2, which PSNR measures, batch 8)
-reached 29.2 dB held-out PSNR after 2400 steps (~700 s on one core) and 31.5 dB when that run
-was continued to 3600 steps; with `object_weight` 4 (object pixels weigh 5x, `object_mask`) it
-reaches 32.1-32.3 dB at 3600 steps (two runs) and keeps the small stars and triangles the plain
-loss blurs away.
-On a machine other jobs also load, use ONE thread (OMP_NUM_THREADS=1 or torch.set_num_threads(1)):
-two OpenMP threads that must share their cores with another process ran 10-30x slower here.
+Speeds, widths and the quality each preset reaches: docs/training.md ("The autoencoder").
 """
 
 from __future__ import annotations
@@ -47,19 +38,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from .checkpoint import atomic_save_tensors, atomic_write_bytes
+from .checkpoint import atomic_write_bytes
 from .config import from_dict, to_dict
 from .lines import first_line
 from .train_config import AEConfig, ae_preset
-from .train_state import autocast_for, flatten_optimizer, tensorboard_writer, unflatten_optimizer, warmup_cosine
+from .train_log import MetricsLog, TrainingDiverged
+from .train_state import (
+    CheckpointDamaged,
+    autocast_for,
+    flatten_optimizer,
+    newest_good,
+    prune_checkpoints,
+    read_info,
+    read_tensors,
+    unflatten_optimizer,
+    warmup_cosine,
+    write_checkpoint,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
 
-CHECKPOINT = "checkpoint.safetensors"
+_LEGACY = "checkpoint.safetensors"  # the single-file checkpoint of earlier versions
+_KEEP = 2  # checkpoints kept: the newest, and one to fall back on
 EXPORT_DIR = "autoencoder"
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Posterior log-variance at initialisation. diffusers starts it near 0 (std ~1) while the encoder's
@@ -300,35 +303,52 @@ def reconstruction_grid(originals: Tensor, recons: Tensor, cols: int = 8) -> Ima
 
 
 def save_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                    seconds: float, cfg: AEConfig) -> None:
-    """One atomic safetensors file: a crash mid-write leaves the previous checkpoint intact."""
-    tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
-    optim_tensors, optim_meta = flatten_optimizer(opt.state_dict())
-    tensors |= {f"optim.{k}": v for k, v in optim_tensors.items()}
-    meta = {"step": step, "seconds": seconds, "config": to_dict(cfg), "optimizer": optim_meta}
-    atomic_save_tensors(tensors, out / CHECKPOINT, metadata={"state": json.dumps(meta)})
-    atomic_write_bytes(out / "checkpoint.json", json.dumps(meta, indent=1).encode())
+                    seconds: float, cfg: AEConfig) -> Path:
+    """``out/checkpoints/step-N/`` (weights, AdamW moments, state.json), the denoiser's format,
+    written beside and renamed; the previous one is kept in case this one is damaged later."""
+    optim, meta = flatten_optimizer(opt.state_dict())
+    info = {"step": step, "seconds": seconds, "optimizer": meta, "config": to_dict(cfg)}
+    folder = write_checkpoint(out, step, {"model": vae.state_dict(), "optimizer": optim}, info)
+    prune_checkpoints(out, _KEEP)
+    (out / _LEGACY).unlink(missing_ok=True)
+    return folder
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    return (read_info(folder, ("step", "seconds", "optimizer", "config")),
+            read_tensors(folder / "model.safetensors"), read_tensors(folder / "optimizer.safetensors"))
 
 
 def load_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
-                    cfg: AEConfig) -> tuple[int, float]:
-    """Restore weights and AdamW state; returns (step, seconds trained so far)."""
+                    cfg: AEConfig) -> tuple[int, float] | None:
+    """Restore weights and AdamW state from the newest good checkpoint (each damaged one is named
+    and skipped); returns (step, seconds trained so far), or None when the run has none yet."""
+    found = newest_good(out, _read)
+    if found is None:
+        if not (out / _LEGACY).exists():
+            return None
+        found = out / _LEGACY, _read_legacy(out / _LEGACY)
+    where, (info, model, optim) = found
+    _check_same_run(from_dict(AEConfig, info["config"]), cfg, where)
+    vae.load_state_dict(model)
+    opt.load_state_dict(unflatten_optimizer(optim, info["optimizer"]))
+    return int(info["step"]), float(info["seconds"])
+
+
+def _read_legacy(file: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """The single-file checkpoint of earlier versions (metadata "state", model./optim. prefixes),
+    so their runs resume; the next save replaces it with a checkpoint folder."""
     from safetensors import safe_open
 
-    file = out / CHECKPOINT
     try:
         with safe_open(str(file), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["state"])
-        tensors = load_file(str(file))
+            info = json.loads((f.metadata() or {})["state"])
     except Exception as e:  # truncated or corrupt bytes: name the file, never a safetensors traceback
-        reason = first_line(e)
-        raise ValueError(f"checkpoint file {file} is unreadable or damaged ({reason}); delete it to "
-                         "start over") from None
-    _check_same_run(from_dict(AEConfig, meta["config"]), cfg, file)
-    vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-    opt.load_state_dict(unflatten_optimizer(optim, meta["optimizer"]))
-    return int(meta["step"]), float(meta["seconds"])
+        raise CheckpointDamaged(f"checkpoint file {file} is unreadable or damaged ({first_line(e)}); "
+                                "delete it to start over") from None
+    tensors = read_tensors(file)
+    return (info, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+            {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
 
 
 def _check_same_run(saved: AEConfig, cfg: AEConfig, file: Path) -> None:
@@ -374,44 +394,29 @@ def _readable(folder: Path) -> None:
 
 
 class _Log:
-    """tqdm bar + TensorBoard. Losses accumulate as tensors between log lines (no per-step sync)."""
+    """The autoencoder's log: mean loss, reconstruction and KL terms since the last line, the
+    learning rate and steps per second (train_log.MetricsLog writes them)."""
 
     def __init__(self, out: Path, cfg: AEConfig, start: int, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.cfg, self.sum, self.count, self.t0 = cfg, torch.zeros(3), 0, time.perf_counter()
-        self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train-ae")
-        self.tb = tensorboard_writer(out / "tb")
-        self.history: list[dict[str, float]] = []
+        self.cfg, self.sum, self.count, self.t0 = cfg, None, 0, time.perf_counter()
+        self.sink = MetricsLog(out, cfg.steps, start, progress, "train-ae")
 
     def step(self, step: int, losses: tuple[Tensor, Tensor, Tensor], lr: float) -> None:
-        self.sum += torch.stack(losses).float().cpu()
+        values = torch.stack(losses).detach().float()  # stays on the device until a log line
+        self.sum = values if self.sum is None else self.sum + values
         self.count += 1
-        self.bar.update(1)
+        self.sink.tick()
         if step % self.cfg.log_every == 0:
             self._emit(step, lr)
 
     def _emit(self, step: int, lr: float) -> None:
         loss, rec, kl = (self.sum / max(1, self.count)).tolist()
         if not math.isfinite(loss):
-            raise RuntimeError(f"training diverged at step {step} (loss {loss}); lower lr or use "
-                               "mixed_precision 'no'")
+            raise TrainingDiverged(f"training diverged at step {step} (loss {loss}); lower lr or use "
+                                   "mixed_precision 'no'")
         rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
-        self.history.append({"step": step, "loss": loss, "rec": rec, "kl": kl, "lr": lr, "steps_per_s": rate})
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", it_s=f"{rate:.2f}")
-        self.scalars(step, {"train/loss": loss, "train/rec": rec, "train/kl": kl, "train/lr": lr,
-                            "train/steps_per_s": rate})
-        self.sum, self.count, self.t0 = torch.zeros(3), 0, time.perf_counter()
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.sink.row(step, {"loss": loss, "rec": rec, "kl": kl, "lr": lr, "steps_per_s": rate})
+        self.sum, self.count, self.t0 = None, 0, time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -432,9 +437,8 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
     source, vae = make_source(config), build_autoencoder(config).to(device).train()
     # beta2 0.99: the second moment adapts within ~100 steps, which matters in runs of a few thousand
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, seconds = (0, 0.0)
-    if resume and (out / CHECKPOINT).exists():
-        step, seconds = load_checkpoint(out, vae, opt, config)
+    found = load_checkpoint(out, vae, opt, config) if resume else None
+    step, seconds = found or (0, 0.0)
     heldout = to_tensor(source.heldout).to(device)
     first, last = step, min(config.steps, step + stop_after) if stop_after is not None else config.steps
     log, evals, t0, cpu0 = _Log(out, config, step, progress), [], time.perf_counter(), time.process_time()
@@ -447,9 +451,9 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
             evals.append(_eval(vae, heldout, step, log))
         if step % config.checkpoint_every == 0 or step == last:
             save_checkpoint(out, vae, opt, step, seconds + time.perf_counter() - t0, config)
-    log.close()
+    log.sink.close()
     elapsed = time.perf_counter() - t0
-    metrics = {"steps": step, "seconds": round(seconds + elapsed, 1), "evals": evals, "log": log.history,
+    metrics = {"steps": step, "seconds": round(seconds + elapsed, 1), "evals": evals, "log": log.sink.history,
                "steps_per_s": (step - first) / elapsed if step > first else None,
                "cpu_seconds": round(time.process_time() - cpu0, 1)}  # this call, all threads
     if step < config.steps:
@@ -459,8 +463,8 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
 
 def _eval(vae: torch.nn.Module, heldout: Tensor, step: int, log: _Log) -> dict[str, float]:
     value = evaluate(vae, heldout)
-    log.scalars(step, {"eval/psnr": value})
-    log.bar.write(f"step {step}: held-out PSNR {value:.2f} dB")
+    log.sink.scalars(step, {"eval/psnr": value})
+    log.sink.write(f"step {step}: held-out PSNR {value:.2f} dB")
     return {"step": step, "psnr": value}
 
 

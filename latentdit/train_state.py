@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
 from .device import resolve_device
 from .lines import first_line, read_json
 from .shards import Batch
@@ -62,11 +60,39 @@ def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_paths(out: Path, step: int) -> tuple[Path, Path]:
+    """(final, hidden temporary) folder of the checkpoint of ``step``."""
+    root = out / "checkpoints"
+    return root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+
+
+def write_files(folder: Path, tensors: dict[str, dict[str, Tensor]], info: dict[str, Any]) -> None:
+    """``NAME.safetensors`` for each entry of ``tensors`` (on the CPU) and ``state.json``."""
+    for name, values in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, folder / f"{name}.safetensors")
+    (folder / "state.json").write_text(json.dumps(info, indent=1))
+
+
+def commit(tmp: Path, final: Path) -> Path:
+    """Rename a fully written checkpoint folder into place (replacing one of the same step)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def write_checkpoint(out: Path, step: int, tensors: dict[str, dict[str, Tensor]], info: dict[str, Any]) -> Path:
+    """A single-process checkpoint ``out/checkpoints/step-N/``, written beside and renamed."""
+    final, tmp = checkpoint_paths(out, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_files(tmp, tensors, info)
+    return commit(tmp, final)
+
+
 def save_state(out: Path, acc, model: torch.nn.Module, ema: dict[str, Tensor], opt, state: TrainState,
                config: dict[str, Any]) -> Path:
     """Every process writes its RNG state; the main one writes the rest and renames."""
-    root = out / "checkpoints"
-    final, tmp = root / f"step-{state.step:07d}", root / f".tmp-step-{state.step:07d}"
+    final, tmp = checkpoint_paths(out, state.step)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -75,21 +101,13 @@ def save_state(out: Path, acc, model: torch.nn.Module, ema: dict[str, Tensor], o
               metadata={"device": state.generator.device.type})
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_main(tmp, model, ema, opt, state, config, acc.num_processes)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        optim, meta = flatten_optimizer(opt.state_dict())
+        info = {"step": state.step, "bad_streak": state.bad_streak, "bad_total": state.bad_total,
+                "world_size": acc.num_processes, "optimizer": meta, "config": config}
+        write_files(tmp, {"model": model.state_dict(), "ema": ema, "optimizer": optim}, info)
+        commit(tmp, final)
     acc.wait_for_everyone()
     return final
-
-
-def _write_main(tmp: Path, model, ema, opt, state: TrainState, config: dict[str, Any], world: int) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    tensors, meta = flatten_optimizer(opt.state_dict())
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
-    info = {"step": state.step, "bad_streak": state.bad_streak, "bad_total": state.bad_total,
-            "world_size": world, "optimizer": meta, "config": config}
-    (tmp / "state.json").write_text(json.dumps(info, indent=1))
 
 
 class CheckpointDamaged(ValueError):
@@ -105,14 +123,17 @@ class _Loaded:
     rng: Tensor | None
 
 
-def read_info(folder: Path) -> dict[str, Any]:
-    """``state.json``, or CheckpointDamaged naming it and what is wrong."""
+_DENOISER_KEYS = ("step", "bad_streak", "bad_total", "optimizer", "config")
+
+
+def read_info(folder: Path, need: tuple[str, ...] = _DENOISER_KEYS) -> dict[str, Any]:
+    """``state.json``, or CheckpointDamaged naming it and what is wrong (unreadable, or lacking a
+    key of ``need``)."""
     file = folder / "state.json"
     try:
         info = read_json(file)
     except ValueError as e:
         raise CheckpointDamaged(str(e)) from None
-    need = ("step", "bad_streak", "bad_total", "optimizer", "config")
     missing = [k for k in need if k not in info]
     if missing:
         raise CheckpointDamaged(f"{file} lacks {', '.join(missing)}")
@@ -231,122 +252,6 @@ def prune_checkpoints(out: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (retention limit)."""
     for _, folder in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-# -- read at log time --------------------------------------------------------------------------
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last checkpoint before them is kept."""
-
-
-class StepCounters:
-    """Non-finite (skipped) steps, counted on the device so the loop never waits for the check;
-    ``check`` reads them (one sync) and stops a run that has diverged."""
-
-    def __init__(self, device: torch.device, streak: int = 0, total: int = 0) -> None:
-        self.streak = torch.tensor(streak, device=device)
-        self.worst = self.streak.clone()
-        self.total = torch.tensor(total, device=device)
-
-    def add(self, ok: Tensor) -> None:
-        bad = (~ok).long()
-        self.streak.add_(1).mul_(bad)  # +1 on a skipped step, back to 0 on a good one
-        torch.maximum(self.worst, self.streak, out=self.worst)
-        self.total.add_(bad)
-
-    def check(self, state: TrainState, max_bad: int) -> None:
-        state.bad_streak, state.bad_total = int(self.streak), int(self.total)
-        worst = int(self.worst)
-        if worst >= max_bad:
-            raise TrainingDiverged(
-                f"{worst} non-finite steps in a row by step {state.step}: training diverged. "
-                "Lower optim.lr, keep mixed_precision bf16 off fp16, or check the data for NaNs.")
-
-
-class Logger:
-    """tqdm bar + TensorBoard + metrics.jsonl. Losses accumulate as device tensors between log
-    lines so the hot loop never forces a sync with ``.item()``."""
-
-    def __init__(self, cfg, acc, start: int, progress: bool):
-        self.cfg, self.main, self.device = cfg, acc.is_main_process, acc.device
-        self.world = acc.num_processes
-        self.bar = self.tb = None
-        self.history: list[dict[str, float]] = []
-        self._reset()
-        if self.main:
-            from tqdm.auto import tqdm
-
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train")
-            self.tb = tensorboard_writer(Path(cfg.out) / "tb")
-            self.jsonl = open(_metrics_upto(Path(cfg.out) / "metrics.jsonl", start), "a")
-
-    def _reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.count = torch.zeros((), device=self.device)
-        self.images, self.t0 = 0, time.perf_counter()
-
-    def step(self, state: TrainState, loss: Tensor, norm: Tensor, ok: Tensor, lr: float, micro) -> None:
-        """``loss``, ``norm``, ``ok``: tensors of this step, read only on a logging step."""
-        self.loss_sum += torch.where(ok, loss, 0.0)  # a skipped step's loss may be NaN
-        self.count += ok
-        self.images += sum(b.latents.shape[0] for b in micro) * self.world
-        if not self.main:
-            return
-        self.bar.update(1)
-        if state.step % self.cfg.log_every == 0:
-            self._emit(state, norm, lr)
-
-    def _emit(self, state: TrainState, norm: Tensor, lr: float) -> None:
-        elapsed = time.perf_counter() - self.t0
-        # Strict JSON: a window of only skipped steps has no loss, a non-finite norm is null.
-        count = int(self.count)
-        loss = float(self.loss_sum) / count if count else None
-        norm = float(norm) if bool(torch.isfinite(norm)) else None
-        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm,
-               "images_per_s": self.images / max(elapsed, 1e-9), "skipped": state.bad_total}
-        self.history.append(row)
-        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self.jsonl.flush()
-        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}",
-                             ips=f"{row['images_per_s']:.1f}")
-        if self.tb is not None:
-            for k in ("loss", "lr", "grad_norm", "images_per_s"):
-                if row[k] is not None:
-                    self.tb.add_scalar(f"train/{k}", row[k], state.step)
-        self._reset()
-
-    def close(self) -> None:
-        if self.main:
-            self.bar.close()
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _metrics_upto(file: Path, step: int) -> Path:
-    """Drop rows after ``step`` (the resume point: those steps run again) and any line a kill cut
-    short, so the log holds each step once."""
-    if not file.exists():
-        return file
-    keep = []
-    for line in file.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_bytes(file, "".join(keep).encode())
-    return file
-
-
-def tensorboard_writer(folder: Path):
-    """A TensorBoard writer for ``folder``, or None where tensorboard is not installed (it is
-    optional: the trainers log to metrics.jsonl / their history as well)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder), flush_secs=30)
 
 
 # -- what every trainer's step shares -----------------------------------------------------------

@@ -418,11 +418,16 @@ def test_damaged_autoencoder_checkpoint_is_named(tmp_path, capsys):
     out = tmp_path / "ae"
     assert cli.main(["train-ae", "--out", str(out), "--steps", "1", "--batch_size", "2", "--image_size", "16",
                      "--no-progress"]) == 0
-    ckpt = next(p for p in out.iterdir() if p.suffix == ".safetensors")
+    ckpt = out / "checkpoints" / "step-0000001" / "model.safetensors"
     truncate(ckpt)
-    rc, line = run(capsys, "train-ae", "--out", out, "--steps", "2", "--batch_size", "2", "--image_size", "16",
-                   "--no-progress")
-    assert rc == 2 and str(ckpt) in line
+    capsys.readouterr()
+    rc = cli.main(["train-ae", "--out", str(out), "--steps", "2", "--batch_size", "2", "--image_size", "16",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1
+    assert str(out / "checkpoints") in errors[0] and "damaged" in errors[0]
+    assert f"warning: skipping damaged checkpoint {ckpt.parent}: checkpoint file {ckpt}" in err
 
 
 def test_corrupt_captions_index_is_named(tmp_path, capsys):

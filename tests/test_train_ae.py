@@ -13,7 +13,6 @@ pytest.importorskip("diffusers")
 
 from latentdit.config import from_dict, to_dict  # noqa: E402
 from latentdit.train_ae import (  # noqa: E402
-    CHECKPOINT,
     AEConfig,
     learning_rate,
     make_source,
@@ -62,8 +61,13 @@ def test_outputs_written(run):
     assert saved["steps"] == 30 and saved["scaling_factor"] > 0
     with Image.open(out / "reconstructions.png") as grid:  # 8 held-out images: originals, recons
         assert grid.size == (8 * 32, 2 * 32)
-    assert (out / CHECKPOINT).exists() and (out / "tb").is_dir()
-    assert json.loads((out / "checkpoint.json").read_text())["step"] == 30
+    assert (out / "tb").is_dir()
+    folder = out / "checkpoints" / "step-0000030"
+    assert json.loads((folder / "state.json").read_text())["step"] == 30
+    assert (folder / "model.safetensors").exists() and (folder / "optimizer.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in metrics["log"]] and rows
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in rows)
 
 
 def test_export_loads_in_diffusers_and_latentdit(run):
@@ -109,14 +113,47 @@ def test_resume_is_exact(tmp_path):
     straight = train_autoencoder(cfg, tmp_path / "b", progress=False)
     assert resumed["steps"] == straight["steps"] == 20
 
-    a, b = load_file(tmp_path / "a" / CHECKPOINT), load_file(tmp_path / "b" / CHECKPOINT)
-    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    for name in ("model", "optimizer"):
+        a, b = (load_file(tmp_path / r / "checkpoints" / "step-0000020" / f"{name}.safetensors") for r in "ab")
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    rows = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows))  # each logged step once across the resume
     assert resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
 
     with pytest.raises(ValueError, match="different run"):  # a changed recipe must not resume
         train_autoencoder(dataclasses.replace(cfg, lr=1e-2), tmp_path / "a", progress=False)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_reads_the_old_single_file(tmp_path, capsys):
+    """The newest checkpoint truncated: named on stderr, the previous one resumed from, and the
+    result is the straight run's. A run saved by earlier versions (one checkpoint.safetensors)
+    resumes too, and is replaced by a checkpoint folder."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny(steps=12, mixed_precision="no", eval_every=100, checkpoint_every=4)
+    straight = train_autoencoder(cfg, tmp_path / "b", progress=False)
+    train_autoencoder(cfg, tmp_path / "a", progress=False, stop_after=8)
+    newest = tmp_path / "a" / "checkpoints" / "step-0000008" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = train_autoencoder(cfg, tmp_path / "a", progress=False)
+    assert str(newest) in capsys.readouterr().err
+    assert resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
+
+    old = tmp_path / "c"
+    train_autoencoder(cfg, old, progress=False, stop_after=4)
+    folder = old / "checkpoints" / "step-0000004"
+    tensors = {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    tensors |= {f"optim.{k}": v for k, v in load_file(folder / "optimizer.safetensors").items()}
+    state = json.loads((folder / "state.json").read_text())
+    save_file(tensors, old / "checkpoint.safetensors", metadata={"state": json.dumps(state)})
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+    legacy = train_autoencoder(cfg, old, progress=False)
+    assert legacy["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
+    assert not (old / "checkpoint.safetensors").exists() and (old / "checkpoints" / "step-0000012").is_dir()
 
 
 # ----------------------------------------------------------------------------- config and helpers

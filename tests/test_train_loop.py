@@ -21,7 +21,8 @@ from latentdit.train import (
     update_ema,
 )
 from latentdit.train_config import OptimConfig
-from latentdit.train_state import StepCounters, TrainState
+from latentdit.train_log import StepCounters
+from latentdit.train_state import TrainState
 
 
 class _Acc:
