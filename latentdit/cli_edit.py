@@ -130,7 +130,8 @@ def _invert_args(p: argparse.ArgumentParser) -> None:
 
 @command("invert", "invert an image to noise (DDIM, reversed grid); optionally reconstruct it")(_invert_args)
 def run_invert(args: argparse.Namespace) -> int:
-    from .edit import invert, load_image, psnr, reconstruct
+    from .edit import invert, load_image, reconstruct
+    from .pixels import psnr
 
     image = load_image(args.image)
     if not 0.0 < args.t_stop <= 1.0:
@@ -148,12 +149,12 @@ def run_invert(args: argparse.Namespace) -> int:
     if args.reconstruct:
         rec = reconstruct(pipe, inv, dtype=autocast_dtype(args.fp32), output_type="tensor")
         save_images(_to_pil(rec), args.reconstruct)
-        print(f"reconstruction PSNR {psnr(rec, image):.2f} dB")
+        print(f"reconstruction PSNR {float(psnr(rec, image)):.2f} dB")
     return 0
 
 
 def _to_pil(images):
-    from .vae import to_pil
+    from .pixels import to_pil
 
     return to_pil(images)
 
@@ -176,8 +177,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
 @command("edit", "edit an image by inversion under one prompt and sampling with another")(_edit_args)
 def run_edit(args: argparse.Namespace) -> int:
     from .edit import edit_image, edit_mask, load_image, load_mask
+    from .pixels import to_pil
     from .plan import check_strength
-    from .vae import to_pil
 
     if check_strength(args.strength) == 0.0:
         raise ValueError("editing needs --strength > 0")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
+from .pixels import fit_image, from_pil
 from .shards import (
     FORMAT,
     MANIFEST,
@@ -54,7 +55,7 @@ from .sources import (
     shapes_source,
 )
 from .text import TextEmbeddings, TextEncoder
-from .vae import Autoencoder, from_pil, quantize_latents
+from .vae import Autoencoder, quantize_latents
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -393,22 +394,6 @@ def _labels(samples: list[Sample], info: dict) -> torch.Tensor:
                          "with labels (class sub-folders, .cls files, a label column)")
     info["num_classes"] = max(info["num_classes"], max(ids) + 1)
     return torch.tensor(ids, dtype=torch.int64)
-
-
-def fit_image(image: Image.Image, size: int | None, resample: int | None = None) -> Image.Image:
-    """RGB, the short side resized to `size`, then a centred square crop (no distortion, no flips).
-    `resample`: a PIL filter, Lanczos by default."""
-    from PIL import Image as PILImage
-
-    image = image.convert("RGB")
-    if size is None or image.size == (size, size):
-        return image
-    w, h = image.size
-    scale = size / min(w, h)
-    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((rw, rh), PILImage.Resampling.LANCZOS if resample is None else resample)
-    left, top = (rw - size) // 2, (rh - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _same_size(images: list[Image.Image]) -> list[Image.Image]:

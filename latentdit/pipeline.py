@@ -29,6 +29,7 @@ from .device import resolve_device
 from .inpainting import is_inpainting, masked_condition
 from .lora import load_adapter, remove_lora
 from .model import Denoiser
+from .pixels import to_pil
 from .plan import (
     OutputType,
     SamplingPlan,
@@ -43,7 +44,7 @@ from .plan import (
 from .samplers import Denoise, OnStep, get_sampler, time_grid
 from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
-from .vae import Autoencoder, load_autoencoder, to_pil
+from .vae import Autoencoder, load_autoencoder
 
 
 @dataclass

@@ -43,6 +43,7 @@ from torch import Tensor
 from .checkpoint import atomic_write_bytes
 from .config import from_dict, to_dict
 from .lines import first_line
+from .pixels import fit_image, from_pil, psnr, to_pil
 from .train_config import AEConfig, ae_preset
 from .train_log import MetricsLog, TrainingDiverged
 from .train_state import (
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 _LEGACY = "checkpoint.safetensors"  # the single-file checkpoint of earlier versions
 _KEEP = 2  # checkpoints kept: the newest, and one to fall back on
 EXPORT_DIR = "autoencoder"
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Posterior log-variance at initialisation. diffusers starts it near 0 (std ~1) while the encoder's
 # means have std ~0.3, so the sampled latents are mostly noise and the decoder first learns to ignore
 # them: a plateau at a grey image for hundreds of steps. Starting nearly deterministic (std ~0.02)
@@ -151,15 +151,9 @@ def _folder_source(cfg: AEConfig) -> ImageSource:
 def _folder_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
-    try:
-        from .sources import folder_source
+    from .sources import folder_source
 
-        return [entry[0] for entry in folder_source(root).entries]
-    except (ImportError, AttributeError):  # data.py without folder sources: plain listing
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"{root} holds no {'/'.join(_IMAGE_EXTENSIONS)} images") from None
-        return files
+    return [entry[0] for entry in folder_source(root).entries]
 
 
 def _load_square(path: Path, size: int) -> Image.Image:
@@ -167,26 +161,13 @@ def _load_square(path: Path, size: int) -> Image.Image:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
-
-
-def to_tensor(images: list[Image.Image]) -> Tensor:
-    """PIL RGB images -> (N, 3, H, W) float32 in [-1, 1]."""
-    import numpy as np
-
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return fit_image(im, size)
 
 
 def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
     """Batch `step`: samples step * batch_size + row, so resuming needs no loader state."""
     start = step * batch_size
-    return to_tensor([source.image(start + row) for row in range(batch_size)])
+    return from_pil([source.image(start + row) for row in range(batch_size)])
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -249,15 +230,6 @@ def train_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, cfg:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-image PSNR in dB, 10 log10(range^2 / MSE); images in [-1, 1] have range 2."""
-    if x.shape != y.shape or x.dim() < 2:
-        raise ValueError(f"psnr needs two batches (N, ...) of one shape, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
-    mse = (x.float() - y.float()).square().flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
-
-
 @torch.no_grad()
 def reconstruct(vae: torch.nn.Module, x: Tensor) -> Tensor:
     """Posterior mode -> decoder, in float32, clamped to [-1, 1] (what latentdit.vae returns)."""
@@ -287,7 +259,6 @@ def reconstruction_grid(originals: Tensor, recons: Tensor, cols: int = 8) -> Ima
     """Rows of `cols` originals, each above its reconstructions."""
     from PIL import Image
 
-    from .vae import to_pil
 
     n, h, w = originals.shape[0], originals.shape[-2], originals.shape[-1]
     cols = min(cols, n)
@@ -439,7 +410,7 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     found = load_checkpoint(out, vae, opt, config) if resume else None
     step, seconds = found or (0, 0.0)
-    heldout = to_tensor(source.heldout).to(device)
+    heldout = from_pil(source.heldout).to(device)
     first, last = step, min(config.steps, step + stop_after) if stop_after is not None else config.steps
     log, evals, t0, cpu0 = _Log(out, config, step, progress), [], time.perf_counter(), time.process_time()
     while step < last:
@@ -484,5 +455,5 @@ def _finish(out: Path, vae: torch.nn.Module, source: ImageSource, heldout: Tenso
     return metrics
 
 
-__all__ = ["AEConfig", "ae_preset", "train_autoencoder", "build_autoencoder", "psnr",
+__all__ = ["AEConfig", "ae_preset", "train_autoencoder", "build_autoencoder",
            "learning_rate", "norm_groups", "export_autoencoder"]

@@ -17,16 +17,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .config import parse_dtype
 from .lines import first_line
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 AutoencoderKind = Literal["kl", "identity"]
 AUTOENCODER_KINDS: tuple[str, ...] = ("kl", "identity")
@@ -370,36 +367,3 @@ def dequantize_latents(q: torch.Tensor, scale: float) -> torch.Tensor:
     if q.dtype != torch.uint8:
         raise ValueError(f"dequantize_latents takes uint8 codes, got {q.dtype}")
     return (q.float() - 128) * scale
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1] -> RGB PIL images (values outside the range are clipped)."""
-    from PIL import Image
-
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"to_pil takes images (N, 3, H, W), got {shape}")
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-    return [Image.fromarray(a) for a in array]
-
-
-def from_pil(images: list[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL images -> (N, 3, H, W) float32 in [-1, 1]; size is (width, height), PIL's order.
-
-    Without `size` all images must already share one size (no silent resizing).
-    """
-    from PIL import Image
-
-    if len(images) == 0:
-        raise ValueError("from_pil got an empty list")
-    rgb = [im.convert("RGB") for im in images]
-    if size is not None:
-        rgb = [
-            im if im.size == tuple(size) else im.resize(tuple(size), Image.Resampling.LANCZOS) for im in rgb
-        ]
-    sizes = sorted({im.size for im in rgb})
-    if len(sizes) > 1:
-        raise ValueError(f"from_pil got images of different sizes {sizes}; pass size=(width, height)")
-    array = np.stack([np.asarray(im, dtype=np.uint8) for im in rgb])  # (N, H, W, 3)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1

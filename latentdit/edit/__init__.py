@@ -14,12 +14,12 @@ function takes the pipeline first and an image as a PIL image, a file, an array 
 from .animate import interpolate, mix_conditions, slerp
 from .guidance import color_loss, loss_guided, sample_guided
 from .images import check_animation_path, load_image, load_mask, save_animation
-from .inversion import Inversion, edit_image, edit_mask, invert, psnr, reconstruct
+from .inversion import Inversion, edit_image, edit_mask, invert, reconstruct
 from .repaint import extend_canvas, img2img, inpaint, latent_mask, outpaint, pan, reimpose
 
 __all__ = [
     "Inversion", "check_animation_path", "color_loss", "edit_image", "edit_mask",
     "extend_canvas", "img2img", "inpaint", "interpolate", "invert", "latent_mask", "load_image", "load_mask",
-    "loss_guided", "mix_conditions", "outpaint", "pan", "psnr", "reconstruct", "reimpose",
+    "loss_guided", "mix_conditions", "outpaint", "pan", "reconstruct", "reimpose",
     "sample_guided", "save_animation", "slerp",
 ]

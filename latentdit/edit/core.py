@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..pipeline import Text2Image
+from ..pixels import to_pil
 from ..plan import OutputType, check_output_type
-from ..vae import to_pil
 
 # Edits start from a given image at t = strength and guide on every step they run; the sampling
 # config's guidance interval is tuned for sampling from pure noise.

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-from ..vae import from_pil
+from ..pixels import from_pil
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | Tensor
 

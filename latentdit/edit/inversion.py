@@ -102,12 +102,6 @@ def reconstruct(pipe: Text2Image, inversion: Inversion, *, dtype: torch.dtype | 
     return pipe.decode(pipe.sample(inversion.latents.to(pipe.device), denoise, plan, progress=progress), output_type)
 
 
-def psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB between two images in [-1, 1], on the 0..255 scale (how reconstructions are scored)."""
-    mse = torch.mean(((a.detach().float().cpu() - b.detach().float().cpu()) * 127.5) ** 2)
-    return float(10 * torch.log10(255.0**2 / mse.clamp(min=1e-12)))
-
-
 @torch.no_grad()
 def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
               threshold: float = 0.5, t: float = 0.5, samples: int = 8, seed: int = 0,

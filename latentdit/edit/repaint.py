@@ -17,9 +17,9 @@ from torch import Tensor
 
 from ..inpainting import is_inpainting, masked_condition
 from ..pipeline import Text2Image
+from ..pixels import to_pil
 from ..plan import OutputType, check_output_type, check_strength, seed_list
 from ..samplers import OnStep
-from ..vae import to_pil
 from .core import EVERY_STEP, decode_pasted
 from .images import ImageInput, load_image, load_mask
 

@@ -95,7 +95,7 @@ def score_references(items: Sequence[dict[str, Any]], pipe=None, *, size: int | 
     latents, which no model on that autoencoder can beat. The report's ``reference`` says which.
     ``size`` defaults to the model's native image side (64 without ``pipe``)."""
     from ..datasets.shapes import render_scene
-    from ..vae import from_pil, to_pil
+    from ..pixels import from_pil, to_pil
 
     _check_items(items)
     t0 = time.perf_counter()

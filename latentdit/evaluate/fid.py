@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data import fit_image
+from ..pixels import fit_image
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) float in [0, 1] -> (N, D)
 INCEPTION_FILE = "default_1.pt"
@@ -181,8 +181,9 @@ def _folder_images(root: Path) -> Iterator[Image.Image]:
 
 
 def _shard_images(root: Path) -> Iterator[Image.Image]:
+    from ..pixels import to_pil
     from ..shards import ShardReader
-    from ..vae import load_autoencoder, to_pil
+    from ..vae import load_autoencoder
 
     reader = ShardReader(root)
     desc = reader.manifest["autoencoder"]
