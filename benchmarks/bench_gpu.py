@@ -46,14 +46,9 @@ from latentdit.config import SamplingConfig, model_preset  # noqa: E402
 from latentdit.device import resolve_device, synchronize  # noqa: E402
 from latentdit.model import Denoiser  # noqa: E402
 from latentdit.schedules import NoisePath  # noqa: E402
-from latentdit.train import (  # noqa: E402
-    TrainConfig,
-    compile_denoiser,
-    make_optimizer,
-    to_device,
-    train_step,
-    update_ema,
-)
+from latentdit.train import make_optimizer, train_step, update_ema  # noqa: E402
+from latentdit.train_config import TrainConfig  # noqa: E402
+from latentdit.train_state import compile_denoiser, to_device  # noqa: E402
 
 BF16 = torch.bfloat16
 

@@ -35,8 +35,8 @@ from latentdit.config import model_preset
 from latentdit.model import Denoiser
 from latentdit.schedules import NoisePath
 from latentdit.shards import Batch
-from latentdit.train import TrainConfig, make_optimizer, train_step, update_ema
-from latentdit.train_config import make_config, recipe_dict
+from latentdit.train import make_optimizer, train_step, update_ema
+from latentdit.train_config import TrainConfig, make_config, recipe_dict
 
 
 class _SingleProcess:

@@ -164,7 +164,8 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
 
 @command("preprocess", "encode images and captions once into training shards")(_preprocess_args)
 def run_preprocess(args: argparse.Namespace) -> int:
-    from .data import open_source, preprocess
+    from .data import preprocess
+    from .sources import open_source
     from .text import load_text_encoder
     from .vae import load_autoencoder
 
@@ -278,7 +279,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     from .config import upgrade_stored_model
     from .shards import ShardReader
-    from .train import export, make_config
+    from .train import export
+    from .train_config import make_config
     from .train_state import find_checkpoint, newest_good, read_info, read_tensors
 
     def read(folder: Path) -> tuple[dict, dict]:

@@ -12,7 +12,7 @@ every step; PixArt-alpha and SD3 precompute both (Chen et al. 2023, arXiv:2310.0
 
 Every file is written to a temp file and renamed, and the manifest is rewritten after each shard,
 so an interrupted `preprocess` resumes after the last complete shard. The sources live in
-`sources.py`, the reader (`ShardReader`, `Batch`) in `shards.py`; both are re-exported here.
+`sources.py`, the reader (`ShardReader`, `Batch`) in `shards.py`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ from .shards import (
     MANIFEST,
     NULL_FILE,
     VERSION,
-    Batch,
-    ShardReader,
     crc,
     jsonable,
     read_manifest,
@@ -45,24 +43,14 @@ from .shards import (
     sidecar_name,
     sidecar_ok,
 )
-from .sources import (
-    IMAGE_EXTENSIONS,
-    FolderSource,
-    Sample,
-    ShapesSource,
-    folder_source,
-    open_source,
-    shapes_source,
-)
+from .sources import Sample
 from .text import TextEmbeddings, TextEncoder
 from .vae import Autoencoder, quantize_latents
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["FORMAT", "IMAGE_EXTENSIONS", "MANIFEST", "NULL_FILE", "VERSION", "Batch", "CaptionCache",
-           "FolderSource", "Sample", "ShapesSource", "ShardReader", "fit_length", "folder_source",
-           "open_source", "preprocess", "shapes_source"]
+__all__ = ["CaptionCache", "fit_length", "preprocess"]
 LatentFormat = Literal["fp16", "uint8"]
 
 

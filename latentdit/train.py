@@ -23,15 +23,7 @@ from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
 from .shards import Batch, ShardReader
-from .train_config import (  # noqa: F401 (re-exported: latentdit.train is where users look)
-    DEFAULT_PREVIEW_PROMPTS,
-    OBJECTIVES,
-    RECIPES,
-    OptimConfig,
-    TrainConfig,
-    make_config,
-    recipe_dict,
-)
+from .train_config import TrainConfig
 from .train_log import Logger, StepCounters
 from .train_state import (
     TrainState,

@@ -6,8 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data import ShardReader, open_source, preprocess
-from latentdit.train import diffusion_loss, make_config, recipe_dict, train
+from latentdit.data import preprocess
+from latentdit.shards import ShardReader
+from latentdit.sources import open_source
+from latentdit.train import diffusion_loss, train
+from latentdit.train_config import make_config, recipe_dict
 from latentdit.vae import load_autoencoder
 
 SIZE = 16
@@ -68,7 +71,7 @@ def test_class_dropout_feeds_the_null_class(class_shards, tmp_path):
 
 
 def test_a_class_model_refuses_shards_without_labels(tmp_path):
-    from latentdit.data import shapes_source
+    from latentdit.sources import shapes_source
 
     preprocess(shapes_source(4, size=SIZE), tmp_path / "s", autoencoder=load_autoencoder("identity"),
                text_encoder=_NoText(), progress=False)

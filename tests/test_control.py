@@ -186,7 +186,8 @@ def test_one_map_per_image(trained):
 # -------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def control_shards(tmp_path_factory):
-    from latentdit.data import preprocess, shapes_source
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
     from latentdit.text import load_text_encoder
     from latentdit.vae import load_autoencoder
 
@@ -198,7 +199,7 @@ def control_shards(tmp_path_factory):
 
 
 def _train_config(shards, out, **over):
-    from latentdit.train import make_config, recipe_dict
+    from latentdit.train_config import make_config, recipe_dict
 
     base = recipe_dict("tiny")
     base["model"].update(in_channels=3, text_dim=384, pooled_dim=384, max_text_len=24, base_size=SIZE, patch_size=4)
@@ -208,8 +209,8 @@ def _train_config(shards, out, **over):
 
 
 def test_shards_store_the_map_of_every_image(control_shards):
-    from latentdit.data import shapes_source
     from latentdit.shards import ShardReader
+    from latentdit.sources import shapes_source
 
     reader = ShardReader(control_shards)
     assert reader.control == "silhouette"
@@ -221,7 +222,8 @@ def test_shards_store_the_map_of_every_image(control_shards):
 
 
 def test_preprocess_refuses_to_mix_maps_into_shards_without_them(control_shards, tmp_path):
-    from latentdit.data import preprocess, shapes_source
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
     from latentdit.text import load_text_encoder
     from latentdit.vae import load_autoencoder
 
@@ -251,7 +253,8 @@ def test_control_variant_fine_tunes_from_the_base_and_learns_the_map_weights(con
 
 
 def test_training_a_control_model_on_shards_without_maps_is_refused(tmp_path):
-    from latentdit.data import preprocess, shapes_source
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
     from latentdit.text import load_text_encoder
     from latentdit.train import train
     from latentdit.vae import load_autoencoder

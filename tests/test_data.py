@@ -7,16 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data import (
-    Batch,
-    Sample,
-    ShardReader,
-    fit_length,
-    folder_source,
-    preprocess,
-    shapes_source,
-)
+from latentdit.data import fit_length, preprocess
 from latentdit.pixels import from_pil
+from latentdit.shards import Batch, ShardReader
+from latentdit.sources import Sample, folder_source, shapes_source
 from latentdit.text import HFTextEncoder, load_text_encoder
 from latentdit.vae import KLAutoencoder, load_autoencoder
 

@@ -281,9 +281,11 @@ def test_full_disk_while_writing_shapes_is_one_line(tmp_path):
 def run_dir(tmp_path_factory) -> Path:
     """A 4-step run with checkpoints at steps 2 and 4, and its --config file."""
     from latentdit.config import to_dict
-    from latentdit.data import preprocess, shapes_source
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
     from latentdit.text import load_text_encoder
-    from latentdit.train import make_config, recipe_dict, train
+    from latentdit.train import train
+    from latentdit.train_config import make_config, recipe_dict
     from latentdit.vae import load_autoencoder
 
     root = tmp_path_factory.mktemp("faultrun")

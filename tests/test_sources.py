@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data import ShardReader, open_source, preprocess
+from latentdit.data import preprocess
 from latentdit.datasets.archives import expand_braces, expand_paths
-from latentdit.sources import Skip, decode_caption, decode_image, decode_label
+from latentdit.shards import ShardReader
+from latentdit.sources import Skip, decode_caption, decode_image, decode_label, open_source
 from latentdit.vae import load_autoencoder
 
 

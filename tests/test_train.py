@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from latentdit.config import to_dict
-from latentdit.train import TrainConfig, make_config, recipe_dict, train
+from latentdit.train import train
+from latentdit.train_config import TrainConfig, make_config, recipe_dict
 
 SIZE = 16  # shapes canvas; identity autoencoder -> 3x16x16 latents
 
@@ -27,7 +28,8 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, minilm):
-    from latentdit.data import preprocess, shapes_source
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
     from latentdit.vae import load_autoencoder
 
     out = tmp_path_factory.mktemp("shards")
@@ -173,7 +175,7 @@ def test_wrong_text_width_is_a_clear_error(shards, tmp_path):
 
 
 def test_objectives_train(shards, tmp_path):
-    from latentdit.train import OBJECTIVES
+    from latentdit.train_config import OBJECTIVES
 
     for objective in ("tld", "dit"):
         diffusion, model_fields = OBJECTIVES[objective]

@@ -11,18 +11,10 @@ from latentdit.config import model_preset
 from latentdit.model import Denoiser
 from latentdit.schedules import NoisePath
 from latentdit.shards import Batch
-from latentdit.train import (
-    TrainConfig,
-    compile_denoiser,
-    learning_rate,
-    make_optimizer,
-    to_device,
-    train_step,
-    update_ema,
-)
-from latentdit.train_config import OptimConfig
+from latentdit.train import learning_rate, make_optimizer, train_step, update_ema
+from latentdit.train_config import OptimConfig, TrainConfig
 from latentdit.train_log import StepCounters
-from latentdit.train_state import TrainState
+from latentdit.train_state import TrainState, compile_denoiser, to_device
 
 
 class _Acc:
@@ -166,7 +158,7 @@ def test_sharded_parallelism_is_refused_in_one_line():
 
     from accelerate.utils import DistributedType
 
-    from latentdit.train import check_parallelism
+    from latentdit.train_state import check_parallelism
 
     check_parallelism(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
     check_parallelism(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
