@@ -5,15 +5,14 @@ import json
 import pytest
 import torch
 
+from latentdit.pixels import from_pil, to_pil
 from latentdit.vae import (
     AutoencoderNotAvailable,
     IdentityAutoencoder,
     KLAutoencoder,
     dequantize_latents,
-    from_pil,
     load_autoencoder,
     quantize_latents,
-    to_pil,
 )
 
 diffusers = pytest.importorskip("diffusers")
