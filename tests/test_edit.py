@@ -105,10 +105,10 @@ def test_img2img_rejects_sizes_the_model_cannot_take(tiny):
 def test_low_strength_keeps_the_input_high_strength_follows_the_prompt(shapes):
     src = _red_circle(0)
     # Where the packaged model stops keeping the circle: docs/editing.md, measured section (run with -s).
-    low = edit.img2img(shapes, src, "a blue circle in the center", strength=0.2, output_type="tensor")
+    low = edit.img2img(shapes, src, "a blue circle in the center", strength=0.15, output_type="tensor")
     high = edit.img2img(shapes, src, "a blue circle in the center", strength=1.0, output_type="tensor")
     x = edit.load_image(src)
-    print(f"\nimg2img PSNR to the input: strength 0.2 {_psnr(low, x):.1f} dB, 1.0 {_psnr(high, x):.1f} dB")
+    print(f"\nimg2img PSNR to the input: strength 0.15 {_psnr(low, x):.1f} dB, 1.0 {_psnr(high, x):.1f} dB")
     assert _psnr(low, x) > 20 and _psnr(low, x) > _psnr(high, x) + 5
     kept = _largest(to_pil(low)[0])
     assert (kept["color"], kept["cell"]) == ("red", "center")

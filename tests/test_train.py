@@ -341,22 +341,27 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     for evaluation, each stage reports its time, and a second run resumes instead of redoing."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "64", "AE_STEPS": "2",
-           "STEPS": "2", "N2": "48", "CYCLE2_STEPS": "2", "EVAL_N": "2", "DEST": str(tmp_path / "model"),
+           "STEPS": "2", "N2": "48", "CYCLE2_STEPS": "2", "N3": "40", "CYCLE3_STEPS": "2", "EVAL_N": "2",
+           "DEST": str(tmp_path / "model"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
     assert stages == [f"[recipe] {s}" for s in ("autoencoder", "preprocess", "denoiser", "export", "preprocess2",
-                                                "cycle2", "export2", "eval")]
+                                                "cycle2", "export2", "preprocess3", "cycle3", "export3", "eval")]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["prompts"] == 2 and report["samples_per_prompt"] == 4
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
     assert trained["diffusion"]["time_density"] == "0.9*logit-normal(0, 1) + 0.1*uniform"
     assert trained["sampling"]["guidance_interval"] == [0.3, 0.9]
-    # The packaged model is the second cycle's: trained on the second shards, from the first's export.
-    assert trained["extra"]["train"]["data"].endswith("shards2")
-    assert (tmp_path / "run" / "cycle1" / "config.json").exists()
+    # The packaged model is the third cycle's: trained on the third shards (fresh scenes, seed 1),
+    # from the second's export, which came from the first's.
+    assert trained["extra"]["train"]["data"].endswith("shards3")
+    assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
+    captions = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards3" / "shard-00000.jsonl").open()]
+    first = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards2" / "shard-00000.jsonl").open()]
+    assert len(captions) == 40 and captions[:40] != first[:40]
     weights = (tmp_path / "run" / "train" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
