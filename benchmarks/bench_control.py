@@ -31,7 +31,8 @@ from latentdit.control import control_map, silhouette
 from latentdit.datasets.shapes import prompt_set, render_scene
 from latentdit.evaluate import score
 from latentdit.evaluate.checker import _as_rgb, _background, _object_masks
-from latentdit.pipeline import Text2Image, image_grid
+from latentdit.pipeline import Text2Image
+from latentdit.pixels import image_grid
 
 SIZE = 64
 

@@ -160,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _generate_classes(args: argparse.Namespace) -> int:
     from .checkpoint import load_config, resolve
-    from .pipeline import image_grid
+    from .pixels import image_grid
 
     if args.prompt or args.from_file:
         raise ValueError("give a prompt, --from-file or --class, not several")

@@ -358,16 +358,6 @@ def check_finite_sample(x: Tensor, where: str) -> None:
                                  "weights may be damaged, or try --fp32")
 
 
-def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
-    """Paste equally sized images into rows of ``cols``."""
-    w, h = images[0].size
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def _load_ae(config: CheckpointConfig, directory: Path, device) -> Autoencoder:
     desc = component_path(directory, config.autoencoder) or {"kind": "identity"}
     return load_autoencoder(**desc, device=device)  # recorded channels/downsample are checked

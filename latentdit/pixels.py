@@ -1,8 +1,10 @@
-"""Pixels: PIL images <-> (N, 3, H, W) tensors in [-1, 1], resize-and-crop to a square, and PSNR.
+"""Pixels: PIL images <-> (N, 3, H, W) tensors in [-1, 1], resize-and-crop to a square, PSNR and
+image grids.
 Every module that turns pictures into tensors or back uses these."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,3 +71,15 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
                          f"and {tuple(y.shape)}")
     mse = (x.detach().float() - y.detach().float().to(x.device)).square().flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    """Paste equally sized images into rows of ``cols``."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,4 +1,5 @@
-"""Image sources for ``preprocess``: captioned folders, class folders, the procedural shapes data,
+"""Image sources for ``preprocess`` and the autoencoder trainer: captioned folders, class folders,
+the procedural shapes data,
 and (in ``datasets/archives.py``) webdataset tars, img2dataset output and Hugging Face datasets.
 
 A source is any iterable of ``Sample``. Bad inputs are skipped and counted by kind (``skips``),
@@ -12,14 +13,21 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from .lines import read_jsonl
+from .pixels import fit_image, from_pil
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .train_config import AEConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_SIDE = 8  # images smaller than this on either side carry no usable content
@@ -284,6 +292,71 @@ def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0
                   scene_weights: tuple[float, ...] | None = None) -> ShapesSource:
     """`scene_weights`: relative frequencies of the single / relation / count scenes (default equal)."""
     return ShapesSource(n, size, split, seed, scene_weights)
+
+
+# ----------------------------------------------------------------------------- autoencoder training images
+
+
+class ImageSource:
+    """Training images by index (any index >= 0) and a fixed held-out evaluation batch."""
+
+    def __init__(self, train: Callable[[int], Image.Image], length: int | None,
+                 heldout: list[Image.Image]) -> None:
+        self._train, self.length, self.heldout = train, length, heldout
+
+    def image(self, index: int) -> Image.Image:
+        return self._train(index if self.length is None else index % self.length)
+
+
+def make_source(cfg: AEConfig) -> ImageSource:
+    if cfg.data == "shapes":
+        return _shapes_source(cfg)
+    return _folder_source(cfg)
+
+
+def _shapes_source(cfg: AEConfig) -> ImageSource:
+    from .datasets.shapes import ShapesDataset
+
+    train = ShapesDataset(size=cfg.image_size, split="train", seed=cfg.seed)
+    held = ShapesDataset(size=cfg.image_size, split="heldout", seed=cfg.seed)
+    return ImageSource(lambda i: train[i].image, None, [held[i].image for i in range(cfg.eval_images)])
+
+
+def _folder_source(cfg: AEConfig) -> ImageSource:
+    """An image folder (captions are not needed): the last images are held out."""
+    files = _folder_images(Path(cfg.data))
+    held = min(cfg.eval_images, max(1, len(files) // 10))
+    if len(files) < 2:
+        raise ValueError(f"image folder {cfg.data!r} needs at least 2 images (train + held out), "
+                         f"found {len(files)}")
+    cache: dict[int, Image.Image] = {}
+
+    def train(i: int) -> Image.Image:
+        if i not in cache:
+            cache[i] = _load_square(files[i], cfg.image_size)
+        return cache[i]
+
+    return ImageSource(train, len(files) - held, [_load_square(f, cfg.image_size) for f in files[-held:]])
+
+
+def _folder_images(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
+    return [entry[0] for entry in folder_source(root).entries]
+
+
+def _load_square(path: Path, size: int) -> Image.Image:
+    """Resize the short side to `size` and centre-crop (no flips: they break left/right)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return fit_image(im, size)
+
+
+def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
+    """Batch `step`: samples step * batch_size + row, so resuming needs no loader state."""
+    start = step * batch_size
+    return from_pil([source.image(start + row) for row in range(batch_size)])
 
 
 # ----------------------------------------------------------------------------- dispatch

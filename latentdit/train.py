@@ -315,7 +315,8 @@ def ema_model(cfg: TrainConfig, ema: dict[str, Tensor]) -> Denoiser:
 def write_preview(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: Path) -> Path:
     """A grid from fixed prompts and seeds with the EMA weights: the same picture every time, so
     previews across steps are comparable."""
-    from .pipeline import Text2Image, image_grid
+    from .pipeline import Text2Image
+    from .pixels import image_grid
     from .vae import load_autoencoder
 
     text = cfg.model.is_text

@@ -33,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +42,8 @@ from torch import Tensor
 from .checkpoint import atomic_write_bytes
 from .config import from_dict, to_dict
 from .lines import first_line
-from .pixels import fit_image, from_pil, psnr, to_pil
+from .pixels import from_pil, psnr, to_pil
+from .sources import ImageSource, make_source, train_batch
 from .train_config import AEConfig, ae_preset
 from .train_log import MetricsLog, TrainingDiverged
 from .train_state import (
@@ -101,73 +101,6 @@ def build_autoencoder(cfg: AEConfig) -> torch.nn.Module:
     with torch.no_grad():  # see _INIT_LOGVAR
         vae.quant_conv.bias[cfg.latent_channels:] = _INIT_LOGVAR
     return vae
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class ImageSource:
-    """Training images by index (any index >= 0) and a fixed held-out evaluation batch."""
-
-    def __init__(self, train: Callable[[int], Image.Image], length: int | None,
-                 heldout: list[Image.Image]) -> None:
-        self._train, self.length, self.heldout = train, length, heldout
-
-    def image(self, index: int) -> Image.Image:
-        return self._train(index if self.length is None else index % self.length)
-
-
-def make_source(cfg: AEConfig) -> ImageSource:
-    if cfg.data == "shapes":
-        return _shapes_source(cfg)
-    return _folder_source(cfg)
-
-
-def _shapes_source(cfg: AEConfig) -> ImageSource:
-    from .datasets.shapes import ShapesDataset
-
-    train = ShapesDataset(size=cfg.image_size, split="train", seed=cfg.seed)
-    held = ShapesDataset(size=cfg.image_size, split="heldout", seed=cfg.seed)
-    return ImageSource(lambda i: train[i].image, None, [held[i].image for i in range(cfg.eval_images)])
-
-
-def _folder_source(cfg: AEConfig) -> ImageSource:
-    """An image folder (captions are not needed): the last images are held out."""
-    files = _folder_images(Path(cfg.data))
-    held = min(cfg.eval_images, max(1, len(files) // 10))
-    if len(files) < 2:
-        raise ValueError(f"image folder {cfg.data!r} needs at least 2 images (train + held out), "
-                         f"found {len(files)}")
-    cache: dict[int, Image.Image] = {}
-
-    def train(i: int) -> Image.Image:
-        if i not in cache:
-            cache[i] = _load_square(files[i], cfg.image_size)
-        return cache[i]
-
-    return ImageSource(train, len(files) - held, [_load_square(f, cfg.image_size) for f in files[-held:]])
-
-
-def _folder_images(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
-    from .sources import folder_source
-
-    return [entry[0] for entry in folder_source(root).entries]
-
-
-def _load_square(path: Path, size: int) -> Image.Image:
-    """Resize the short side to `size` and centre-crop (no flips: they break left/right)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return fit_image(im, size)
-
-
-def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
-    """Batch `step`: samples step * batch_size + row, so resuming needs no loader state."""
-    start = step * batch_size
-    return from_pil([source.image(start + row) for row in range(batch_size)])
 
 
 # ----------------------------------------------------------------------------- loss and step

@@ -21,7 +21,8 @@ from pathlib import Path
 from PIL import Image
 
 from latentdit.evaluate.novel import hit_rates
-from latentdit.pipeline import Text2Image, image_grid
+from latentdit.pipeline import Text2Image
+from latentdit.pixels import image_grid
 from latentdit.plan import prompt_seeds
 
 # (template, colour, cell): no instance image of recipes/concept_images.py has these colour-cell pairs.

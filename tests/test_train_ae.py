@@ -13,13 +13,12 @@ pytest.importorskip("diffusers")
 
 from latentdit.config import from_dict, to_dict  # noqa: E402
 from latentdit.pixels import psnr  # noqa: E402
+from latentdit.sources import make_source, train_batch  # noqa: E402
 from latentdit.train_ae import (  # noqa: E402
     AEConfig,
     learning_rate,
-    make_source,
     norm_groups,
     train_autoencoder,
-    train_batch,
 )
 
 TINY = dict(image_size=32, block_out_channels=(8, 16, 32), batch_size=4, warmup_steps=5, lr=2e-3,

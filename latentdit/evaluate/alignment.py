@@ -171,7 +171,7 @@ def single_object_confusion(items: Sequence[dict[str, Any]], reads: Sequence[dic
 
 
 def _write(out: Path, report: dict, rows: list[dict], images: list, samples: int) -> None:
-    from ..pipeline import image_grid
+    from ..pixels import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**report, "rows": rows}, indent=1))
