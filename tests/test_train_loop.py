@@ -202,3 +202,14 @@ def test_learning_rate_warms_up_linearly_in_the_step():
     for step in (0, 4, 9):
         _step(model, opt, cfg, _batch(), sync_free=False, step=step)
     assert opt.lrs == pytest.approx([1e-4, 5e-4, 1e-3])
+
+
+def test_ema_decay_warms_up_as_its_formula_then_holds():
+    """min(decay, (1 + n) / (10 + n)) with warm-up (0.1 at step 0, 0.5 at step 8), the plain decay
+    without it."""
+    from latentdit.train import ema_decay
+
+    warm = TrainConfig(ema_decay=0.999, ema_warmup=True)
+    assert [ema_decay(n, warm) for n in (0, 8, 90)] == pytest.approx([0.1, 0.5, 0.91])
+    assert ema_decay(10**6, warm) == 0.999
+    assert ema_decay(0, TrainConfig(ema_decay=0.999, ema_warmup=False)) == 0.999
