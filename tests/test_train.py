@@ -257,13 +257,14 @@ def test_two_process_data_parallel_training_agrees(shards, tmp_path):
         "from accelerate import PartialState\n"
         "from safetensors.torch import save_file\n"
         "import latentdit.train as T\n"
+        "from latentdit.train_config import make_config\n"
         "captured = {}\n"
         "original = T._finish\n"
         "def finish(cfg, acc, model, ema, reader, state, log):\n"
         "    captured.update({k: v.detach().clone() for k, v in T._unwrap(model).state_dict().items()})\n"
         "    return original(cfg, acc, model, ema, reader, state, log)\n"
         "T._finish = finish\n"
-        "cfg = T.make_config(json.load(open(sys.argv[1])))\n"
+        "cfg = make_config(json.load(open(sys.argv[1])))\n"
         "T.train(cfg, progress=False)\n"
         "save_file(captured, sys.argv[2] + f'/rank{PartialState().process_index}.safetensors')\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

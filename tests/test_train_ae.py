@@ -218,9 +218,10 @@ def test_autoencoder_and_denoiser_follow_one_schedule():
     """Both trainers take their learning rate from the toolkit's warmup_cosine: same settings,
     same rate at every step (warm-up, the middle of the cosine, the floor)."""
     from latentdit import train
+    from latentdit.train_config import OptimConfig, TrainConfig
 
     ae = AEConfig(steps=400, warmup_steps=40, lr=3e-4, min_lr_ratio=0.2)
-    den = train.TrainConfig(steps=400, optim=train.OptimConfig(lr=3e-4, warmup_steps=40, min_lr_ratio=0.2))
+    den = TrainConfig(steps=400, optim=OptimConfig(lr=3e-4, warmup_steps=40, min_lr_ratio=0.2))
     steps = (0, 20, 39, 40, 150, 220, 399, 400, 500)
     assert [learning_rate(s, ae) for s in steps] == [train.learning_rate(s, den) for s in steps]
     assert learning_rate(220, ae) == pytest.approx(3e-4 * (0.2 + 0.8 * 0.5))  # half-way: the mean
