@@ -36,6 +36,7 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     add_device_arg(p)
+    p.add_argument("--no-progress", action="store_true")
 
 
 @command("finetune-concept", "teach a model a new concept from 3-10 images (DreamBooth, LoRA)")(_concept_args)
@@ -52,7 +53,8 @@ def run_concept(args: argparse.Namespace) -> int:
                         prior_source=args.prior_source, lora=lora, lr=args.lr, seed=args.seed,
                         mixed_precision="no" if args.fp32 else "bf16", save_dtype=args.save_dtype)
     resolve_device_arg(args)
-    summary = finetune_concept(args.model, args.images, args.out, cfg, device=args.device)
+    summary = finetune_concept(args.model, args.images, args.out, cfg, device=args.device,
+                               progress=not args.no_progress)
     last = summary["history"][-1]
     print(json.dumps({"out": args.out, "images": len(summary["images"]), "skipped": summary["skipped"],
                       "instance_loss": last["instance_loss"], "prior_loss": last["prior_loss"],

@@ -212,8 +212,10 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     common = ["--model", str(tiny_model_dir), "--images", str(images), "--steps", "3", "--batch-size", "2",
               "--prior-images", "2", "--device", "cpu"]
-    assert main(["finetune-concept", *common, "--out", str(out), "--lora-rank", "2"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["finetune-concept", *common, "--out", str(out), "--lora-rank", "2", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "finetune-concept:" not in captured.err  # --no-progress: no bar
     assert f"--adapter {out}" in printed
     assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "concept.json"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "concept.json").read_text())
@@ -234,6 +236,7 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     full = tmp_path / "full"
     assert main(["finetune-concept", *common, "--out", str(full), "--full", "--prior-weight", "0",
                  "--save-dtype", "float16"]) == 0
+    assert "finetune-concept:" in capsys.readouterr().err  # the bar, shown by default
     assert (full / "config.json").exists() and (full / "vae").is_dir()
     from safetensors.torch import load_file
 
