@@ -369,3 +369,21 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step-0000003" not in os.listdir(tmp_path / "run" / "train" / "checkpoints")
     assert (tmp_path / "run" / "train" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_skipped_step_leaves_weights_and_ema_exactly_as_they_were(shards, tmp_path, monkeypatch, sync_free):
+    """The batch of step 3 is non-finite: checkpoint 3 holds the same weights and EMA as
+    checkpoint 2, in the host-checked loop and in the accelerator's sync-free one."""
+    import latentdit.train as T
+
+    monkeypatch.setattr(T, "_sync_free", lambda acc: sync_free)
+    _poison(monkeypatch, {2})
+    result = train(_config(shards, tmp_path, steps=4, mixed_precision="no", checkpoint_every=1,
+                           keep_checkpoints=10), progress=False)
+    assert result["skipped_steps"] == 1
+    root = tmp_path / "checkpoints"
+    for name in ("model", "ema"):
+        before, after, later = (load_file(root / f"step-000000{k}" / f"{name}.safetensors") for k in (2, 3, 4))
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+        assert not all(torch.equal(after[k], later[k]) for k in after), name  # step 4 trained again
