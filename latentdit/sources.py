@@ -1,6 +1,6 @@
 """Image sources for ``preprocess`` and the autoencoder trainer: captioned folders, class folders,
-the procedural shapes data,
-and (in ``datasets/archives.py``) webdataset tars, img2dataset output and Hugging Face datasets.
+the procedural shapes data, and (in ``datasets/archives.py``) webdataset tars, img2dataset
+output and Hugging Face datasets.
 
 A source is any iterable of ``Sample``. Bad inputs are skipped and counted by kind (``skips``),
 never fatal; ``problems`` names the first few. Odd but valid images (CMYK, palette + alpha, 16-bit,

@@ -214,7 +214,8 @@ def save_checkpoint(out: Path, vae: torch.nn.Module, opt: torch.optim.Optimizer,
     info = {"step": step, "seconds": seconds, "optimizer": meta, "config": to_dict(cfg)}
     folder = write_checkpoint(out, step, {"model": vae.state_dict(), "optimizer": optim}, info)
     prune_checkpoints(out, _KEEP)
-    (out / _LEGACY).unlink(missing_ok=True)
+    for legacy in (_LEGACY, "checkpoint.json"):  # an earlier version's checkpoint, now superseded
+        (out / legacy).unlink(missing_ok=True)
     return folder
 
 
