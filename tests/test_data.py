@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdit.data import fit_length, preprocess
+from latentdit.caption_cache import fit_length
+from latentdit.data import preprocess
 from latentdit.pixels import from_pil
 from latentdit.shards import Batch, ShardReader
 from latentdit.sources import Sample, folder_source, shapes_source
