@@ -39,6 +39,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "bf16"
     cond_dropout: float = 0.1
+    # > 0: the loss weighs each latent cell by 1 + object_weight * (its distance from the image's
+    # median cell, relative to the farthest), so cells holding objects count more than background
+    object_weight: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     log_every: int = 50
@@ -58,6 +61,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0.0 <= self.object_weight <= 100.0:
+            raise ValueError(f"object_weight must be in [0, 100], got {self.object_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 

@@ -1,5 +1,6 @@
 """Training: loss goes down, resume is exact, NaNs are skipped, multi-process agrees, end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -387,3 +388,39 @@ def test_a_skipped_step_leaves_weights_and_ema_exactly_as_they_were(shards, tmp_
         before, after, later = (load_file(root / f"step-000000{k}" / f"{name}.safetensors") for k in (2, 3, 4))
         assert all(torch.equal(before[k], after[k]) for k in before), name
         assert not all(torch.equal(after[k], later[k]) for k in after), name  # step 4 trained again
+
+
+def test_object_weights_favour_cells_that_differ_from_the_background():
+    from latentdit.train import object_weights
+
+    x0 = torch.full((2, 4, 8, 8), 0.3)
+    x0[0, :, 2:4, 5:7] = torch.tensor([2.0, -1.0, 0.5, 1.0])[:, None, None]  # one object in image 0
+    w = object_weights(x0, 3.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert w.mean().item() == pytest.approx(1.0)
+    obj, bg = w[0, 0, 2:4, 5:7], w[0, 0].clone()
+    bg[2:4, 5:7] = float("nan")
+    assert torch.allclose(obj, obj[0, 0]) and obj[0, 0] / bg.nanmean() == pytest.approx(4.0)
+    assert torch.allclose(w[1], w[1, 0, 0, 0].expand_as(w[1]))  # a uniform image: every cell alike
+    assert torch.allclose(w[1, 0, 0, 0], bg.nanmean())  # and weighed as background
+
+
+def test_object_weight_changes_the_loss_only_where_objects_are(shards, tmp_path):
+    from latentdit.model import Denoiser
+    from latentdit.schedules import NoisePath
+    from latentdit.shards import ShardReader
+    from latentdit.train import diffusion_loss
+
+    batch = next(ShardReader(shards).batches(8, seed=0))
+    cfg0, cfg3 = _config(shards, tmp_path), _config(shards, tmp_path, object_weight=3.0)
+    model = Denoiser(cfg0.model)
+
+    @torch.no_grad()
+    def loss(cfg, b):
+        return float(diffusion_loss(model, b, NoisePath("flow"), cfg, torch.Generator().manual_seed(0)))
+
+    assert loss(cfg3, batch) != pytest.approx(loss(cfg0, batch), rel=1e-3)
+    flat = dataclasses.replace(batch, latents=torch.full_like(batch.latents, 0.2))
+    assert loss(cfg3, flat) == pytest.approx(loss(cfg0, flat), rel=1e-6)  # nothing to favour
+    with pytest.raises(ValueError, match="object_weight"):
+        _config(shards, tmp_path, object_weight=-1.0)
