@@ -30,14 +30,13 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, component_path, sa
 from .config import DiffusionConfig, from_dict
 from .lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, adapters_of, add_lora, save_adapter
 from .pipeline import Text2Image
-from .pixels import from_pil
+from .pixels import IMAGE_SUFFIXES, from_pil
 from .schedules import NoisePath
 from .shards import Batch
 from .train import diffusion_loss, learning_rate
 from .train_config import OptimConfig, TrainConfig
 from .train_state import autocast_for
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_IMAGES, MAX_IMAGES = 3, 10
 PriorSource = Literal["generated", "renders"]
 

@@ -14,6 +14,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from PIL import Image
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # image files every folder reader takes
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) in [-1, 1] -> RGB PIL images (values outside the range are clipped)."""

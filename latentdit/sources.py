@@ -22,14 +22,13 @@ import numpy as np
 from PIL import Image
 
 from .lines import read_jsonl
-from .pixels import fit_image, from_pil
+from .pixels import IMAGE_SUFFIXES, fit_image, from_pil
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from .train_config import AEConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_SIDE = 8  # images smaller than this on either side carry no usable content
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before decoding (decompression bombs)
 _MAX_PROBLEMS = 100  # names kept for the report; the counts are always exact
@@ -237,9 +236,9 @@ def _folder_entries(root: Path) -> list[tuple[Path, Any, dict | None]]:
     index = root / "captions.jsonl"
     if index.exists():
         return [(root / r["file"], r["caption"], r.get("attributes")) for r in _read_caption_index(index)]
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise ValueError(f"{root} has no captions.jsonl and no {'/'.join(IMAGE_EXTENSIONS)} images")
+        raise ValueError(f"{root} has no captions.jsonl and no {'/'.join(IMAGE_SUFFIXES)} images")
     return [(p, _read_txt(p.with_suffix(".txt")), None) for p in images]
 
 

@@ -221,6 +221,17 @@ def test_class_folders_give_labels_and_class_names(tmp_path, tiny_clip):
                    text_encoder=tiny_clip, progress=False)
 
 
+def test_caption_folders_take_every_image_type_the_concept_folders_take(tmp_path):
+    from latentdit.pixels import IMAGE_SUFFIXES
+
+    for k, suffix in enumerate(IMAGE_SUFFIXES):
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / f"{k}{suffix}")
+        (tmp_path / f"{k}.txt").write_text(f"image {k}")
+    (tmp_path / "notes.gif").write_bytes(b"GIF89a")  # not an image type the folders read
+    assert [s.caption for s in open_source(tmp_path)] == [f"image {k}" for k in range(len(IMAGE_SUFFIXES))]
+    assert ".bmp" in IMAGE_SUFFIXES
+
+
 def test_img2dataset_parquet_layout(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

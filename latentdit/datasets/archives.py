@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..pixels import IMAGE_SUFFIXES
 from ..sources import (
-    IMAGE_EXTENSIONS,
     Sample,
     Skip,
     SkipLog,
@@ -27,7 +27,7 @@ from ..sources import (
     decode_label,
 )
 
-_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # webdataset extensions of an image
+_IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_SUFFIXES)  # webdataset extensions of an image
 _IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
 _CAPTION_COLUMNS = ("txt", "caption", "text")
 _LABEL_COLUMNS = ("cls", "label", "labels")

@@ -171,9 +171,10 @@ def reference_images(data: str | os.PathLike, n: int, size: int | None = None) -
 
 
 def _folder_images(root: Path) -> Iterator[Image.Image]:
-    from ..sources import IMAGE_EXTENSIONS, Skip, decode_image
+    from ..pixels import IMAGE_SUFFIXES
+    from ..sources import Skip, decode_image
 
-    for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             yield decode_image(p)
         except Skip:
