@@ -1,6 +1,7 @@
 """Precomputed shards: preprocess round trip, resume, validation, folder source, batch stream."""
 
 import json
+from pathlib import Path
 import warnings
 
 import pytest
@@ -120,6 +121,30 @@ def test_a_local_autoencoder_folder_is_recorded_absolute(tmp_path, te, monkeypat
     assert reloaded.latent_channels == 4
     with pytest.raises(ValueError, match="holds shards made with autoencoder"):
         _run(_samples(6, size=16), tmp_path / "shards", te, _tiny_kl())
+
+
+def test_export_copies_a_kl_autoencoder_folder_into_the_model(tmp_path, te):
+    """The exported folder works on its own: the autoencoder the shards were made with is copied
+    in as `vae/`, and the model loads and samples after the original folder is gone."""
+    import shutil
+
+    from latentdit.pipeline import Text2Image
+    from latentdit.train import train
+    from latentdit.train_config import make_config, recipe_dict
+    from latentdit.vae import load_autoencoder as load
+
+    _tiny_kl().vae.save_pretrained(tmp_path / "vae")
+    _run(_samples(8, size=16), tmp_path / "shards", te, load("kl", path=str(tmp_path / "vae")))
+    base = recipe_dict("tiny")
+    base["model"].update(in_channels=4, text_dim=32, pooled_dim=32, max_text_len=16, base_size=8, patch_size=2)
+    cfg = make_config({**base, "data": str(tmp_path / "shards"), "out": str(tmp_path / "run"), "steps": 1,
+                       "batch_size": 4, "preview_every": 0, "checkpoint_every": 10})
+    model = Path(train(cfg, progress=False)["model"])
+    assert json.loads((model / "config.json").read_text())["autoencoder"]["path"] == "vae"
+    assert (model / "vae" / "config.json").read_bytes() == (tmp_path / "vae" / "config.json").read_bytes()
+    shutil.rmtree(tmp_path / "vae")
+    pipe = Text2Image.from_pretrained(model, text_encoder=te)
+    assert pipe.autoencoder.kind == "kl" and pipe("a red thing", steps=2, seed=0)[0].size == (16, 16)
 
 
 @pytest.mark.parametrize("latent_format", ["fp16", "uint8"])
