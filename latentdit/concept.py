@@ -205,16 +205,14 @@ def _renders(chunk: list[str], start: int, seed: int, pipe: Text2Image) -> list[
 def encode_rows(pipe: Text2Image, latents: Tensor, captions: list[str]) -> Batch:
     """A ``Batch`` (the trainer's row format) of latents and their encoded captions."""
     emb = pipe.text_encoder.encode(captions).to(pipe.device)
-    return Batch(latents.to(pipe.device), emb.tokens.float(), emb.mask, emb.pooled.float(), list(captions),
-                 torch.arange(len(captions)))
+    return Batch(latents.to(pipe.device), emb.to(dtype=torch.float32), list(captions), torch.arange(len(captions)))
 
 
 def pick(rows: Batch, n: int, gen: torch.Generator) -> Batch:
     """``n`` rows drawn with replacement (a few instance images fill a batch)."""
     idx = torch.randint(len(rows), (n,), generator=gen)
     take = idx.to(rows.latents.device)
-    return Batch(rows.latents[take], rows.tokens[take], rows.mask[take], rows.pooled[take],
-                 [rows.captions[i] for i in idx.tolist()], rows.index[idx])
+    return Batch(rows.latents[take], rows.text[take], [rows.captions[i] for i in idx.tolist()], rows.index[idx])
 
 
 # -- training ---------------------------------------------------------------------------------

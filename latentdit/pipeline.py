@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointConfig, check_image_size, component_path, load_denoiser
+from .condition import Condition
 from .config import SamplingConfig, check_guidance_interval
 from .control import MapInput, control_input
 from .device import resolve_device
@@ -45,33 +44,6 @@ from .samplers import Denoise, OnStep, get_sampler, time_grid
 from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
 from .vae import Autoencoder, load_autoencoder
-
-
-@dataclass
-class Condition:
-    """What the denoiser is conditioned on, for a batch of rows."""
-
-    text: Tensor | None = None
-    mask: Tensor | None = None
-    pooled: Tensor | None = None
-    labels: Tensor | None = None
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> Condition:
-        return Condition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                            for f in dataclasses.fields(self)})
-
-    def repeat(self, k: int) -> Condition:
-        """Each row k times in a row (num_images_per_prompt)."""
-        return self.map(lambda v: v.repeat_interleave(k, dim=0))
-
-    @staticmethod
-    def cat(a: Condition, b: Condition) -> Condition:
-        return Condition(**{f.name: None if getattr(a, f.name) is None
-                            else torch.cat([getattr(a, f.name), getattr(b, f.name)])
-                            for f in dataclasses.fields(a)})
-
-    def kwargs(self) -> dict[str, Tensor | None]:
-        return {"text": self.text, "text_mask": self.mask, "pooled": self.pooled, "labels": self.labels}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -179,9 +151,7 @@ class Text2Image:
         self.text_encoder.check_readable(texts)
         emb = self.text_encoder.encode(texts).to(self.device)
         cfg = self.model.config
-        rows = Condition(emb.tokens[:, : cfg.max_text_len] if cfg.text_dim else None,
-                         emb.mask[:, : cfg.max_text_len] if cfg.text_dim else None,
-                         emb.pooled if cfg.pooled_dim else None)
+        rows = Condition.from_text(emb, cfg)
         cond = rows.map(lambda v: v[:n])
         if negative:
             return cond, rows.map(lambda v: v[n:])

@@ -60,9 +60,7 @@ def crc(data: bytes) -> int:
 @dataclass
 class Batch:
     latents: torch.Tensor  # (B, C, H, W) float32
-    tokens: torch.Tensor  # (B, L, D) float32
-    mask: torch.Tensor  # (B, L) bool
-    pooled: torch.Tensor  # (B, P) float32
+    text: TextEmbeddings  # tokens (B, L, D) float32, mask (B, L) bool, pooled (B, P) float32
     captions: list[str]
     index: torch.Tensor  # (B,) global sample ids (storage order)
     labels: torch.Tensor | None = None  # (B,) int64 class ids, for shards preprocessed with labels
@@ -76,12 +74,8 @@ class Batch:
         move = dict(device=device, dtype=dtype)
         labels = None if self.labels is None else self.labels.to(device=device)
         control = None if self.control is None else self.control.to(device=device)
-        return Batch(self.latents.to(**move), self.tokens.to(**move), self.mask.to(device=device),
-                     self.pooled.to(**move), self.captions, self.index.to(device=device), labels, control)
-
-    @property
-    def text(self) -> TextEmbeddings:
-        return TextEmbeddings(self.tokens, self.mask, self.pooled)
+        return Batch(self.latents.to(**move), self.text.to(device=device, dtype=dtype), self.captions,
+                     self.index.to(device=device), labels, control)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -252,8 +246,9 @@ class ShardReader:
                 parts[key].append(data[key][rows])
             parts["captions"] += [data["captions"][r] for r in rows.tolist()]
         index = torch.tensor([self.starts[s] + r for s, r in where])
-        return Batch(torch.cat(parts["latents"]).float(), torch.cat(parts["tokens"]).float(),
-                     torch.cat(parts["mask"]), torch.cat(parts["pooled"]).float(), parts["captions"], index,
+        text = TextEmbeddings(torch.cat(parts["tokens"]).float(), torch.cat(parts["mask"]),
+                              torch.cat(parts["pooled"]).float())
+        return Batch(torch.cat(parts["latents"]).float(), text, parts["captions"], index,
                      torch.cat(parts["labels"]).long() if self.num_classes else None,
                      torch.cat(parts["control"]) if self.control else None)
 

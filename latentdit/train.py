@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
+from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
 from .inpainting import is_inpainting, training_mask_latent
@@ -51,7 +52,8 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     eps = torch.randn(x0.shape, generator=gen, device=device)
     drop = torch.rand(n, generator=gen, device=device) < cfg.cond_dropout
     target = from_x0_eps(x0, eps, t, path, cfg.model.prediction)
-    text, mask, pooled = _unwrap(model).drop_condition(*_condition(batch, cfg.model), drop)
+    c = Condition.from_text(batch.text, cfg.model)
+    text, mask, pooled = _unwrap(model).drop_condition(c.text, c.mask, c.pooled, drop)
     extra = {}
     if cfg.model.control:  # the control variant sees its map, dropped as often as the text
         extra["mask_latent"] = training_control(batch.control, x0, cfg.model, cfg.cond_dropout, gen)
@@ -85,12 +87,6 @@ def _host_generator(gen: torch.Generator) -> torch.Generator:
         return gen
     seed = torch.randint(0, 2**62, (), generator=gen, device=gen.device)
     return torch.Generator().manual_seed(int(seed))
-
-
-def _condition(batch: Batch, mcfg: ModelConfig) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    text = batch.tokens[:, : mcfg.max_text_len] if mcfg.text_dim else None
-    mask = batch.mask[:, : mcfg.max_text_len] if mcfg.text_dim else None
-    return text, mask, batch.pooled if mcfg.pooled_dim else None
 
 
 def _unwrap(model: torch.nn.Module) -> Denoiser:

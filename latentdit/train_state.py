@@ -28,6 +28,7 @@ from torch import Tensor
 from .device import resolve_device
 from .lines import first_line, read_json
 from .shards import Batch
+from .text import TextEmbeddings
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -321,6 +322,7 @@ def to_device(batch: Batch, device: torch.device, pin: bool | None = None) -> Ba
     def move(t: Tensor) -> Tensor:
         return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
 
-    return Batch(move(batch.latents), move(batch.tokens), move(batch.mask), move(batch.pooled),
-                 batch.captions, move(batch.index), None if batch.labels is None else move(batch.labels),
+    text = TextEmbeddings(move(batch.text.tokens), move(batch.text.mask), move(batch.text.pooled))
+    return Batch(move(batch.latents), text, batch.captions, move(batch.index),
+                 None if batch.labels is None else move(batch.labels),
                  None if batch.control is None else move(batch.control))

@@ -1,6 +1,8 @@
 """Class-conditional training end to end: labels in the shards, class dropout to the null class,
 generation by class id or name, and a grid with one row per class."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,50 @@ def test_train_then_generate_by_class(class_shards, tmp_path, capsys):
     assert main(["generate", "--model", model, "--class", "1", "--steps", "4", "--out", str(tmp_path / "1.png")]) == 0
     assert main(["generate", "--model", model, "--class", "cat", "--out", str(tmp_path / "x.png")]) == 2
     assert "not a class id in [0, 2] or a class name" in capsys.readouterr().err
+
+
+def _unet_baseline():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "unet_baseline.py"
+    spec = importlib.util.spec_from_file_location("unet_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_unet_baseline_trains_on_class_shards_and_samples_by_class(class_shards, tmp_path):
+    pytest.importorskip("diffusers")
+    from latentdit.evaluate.fid import generated_statistics
+
+    ub = _unet_baseline()
+    result = ub.train(class_shards, tmp_path / "unet", steps=3, batch_size=4, log_every=1)
+    assert result["steps"] == 3 and [row["step"] for row in result["log"]] == [1, 2, 3]
+    assert all(np.isfinite(row["loss"]) for row in result["log"])
+    assert ub.train(class_shards, tmp_path / "timed", seconds=0.0, batch_size=4)["steps"] == 1  # the time budget
+    pipe = ub.UNetPipeline(tmp_path / "unet", steps=4)
+    a, b, c = pipe([0, 2], seed=[5, 6]), pipe([0, 2], seed=[5, 6]), pipe([1, 2], seed=[5, 6])
+    assert [im.size for im in a] == [(SIZE, SIZE)] * 2
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # seeded
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))  # the class changes the sample
+    assert np.array_equal(np.asarray(a[1]), np.asarray(c[1]))  # and only where it changed
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 3\)"):
+        pipe([3])
+    # evaluate.fid can score it as it scores our pipeline: classes in turn, one feature row per image
+    stats = generated_statistics(pipe, 5, lambda x: x.float().mean(dim=(2, 3)), batch_size=2)
+    assert stats.features.shape == (5, 3)
+    assert ub.class_grid(pipe, per_class=2).size == (2 * SIZE, 3 * SIZE)
+
+
+def test_the_unet_baseline_refuses_shards_without_labels(tmp_path):
+    pytest.importorskip("diffusers")
+    from latentdit.sources import shapes_source
+
+    preprocess(shapes_source(4, size=SIZE), tmp_path / "s", autoencoder=load_autoencoder("identity"),
+               text_encoder=_NoText(), progress=False)
+    assert _unet_baseline().main(["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "u"),
+                                  "--steps", "1"]) == 2
+    with pytest.raises(ValueError, match="no class labels; preprocess with --labels"):
+        _unet_baseline().train(tmp_path / "s", tmp_path / "u", steps=1)

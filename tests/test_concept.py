@@ -28,6 +28,7 @@ from latentdit.lora import LoRAConfig
 from latentdit.pipeline import Text2Image
 from latentdit.pixels import from_pil
 from latentdit.shards import Batch
+from latentdit.text import TextEmbeddings
 from latentdit.train import diffusion_loss
 
 COLOURS = ("red", "blue", "green", "orange", "purple", "cyan")
@@ -175,8 +176,8 @@ def test_the_prior_term_holds_the_model_near_the_base(tiny_clip, tiny_vae, tmp_p
 
 
 def test_pick_draws_rows_with_replacement():
-    rows = Batch(torch.arange(3.0).view(3, 1, 1, 1), torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool),
-                 torch.zeros(3, 4), ["a", "b", "c"], torch.arange(3))
+    text = TextEmbeddings(torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool), torch.zeros(3, 4))
+    rows = Batch(torch.arange(3.0).view(3, 1, 1, 1), text, ["a", "b", "c"], torch.arange(3))
     got = pick(rows, 8, torch.Generator().manual_seed(0))
     assert len(got) == 8 and set(got.captions) <= {"a", "b", "c"}
     assert [float(v) for v in got.latents.flatten()] == [float(i) for i in got.index]

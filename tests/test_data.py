@@ -1,8 +1,8 @@
 """Precomputed shards: preprocess round trip, resume, validation, folder source, batch stream."""
 
 import json
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,8 +92,7 @@ def _epoch(reader: ShardReader) -> Batch:
     """All samples once, sorted by global id."""
     b = next(reader.batches(reader.num_samples, seed=0))
     order = torch.argsort(b.index)
-    return Batch(b.latents[order], b.tokens[order], b.mask[order], b.pooled[order],
-                 [b.captions[i] for i in order.tolist()], b.index[order])
+    return Batch(b.latents[order], b.text[order], [b.captions[i] for i in order.tolist()], b.index[order])
 
 
 def _shard_tensors(directory, name):
@@ -167,9 +166,9 @@ def test_round_trip_kl_autoencoder(tmp_path, te, latent_format):
     tol = peak / 127 / 2 + 1e-6 if latent_format == "uint8" else peak * 1e-3
     assert got.latents.dtype == torch.float32 and got.latents.shape == (10, 4, 8, 8)
     assert (got.latents - want_latents).abs().max() <= tol
-    assert torch.allclose(got.tokens, want_text.tokens, atol=2e-3) and got.tokens.shape == (10, 16, 32)
-    assert torch.equal(got.mask, want_text.mask) and got.mask.dtype == torch.bool
-    assert torch.allclose(got.pooled, want_text.pooled, atol=2e-3)
+    assert torch.allclose(got.text.tokens, want_text.tokens, atol=2e-3) and got.text.tokens.shape == (10, 16, 32)
+    assert torch.equal(got.text.mask, want_text.mask) and got.text.mask.dtype == torch.bool
+    assert torch.allclose(got.text.pooled, want_text.pooled, atol=2e-3)
     assert got.captions == [s.caption for s in samples]
     rows = [row for k in range(3) for row in reader.rows(k)]
     assert rows == [{"caption": s.caption, "attributes": s.attributes} for s in samples]
@@ -190,8 +189,8 @@ def test_shapes_with_minilm_and_identity(tmp_path, minilm):
     truth = [dataset[i] for i in range(12)]
     assert torch.allclose(got.latents, from_pil([s.image for s in truth]), atol=1e-3)  # identity AE
     want = fit_length(minilm.encode([s.caption for s in truth]), minilm.max_length)
-    assert torch.allclose(got.tokens, want.tokens, atol=2e-3) and torch.equal(got.mask, want.mask)
-    assert torch.allclose(got.pooled, want.pooled, atol=1e-3)
+    assert torch.allclose(got.text.tokens, want.tokens, atol=2e-3) and torch.equal(got.text.mask, want.mask)
+    assert torch.allclose(got.text.pooled, want.pooled, atol=1e-3)
     rows = [row for k in range(3) for row in reader.rows(k)]
     assert rows == [{"caption": s.caption, "attributes": json.loads(json.dumps(s.attributes))} for s in truth]
 
@@ -209,8 +208,9 @@ def test_caption_cache_changes_nothing_but_speed(tmp_path, te):
     b = _run(samples, tmp_path / "uncached", te, caption_cache=0)
     assert [s["count"] for s in a["shards"]] == [s["count"] for s in b["shards"]]
     x, y = _epoch(ShardReader(tmp_path / "cached")), _epoch(ShardReader(tmp_path / "uncached"))
-    assert torch.equal(x.latents, y.latents) and torch.equal(x.mask, y.mask)
-    assert torch.allclose(x.tokens, y.tokens, atol=2e-3) and torch.allclose(x.pooled, y.pooled, atol=2e-3)
+    assert torch.equal(x.latents, y.latents) and torch.equal(x.text.mask, y.text.mask)
+    assert torch.allclose(x.text.tokens, y.text.tokens, atol=2e-3)
+    assert torch.allclose(x.text.pooled, y.text.pooled, atol=2e-3)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -303,7 +303,7 @@ def test_truncated_shard_is_a_clear_error_and_preprocess_repairs_it(small_shards
     with pytest.warns(UserWarning, match="shard-00001"):
         _run(_samples(10), small_shards, te)  # re-encodes from the damaged shard on
     after = _epoch(ShardReader(small_shards))
-    assert after.captions == before.captions and torch.allclose(after.tokens, before.tokens, atol=2e-3)
+    assert after.captions == before.captions and torch.allclose(after.text.tokens, before.text.tokens, atol=2e-3)
 
 
 def test_corrupt_bytes_are_caught_when_the_shard_is_read(small_shards):
@@ -427,13 +427,13 @@ def test_batches_are_deterministic_and_seeded(stream_dir):
     reader = ShardReader(stream_dir)
     a, b = _take(reader.batches(4, seed=1), 12), _take(ShardReader(stream_dir).batches(4, seed=1), 12)
     assert _ids(a) == _ids(b)
-    assert all(torch.equal(x.tokens, y.tokens) and x.captions == y.captions for x, y in zip(a, b))
+    assert all(torch.equal(x.text.tokens, y.text.tokens) and x.captions == y.captions for x, y in zip(a, b))
     assert _ids(_take(reader.batches(4, seed=2), 12)) != _ids(a)
     first = a[0]
     assert first.latents.shape == (4, 3, 4, 4) and first.latents.dtype == torch.float32
-    assert first.tokens.shape == (4, 16, 32) and first.pooled.shape == (4, 32)
-    assert first.mask.dtype == torch.bool
-    assert first.text.tokens is first.tokens and len(first) == 4
+    assert first.text.tokens.shape == (4, 16, 32) and first.text.pooled.shape == (4, 32)
+    assert first.text.mask.dtype == torch.bool and first.text.tokens.dtype == torch.float32
+    assert len(first) == 4
 
 
 def test_start_step_resumes_exactly(stream_dir):
@@ -442,7 +442,7 @@ def test_start_step_resumes_exactly(stream_dir):
         reader = ShardReader(stream_dir)
         got = next(reader.batches(3, seed=5, start_step=k))
         assert torch.equal(got.index, fresh[k].index) and torch.equal(got.latents, fresh[k].latents)
-        assert torch.equal(got.tokens, fresh[k].tokens) and got.captions == fresh[k].captions
+        assert torch.equal(got.text.tokens, fresh[k].text.tokens) and got.captions == fresh[k].captions
         assert reader.loads <= 2  # skipped steps read nothing
 
 
@@ -474,7 +474,7 @@ def test_rows_match_their_global_ids(stream_dir):
     reference = _epoch(ShardReader(stream_dir))
     for b in _take(reader.batches(5, seed=9), 10):
         assert torch.equal(b.latents, reference.latents[b.index])
-        assert torch.equal(b.mask, reference.mask[b.index])
+        assert torch.equal(b.text.mask, reference.text.mask[b.index])
         assert b.captions == [reference.captions[i] for i in b.index.tolist()]
 
 
@@ -498,7 +498,8 @@ def test_bad_stream_arguments(stream_dir):
 
 def test_batch_to_keeps_mask_bool(stream_dir):
     b = next(ShardReader(stream_dir).batches(2)).to("cpu", torch.bfloat16)
-    assert b.latents.dtype == torch.bfloat16 and b.mask.dtype == torch.bool and b.index.dtype == torch.int64
+    assert b.latents.dtype == torch.bfloat16 and b.text.tokens.dtype == torch.bfloat16
+    assert b.text.mask.dtype == torch.bool and b.index.dtype == torch.int64
 
 
 def test_warnings_do_not_leak_from_a_clean_run(tmp_path, te):

@@ -11,11 +11,12 @@ from PIL import Image
 from tiny import tiny_pipeline
 
 from latentdit import edit
+from latentdit.condition import Condition
 from latentdit.config import SamplingConfig, model_preset
 from latentdit.datasets.shapes import COLORS, render_scene
 from latentdit.evaluate import read_attributes
 from latentdit.model import Denoiser
-from latentdit.pipeline import Condition, Text2Image
+from latentdit.pipeline import Text2Image
 from latentdit.pixels import psnr, to_pil
 from latentdit.schedules import NoisePath
 

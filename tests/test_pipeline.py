@@ -279,3 +279,17 @@ def test_a_stochastic_samplers_noise_follows_its_seed_argument_not_the_global_st
     b = pipe.sample(x, denoise, plan, seed=5, progress=False)
     c = pipe.sample(x, denoise, plan, seed=6, progress=False)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_condition_from_text_keeps_what_the_model_takes():
+    from latentdit.condition import Condition
+    from latentdit.config import ModelConfig
+    from latentdit.text import TextEmbeddings
+
+    emb = TextEmbeddings(torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool), torch.randn(2, 5))
+    both = Condition.from_text(emb, ModelConfig(text_dim=8, pooled_dim=5, max_text_len=4))
+    assert both.text.shape == (2, 4, 8) and both.mask.shape == (2, 4) and torch.equal(both.pooled, emb.pooled)
+    assert torch.equal(both.text, emb.tokens[:, :4])
+    pooled_only = Condition.from_text(emb, ModelConfig(text_dim=0, pooled_dim=5), labels=torch.tensor([1, 2]))
+    assert pooled_only.text is None and pooled_only.mask is None and pooled_only.labels.tolist() == [1, 2]
+    assert Condition.from_text(emb, ModelConfig(text_dim=8, pooled_dim=0)).pooled is None

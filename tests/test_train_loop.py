@@ -11,6 +11,7 @@ from latentdit.config import model_preset
 from latentdit.model import Denoiser
 from latentdit.schedules import NoisePath
 from latentdit.shards import Batch
+from latentdit.text import TextEmbeddings
 from latentdit.train import learning_rate, make_optimizer, train_step, update_ema
 from latentdit.train_config import OptimConfig, TrainConfig
 from latentdit.train_log import StepCounters
@@ -35,8 +36,9 @@ def _batch(nan: bool = False) -> Batch:
     latents = torch.randn(4, 3, 8, 8, generator=g)
     if nan:
         latents[0, 0, 0, 0] = float("nan")
-    return Batch(latents=latents, tokens=torch.randn(4, 4, 16, generator=g), mask=torch.ones(4, 4, dtype=torch.bool),
-                 pooled=torch.randn(4, 16, generator=g), captions=[""] * 4, index=torch.arange(4))
+    text = TextEmbeddings(torch.randn(4, 4, 16, generator=g), torch.ones(4, 4, dtype=torch.bool),
+                          torch.randn(4, 16, generator=g))
+    return Batch(latents=latents, text=text, captions=[""] * 4, index=torch.arange(4))
 
 
 def _cfg(**optim) -> tuple[TrainConfig, Denoiser]:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..pipeline import Condition, Text2Image
+from ..condition import Condition
+from ..pipeline import Text2Image
 
 
 def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
