@@ -79,8 +79,8 @@ OBJECTIVES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 # Named recipes: a model preset plus training fields, overridable from the CLI.
 _SHAPES_MODEL = {"max_text_len": 24, "qk_norm": "rms", "cross_norm": True}  # as the packaged model
-# Guidance on t in [0.3, 0.9] only: held-out alignment 62.5% against 60.1% with guidance on every
-# step for the packaged model, and fewer rows to run (README). 2700 steps fit the recipe's 90 minutes.
+# Guidance on t in [0.3, 0.9] only: it follows held-out prompts better than guidance on every step,
+# and runs fewer rows; 2700 steps fit the first cycle's time budget (docs/shapes-model.md).
 _SHAPES_TRAIN = {"steps": 2700, "batch_size": 64, "ema_decay": 0.998, "checkpoint_every": 50,
                  "keep_checkpoints": 2, "optim": {"lr": 1e-3, "warmup_steps": 150},
                  "sampling": {"guidance_interval": [0.3, 0.9]}}
@@ -199,10 +199,8 @@ class AEConfig:
 
 
 AE_PRESETS: dict[str, dict[str, Any]] = {
-    # ~30 dB on shapes: 29.2 dB at 2400 steps, 31.5 continued to 3600 (~17 min on one core). The
-    # packaged model's autoencoder; `--object_weight 4` gives 32.1-32.3 dB (two runs) and keeps small
-    # stars and triangles, but is not the recipe's default: the denoiser trained on it scored higher
-    # overall and 15 points lower on single objects (README, "Training on your own data").
+    # The packaged model's autoencoder. `--object_weight 4` keeps small stars and triangles better
+    # but is not the default: the denoiser trained on it lost on single objects (docs/training.md).
     "shapes-fast": dict(block_out_channels=(16, 32, 64), batch_size=8, lr=2e-3, loss="l2", steps=3600,
                         warmup_steps=50, eval_every=250),
 }
