@@ -306,3 +306,24 @@ def test_unreadable_prompts_are_refused_with_words_to_use_instead(minilm):
     with pytest.raises(ValueError, match=r"cannot read '个', '红', '色', '圆', so they would be ignored; "
                                          r".*'multilingual' text encoder"):
         minilm.check_readable(["一个红色的圆"])
+
+
+def test_the_chinese_probe_compares_binding_swaps_with_colour_changes():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "chinese_probe.py"
+    spec = importlib.util.spec_from_file_location("chinese_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = probe
+    spec.loader.exec_module(probe)
+    swaps, changes = probe.pairs(24)
+    assert len(swaps) == len(changes) == 24
+    for (c1, s1, rel, c2, s2), swapped in swaps:  # the same words, colours bound the other way
+        assert swapped == (c2, s1, rel, c1, s2) and c1 != c2
+        assert sorted(probe.english(*swapped).split()) == sorted(probe.english(c1, s1, rel, c2, s2).split())
+        assert probe.chinese(*swapped) != probe.chinese(c1, s1, rel, c2, s2)
+    for scene, changed in changes:  # one colour word replaced by one the scene does not use
+        assert changed[1:] == scene[1:] and changed[0] not in (scene[0], scene[3])
+    assert probe.chinese("red", "circle", "above", "blue", "square") == "一个红色的圆形在一个蓝色的正方形的上方"
