@@ -30,6 +30,7 @@ import torch
 from .caption_cache import CaptionCache, fit_length, half
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
 from .pixels import fit_image, from_pil
+from .samples import Sample
 from .shards import (
     FORMAT,
     MANIFEST,
@@ -42,7 +43,6 @@ from .shards import (
     sidecar_name,
     sidecar_ok,
 )
-from .sources import Sample
 from .text import TextEmbeddings, TextEncoder
 from .vae import Autoencoder, quantize_latents
 

@@ -11,8 +11,9 @@ from PIL import Image
 from latentdit.caption_cache import fit_length
 from latentdit.data import preprocess
 from latentdit.pixels import from_pil
+from latentdit.samples import Sample
 from latentdit.shards import Batch, ShardReader
-from latentdit.sources import Sample, folder_source, shapes_source
+from latentdit.sources import folder_source, shapes_source
 from latentdit.text import HFTextEncoder, load_text_encoder
 from latentdit.vae import KLAutoencoder, load_autoencoder
 

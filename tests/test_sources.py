@@ -14,8 +14,9 @@ from PIL import Image
 
 from latentdit.data import preprocess
 from latentdit.datasets.archives import expand_braces, expand_paths
+from latentdit.samples import Skip, decode_caption, decode_image, decode_label
 from latentdit.shards import ShardReader
-from latentdit.sources import Skip, decode_caption, decode_image, decode_label, open_source
+from latentdit.sources import open_source
 from latentdit.vae import load_autoencoder
 
 

@@ -2,7 +2,7 @@
 img2dataset writes by default), parquet tables (img2dataset's other layout) and Hugging Face
 ``datasets`` saved with ``save_to_disk``.
 
-Each yields ``sources.Sample`` and counts bad items by kind, like the folder source. Tar files
+Each yields ``samples.Sample`` and counts bad items by kind, like the folder source. Tar files
 are read with the standard library, one member at a time, so a shard never has to fit in memory.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pixels import IMAGE_SUFFIXES
-from ..sources import (
+from ..samples import (
     Sample,
     Skip,
     SkipLog,
@@ -208,7 +208,7 @@ def _table_image(value: Any):
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, Image.Image):
-        from ..sources import to_rgb
+        from ..samples import to_rgb
 
         return to_rgb(value)
     if value is None:

@@ -172,7 +172,7 @@ def reference_images(data: str | os.PathLike, n: int, size: int | None = None) -
 
 def _folder_images(root: Path) -> Iterator[Image.Image]:
     from ..pixels import IMAGE_SUFFIXES
-    from ..sources import Skip, decode_image
+    from ..samples import Skip, decode_image
 
     for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
