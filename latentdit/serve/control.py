@@ -7,10 +7,10 @@ annotations``: FastAPI reads these annotations.
 import time
 from typing import Annotated
 
-from .app import State, _field_error, run_job
 from .codec import check_sides, png_base64, read_upload
 from .edits import COMMON, _image, _only, _prepare, _response, _sampling_form
 from .schemas import ImagesResponse
+from .state import State, field_error, run_job
 
 
 def add_control_routes(router, state: State) -> None:
@@ -27,7 +27,7 @@ def add_control_routes(router, state: State) -> None:
                             control_scale: Annotated[float, Form(ge=0.0, le=1.0, allow_inf_nan=False)] = 1.0):
         await _only(request, (COMMON - {"strength"}) | {"control", "control_scale"})
         if (control is None) == (image is None):
-            raise _field_error("control", "upload exactly one of control (a map) or image (to derive the map from)")
+            raise field_error("control", "upload exactly one of control (a map) or image (to derive the map from)")
         start = time.perf_counter()
         if control is not None:
             source = read_upload(await control.read(), "control", state.limits.max_upload_pixels, "L")

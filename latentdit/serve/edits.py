@@ -9,9 +9,9 @@ import time
 from typing import Annotated
 
 from ..edit import img2img, inpaint, interpolate
-from .app import State, _field_error, check_condition, check_size, resolve_sampling, run_job
 from .codec import BadUpload, check_sides, gif_bytes, png_base64, read_upload
 from .schemas import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, ImagesResponse, InterpolateRequest
+from .state import State, check_condition, check_size, field_error, resolve_sampling, run_job
 
 COMMON = {"prompt", "class_label", "negative_prompt", "strength", "steps", "guidance_scale", "sampler", "seed",
           "num_images", "image"}
@@ -32,7 +32,7 @@ def _sampling_form():
                seed: Annotated[int | None, Form(ge=0, le=MAX_SEED)] = None,
                num_images: Annotated[int, Form(ge=1, le=64)] = 1) -> dict:
         if prompt is not None and not prompt.strip():
-            raise _field_error("prompt", "prompt is empty")
+            raise field_error("prompt", "prompt is empty")
         return {"prompt": prompt, "class_label": class_label, "negative_prompt": negative_prompt or None,
                 "steps": steps, "guidance_scale": guidance_scale, "sampler": sampler, "seed": seed,
                 "num_images": num_images}
@@ -43,7 +43,7 @@ def _sampling_form():
 async def _only(request, allowed: set[str]) -> None:
     unknown = sorted(set((await request.form()).keys()) - allowed)
     if unknown:
-        raise _field_error(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise field_error(unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
 
 
 async def _image(state: State, upload, field: str, mode: str = "RGB"):
@@ -55,7 +55,7 @@ async def _image(state: State, upload, field: str, mode: str = "RGB"):
 def _prepare(state: State, f: dict) -> tuple:
     cond = check_condition(state, f["prompt"], f["class_label"])
     if f["num_images"] > state.limits.max_images:
-        raise _field_error("num_images", f"at most {state.limits.max_images} images per request")
+        raise field_error("num_images", f"at most {state.limits.max_images} images per request")
     s = resolve_sampling(state, f["steps"], f["guidance_scale"], f["sampler"], f["seed"], f["num_images"])
     kw = dict(steps=s["steps"], guidance_scale=s["guidance_scale"], sampler=s["sampler"], seed=s["seeds"][0],
               negative_prompt=f["negative_prompt"], num_images=f["num_images"], progress=False)
@@ -117,14 +117,14 @@ def add_edit_routes(router, state: State) -> None:
                  responses={200: {"content": {"image/gif": {}}, "description": "an animated GIF"}})
     async def interpolate_route(body: InterpolateRequest, request: Request):
         if state.pipe.model.config.num_classes:
-            raise _field_error("prompts", "interpolation between prompts needs a text model")
+            raise field_error("prompts", "interpolation between prompts needs a text model")
         if body.frames > state.limits.max_frames:
-            raise _field_error("frames", f"at most {state.limits.max_frames} frames")
+            raise field_error("frames", f"at most {state.limits.max_frames} frames")
         h, w = check_size(state, body.height, body.width)
         s = resolve_sampling(state, body.steps, body.guidance_scale, body.sampler, body.seed, 2)
         seeds = body.seeds or (s["seeds"] if len(body.prompts) == 1 else s["seeds"][:1])
         if len(body.prompts) == 1 and len(seeds) == 1 or body.prompts[0] == body.prompts[-1] and seeds[0] == seeds[-1]:
-            raise _field_error("seeds", "give two different prompts, two different seeds, or both")
+            raise field_error("seeds", "give two different prompts, two different seeds, or both")
         pipe = state.pipe
 
         def work() -> bytes:
