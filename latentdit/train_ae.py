@@ -45,7 +45,7 @@ from .lines import first_line
 from .pixels import from_pil, psnr, to_pil
 from .sources import ImageSource, make_source, train_batch
 from .train_config import AEConfig, ae_preset
-from .train_log import MetricsLog, TrainingDiverged
+from .train_log import MetricsLog, TrainingDiverged, Window
 from .train_state import (
     CheckpointDamaged,
     autocast_for,
@@ -303,25 +303,23 @@ class _Log:
     learning rate and steps per second (train_log.MetricsLog writes them)."""
 
     def __init__(self, out: Path, cfg: AEConfig, start: int, progress: bool) -> None:
-        self.cfg, self.sum, self.count, self.t0 = cfg, None, 0, time.perf_counter()
+        self.cfg, self.window = cfg, Window()
         self.sink = MetricsLog(out, cfg.steps, start, progress, "train-ae")
 
     def step(self, step: int, losses: tuple[Tensor, Tensor, Tensor], lr: float) -> None:
-        values = torch.stack(losses).detach().float()  # stays on the device until a log line
-        self.sum = values if self.sum is None else self.sum + values
-        self.count += 1
+        self.window.add(torch.stack(losses))  # stays on the device until a log line
         self.sink.tick()
         if step % self.cfg.log_every == 0:
             self._emit(step, lr)
 
     def _emit(self, step: int, lr: float) -> None:
-        loss, rec, kl = (self.sum / max(1, self.count)).tolist()
+        loss, rec, kl = self.window.means()
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training diverged at step {step} (loss {loss}); lower lr or use "
                                    "mixed_precision 'no'")
-        rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.window.steps / self.window.seconds()
         self.sink.row(step, {"loss": loss, "rec": rec, "kl": kl, "lr": lr, "steps_per_s": rate})
-        self.sum, self.count, self.t0 = None, 0, time.perf_counter()
+        self.window.reset()
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -21,6 +21,38 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last checkpoint before them is kept."""
 
 
+class Window:
+    """Per-step values summed on the device since the last log line, so the loop never waits for
+    them; a step with ``ok`` False (skipped, its values maybe NaN) is left out of the means."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: Tensor | None = None
+        self.count = torch.zeros((), device=self.device)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, values: Tensor, ok: Tensor | None = None) -> None:
+        values = values.detach().float()
+        if ok is not None:
+            values = torch.where(ok, values, 0.0)
+        self.total = values if self.total is None else self.total + values
+        self.count = self.count + (1 if ok is None else ok)
+        self.steps += 1
+
+    def means(self) -> list[float] | None:
+        """The mean of each value over the good steps (one host sync), None if there were none."""
+        count = int(self.count)
+        if not count or self.total is None:
+            return None
+        return [v / count for v in self.total.reshape(-1).tolist()]
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+
 class StepCounters:
     """Non-finite (skipped) steps, counted on the device so the loop never waits for the check;
     ``check`` reads them (one sync) and stops a run that has diverged."""
@@ -107,21 +139,15 @@ class Logger:
     def __init__(self, cfg, acc, start: int, progress: bool):
         self.cfg, self.device, self.world = cfg, acc.device, acc.num_processes
         self.sink = MetricsLog(Path(cfg.out), cfg.steps, start, progress, "train", enabled=acc.is_main_process)
-        self._reset()
+        self.window, self.images = Window(acc.device), 0
 
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.sink.history
 
-    def _reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.count = torch.zeros((), device=self.device)
-        self.images, self.t0 = 0, time.perf_counter()
-
     def step(self, state, loss: Tensor, norm: Tensor, ok: Tensor, lr: float, micro) -> None:
         """``loss``, ``norm``, ``ok``: tensors of this step, read only on a logging step."""
-        self.loss_sum += torch.where(ok, loss, 0.0)  # a skipped step's loss may be NaN
-        self.count += ok
+        self.window.add(loss, ok)
         self.images += sum(b.latents.shape[0] for b in micro) * self.world
         if not self.sink.enabled:
             return
@@ -130,14 +156,14 @@ class Logger:
             self._emit(state, norm, lr)
 
     def _emit(self, state, norm: Tensor, lr: float) -> None:
-        elapsed = time.perf_counter() - self.t0
         # Strict JSON: a window of only skipped steps has no loss, a non-finite norm is null.
-        count = int(self.count)
+        means = self.window.means()
         self.sink.row(state.step, {
-            "loss": float(self.loss_sum) / count if count else None, "lr": lr,
+            "loss": means[0] if means else None, "lr": lr,
             "grad_norm": float(norm) if bool(torch.isfinite(norm)) else None,
-            "images_per_s": self.images / max(elapsed, 1e-9), "skipped": state.bad_total})
-        self._reset()
+            "images_per_s": self.images / self.window.seconds(), "skipped": state.bad_total})
+        self.window.reset()
+        self.images = 0
 
     def close(self) -> None:
         self.sink.close()

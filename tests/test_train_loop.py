@@ -215,3 +215,21 @@ def test_ema_decay_warms_up_as_its_formula_then_holds():
     assert [ema_decay(n, warm) for n in (0, 8, 90)] == pytest.approx([0.1, 0.5, 0.91])
     assert ema_decay(10**6, warm) == 0.999
     assert ema_decay(0, TrainConfig(ema_decay=0.999, ema_warmup=False)) == 0.999
+
+
+def test_the_log_window_averages_good_steps_only():
+    from latentdit.train_log import Window
+
+    w = Window()
+    assert w.means() is None
+    w.add(torch.tensor(2.0), torch.tensor(True))
+    w.add(torch.tensor(float("nan")), torch.tensor(False))  # a skipped step: left out, NaN and all
+    w.add(torch.tensor(4.0), torch.tensor(True))
+    assert w.means() == [3.0] and w.steps == 3
+    w.reset()
+    w.add(torch.tensor(float("nan")), torch.tensor(False))
+    assert w.means() is None  # only skipped steps: no mean (written as null)
+    v = Window()
+    v.add(torch.tensor([1.0, 10.0, 100.0]))
+    v.add(torch.tensor([3.0, 30.0, 300.0]))
+    assert v.means() == [2.0, 20.0, 200.0] and v.seconds() > 0
