@@ -35,6 +35,7 @@ from latentdit.config import model_preset
 from latentdit.model import Denoiser
 from latentdit.schedules import NoisePath
 from latentdit.shards import Batch
+from latentdit.text import TextEmbeddings
 from latentdit.train import make_optimizer, train_step, update_ema
 from latentdit.train_config import TrainConfig, make_config, recipe_dict
 
@@ -62,9 +63,9 @@ class _Null:
 def make_batch(n: int, latent: tuple[int, int, int], text_len: int, dim: int, pooled_dim: int | None = None
                ) -> Batch:
     pooled_dim = dim if pooled_dim is None else pooled_dim
-    return Batch(latents=torch.randn(n, *latent), tokens=torch.randn(n, text_len, dim),
-                 mask=torch.ones(n, text_len, dtype=torch.bool), pooled=torch.randn(n, pooled_dim),
-                 captions=[""] * n, index=torch.arange(n))
+    text = TextEmbeddings(torch.randn(n, text_len, dim), torch.ones(n, text_len, dtype=torch.bool),
+                          torch.randn(n, pooled_dim))
+    return Batch(latents=torch.randn(n, *latent), text=text, captions=[""] * n, index=torch.arange(n))
 
 
 def time_steps(cfg: TrainConfig, batch: Batch, repeats: int, warmup: int) -> list[float]:
