@@ -64,19 +64,22 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
     err = (pred.float() - target).pow(2)
     if cfg.object_weight:
-        return (err * object_weights(x0, cfg.object_weight)).mean()
+        fade = (1 - t).view(-1, 1, 1, 1) if cfg.object_weight_fade else 1.0
+        return (err * object_weights(x0, cfg.object_weight, fade)).mean()
     return err.mean()
 
 
-def object_weights(x0: Tensor, strength: float) -> Tensor:
+def object_weights(x0: Tensor, strength: float, fade: Tensor | float = 1.0) -> Tensor:
     """(N, 1, H, W) loss weights, mean 1 over the batch: a cell's distance from its image's median
     cell (the background, in scenes of a few objects), divided by the image's largest distance,
-    gives ``1 + strength * d``. A uniform image weighs every cell alike."""
+    gives ``1 + strength * fade * d``. A uniform image weighs every cell alike. ``fade`` (per
+    image, e.g. 1 - t) scales the extra weight, so that it acts on fine detail at low noise and
+    leaves the layout decided at high noise to the plain loss."""
     x = x0.float()
     background = x.flatten(2).median(dim=-1).values[..., None, None]
     d = (x - background).pow(2).sum(1, keepdim=True).sqrt()
     d = d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    w = 1.0 + strength * d
+    w = 1.0 + strength * fade * d
     return w / w.mean()
 
 

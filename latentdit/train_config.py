@@ -42,6 +42,7 @@ class TrainConfig:
     # > 0: the loss weighs each latent cell by 1 + object_weight * (its distance from the image's
     # median cell, relative to the farthest), so cells holding objects count more than background
     object_weight: float = 0.0
+    object_weight_fade: bool = False  # the extra weight fades linearly to none as t goes to 1 (noise)
     ema_decay: float = 0.999
     ema_warmup: bool = True
     log_every: int = 50

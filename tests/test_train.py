@@ -403,6 +403,10 @@ def test_object_weights_favour_cells_that_differ_from_the_background():
     assert torch.allclose(obj, obj[0, 0]) and obj[0, 0] / bg.nanmean() == pytest.approx(4.0)
     assert torch.allclose(w[1], w[1, 0, 0, 0].expand_as(w[1]))  # a uniform image: every cell alike
     assert torch.allclose(w[1, 0, 0, 0], bg.nanmean())  # and weighed as background
+    both = torch.stack([x0[0], x0[0]])  # the same image at no noise (fade 1) and at pure noise (fade 0)
+    faded = object_weights(both, 3.0, torch.tensor([1.0, 0.0]).view(2, 1, 1, 1))
+    assert torch.allclose(faded[1], faded[1, 0, 0, 0].expand_as(faded[1]))  # at pure noise: no extra weight
+    assert faded[0, 0, 2, 5] / faded[0, 0, 0, 0] == pytest.approx(4.0)
 
 
 def test_object_weight_changes_the_loss_only_where_objects_are(shards, tmp_path):
@@ -420,6 +424,9 @@ def test_object_weight_changes_the_loss_only_where_objects_are(shards, tmp_path)
         return float(diffusion_loss(model, b, NoisePath("flow"), cfg, torch.Generator().manual_seed(0)))
 
     assert loss(cfg3, batch) != pytest.approx(loss(cfg0, batch), rel=1e-3)
+    faded = _config(shards, tmp_path, object_weight=3.0, object_weight_fade=True)
+    assert loss(faded, batch) != pytest.approx(loss(cfg3, batch), rel=1e-4)
+    assert loss(faded, batch) != pytest.approx(loss(cfg0, batch), rel=1e-4)
     flat = dataclasses.replace(batch, latents=torch.full_like(batch.latents, 0.2))
     assert loss(cfg3, flat) == pytest.approx(loss(cfg0, flat), rel=1e-6)  # nothing to favour
     with pytest.raises(ValueError, match="object_weight"):
