@@ -132,6 +132,11 @@ def test_the_unet_baseline_trains_on_class_shards_and_samples_by_class(class_sha
     assert np.array_equal(np.asarray(a[1]), np.asarray(c[1]))  # and only where it changed
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 3\)"):
         pipe([3])
+    dpm = ub.UNetPipeline(tmp_path / "unet", steps=4, sampler="dpm")([0, 2], seed=[5, 6])
+    assert [im.size for im in dpm] == [(SIZE, SIZE)] * 2
+    assert not np.array_equal(np.asarray(dpm[0]), np.asarray(a[0]))  # another sampler, another image
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        ub.UNetPipeline(tmp_path / "unet", sampler="euler")
     # evaluate.fid can score it as it scores our pipeline: classes in turn, one feature row per image
     stats = generated_statistics(pipe, 5, lambda x: x.float().mean(dim=(2, 3)), batch_size=2)
     assert stats.features.shape == (5, 3)
