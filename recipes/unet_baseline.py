@@ -33,10 +33,10 @@ if __name__ == "__main__":  # threads and OpenMP's wait policy are chosen before
     apply_thread_policy()
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from latentdit.checkpoint import atomic_write_bytes
+from latentdit.checkpoint import atomic_save_tensors, atomic_write_bytes
 from latentdit.pixels import image_grid, to_pil
 from latentdit.shards import ShardReader
 from latentdit.vae import load_autoencoder
@@ -106,11 +106,11 @@ def train(data: str | Path, out: str | Path, *, steps: int | None = None, second
     if steps is None and seconds is None:
         raise ValueError("give --steps or --seconds (or both)")
     reader = ShardReader(data)
-    labels = reader.manifest.get("labels")
-    if not labels:
+    classes = reader.manifest.get("labels")
+    if not classes:
         raise ValueError(f"{data} holds no class labels; preprocess with --labels")
     c, h, _ = reader.latent_shape
-    cfg = UNetConfig(num_classes=int(labels["num_classes"]), channels=c, size=h)
+    cfg = UNetConfig(num_classes=int(classes["num_classes"]), channels=c, size=h)
     torch.manual_seed(seed)
     model = ClassConditionedUNet(cfg).train()
     sched = _scheduler(cfg)
@@ -136,8 +136,8 @@ def train(data: str | Path, out: str | Path, *, steps: int | None = None, second
             print(json.dumps(log[-1]), flush=True)
         if (steps is not None and step >= steps) or (seconds is not None and elapsed >= seconds):
             break
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(out / "model.safetensors"))
+    atomic_save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                        out / "model.safetensors")
     atomic_write_bytes(out / "config.json", json.dumps(asdict(cfg), indent=1).encode())
     result = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "batch_size": batch_size,
               "parameters": sum(p.numel() for p in model.parameters()), "log": log}
