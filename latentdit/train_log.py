@@ -137,7 +137,7 @@ class Logger:
     the learning rate, images per second and the skipped-step count."""
 
     def __init__(self, cfg, acc, start: int, progress: bool):
-        self.cfg, self.device, self.world = cfg, acc.device, acc.num_processes
+        self.cfg, self.world = cfg, acc.num_processes
         self.sink = MetricsLog(Path(cfg.out), cfg.steps, start, progress, "train", enabled=acc.is_main_process)
         self.window, self.images = Window(acc.device), 0
 
