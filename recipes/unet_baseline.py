@@ -38,6 +38,7 @@ from torch import nn
 
 from latentdit.checkpoint import atomic_save_tensors, atomic_write_bytes
 from latentdit.pixels import image_grid, to_pil
+from latentdit.plan import seed_list
 from latentdit.shards import ShardReader
 from latentdit.vae import load_autoencoder
 
@@ -167,7 +168,7 @@ class UNetPipeline:
         cfg = self.net.config
         if any(not 0 <= int(y) < cfg.num_classes for y in labels):
             raise ValueError(f"class ids must be in [0, {cfg.num_classes}), got {labels}")
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(labels))]
+        seeds = seed_list(seed, len(labels))
         x = torch.stack([torch.randn(cfg.channels, cfg.size, cfg.size, generator=torch.Generator().manual_seed(s))
                          for s in seeds])
         sched = SAMPLERS[self.sampler](_scheduler(cfg).config)
