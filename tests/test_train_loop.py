@@ -1,6 +1,7 @@
 """The training step's accelerator paths, reached on the CPU: multi-tensor EMA, the sync-free
 skip of a non-finite step, device-side skip counters, host->device copies, gradient clipping
-and the learning-rate warm-up."""
+and the learning-rate warm-up; the loss, micro-batch accumulation, the optimiser's settings,
+the shard checks and the seeded start against references written out in the tests."""
 
 import contextlib
 
@@ -233,3 +234,175 @@ def test_the_log_window_averages_good_steps_only():
     v.add(torch.tensor([1.0, 10.0, 100.0]))
     v.add(torch.tensor([3.0, 30.0, 300.0]))
     assert v.means() == [2.0, 20.0, 200.0] and v.seconds() > 0
+
+
+# -- the loss and the step, against references written out here ------------------------------------
+class _Spy(torch.nn.Module):
+    """Wraps a denoiser and keeps what it was called with and what it returned."""
+
+    def __init__(self, inner: Denoiser):
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple] = []
+
+    def drop_condition(self, *args):
+        return self.inner.drop_condition(*args)
+
+    def forward(self, x, t, text, mask, pooled, **extra):
+        out = self.inner(x, t, text, mask, pooled, **extra)
+        self.calls.append((x, t, text, mask, pooled, out))
+        return out
+
+
+@pytest.mark.parametrize("prediction", ["flow", "x0"])
+def test_the_loss_is_the_mean_squared_error_of_its_own_draws(prediction):
+    """Re-drawn in the documented order (times, noise, dropout) from a copy of the generator: the
+    network sees x_t = (1 - t) x0 + t eps, the null condition exactly on the dropped rows, and the
+    loss is the plain MSE against v = eps - x0 (flow) or x0."""
+    from latentdit.schedules import sample_time
+    from latentdit.train import diffusion_loss
+
+    cfg, model = _cfg()
+    cfg.model.prediction = prediction
+    cfg.cond_dropout = 0.5
+    batch = _batch()
+    spy = _Spy(model)
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.Generator().manual_seed(3)
+    loss = diffusion_loss(spy, batch, NoisePath("flow"), cfg, gen)
+
+    x0 = batch.latents
+    t = sample_time(4, cfg.diffusion.time_density, shift=cfg.diffusion.time_shift, generator=ref)
+    eps = torch.randn(x0.shape, generator=ref)
+    drop = torch.rand(4, generator=ref) < 0.5
+    assert 0 < int(drop.sum()) < 4, "seed 3 drops some rows and keeps others"
+    (x, t_seen, text, mask, pooled, out), = spy.calls
+    tt = t.view(-1, 1, 1, 1)
+    assert torch.equal(t_seen, t)
+    assert torch.allclose(x, (1 - tt) * x0 + tt * eps, atol=1e-6)
+    null_text, null_mask, null_pooled = model.null_condition(4, 4)
+    for i in range(4):
+        want = (null_text[i], null_mask[i], null_pooled[i]) if drop[i] else \
+            (batch.text.tokens[i], batch.text.mask[i], batch.text.pooled[i])
+        assert torch.equal(text[i], want[0]) and torch.equal(mask[i], want[1]) and torch.equal(pooled[i], want[2])
+    target = eps - x0 if prediction == "flow" else x0
+    assert float(loss.detach()) == pytest.approx(float((out.detach().float() - target).pow(2).mean()), rel=1e-6)
+
+
+def test_no_dropout_keeps_every_prompt():
+    from latentdit.train import diffusion_loss
+
+    cfg, model = _cfg()
+    cfg.cond_dropout = 0.0
+    batch = _batch()
+    spy = _Spy(model)
+    diffusion_loss(spy, batch, NoisePath("flow"), cfg, torch.Generator().manual_seed(0))
+    (_, _, text, mask, pooled, _), = spy.calls
+    assert torch.equal(text, batch.text.tokens) and torch.equal(pooled, batch.text.pooled)
+
+
+def test_micro_batches_accumulate_to_their_mean_loss_and_gradient():
+    """Two micro-batches: the step reports the mean of their losses, and the gradient it clips is
+    that of the mean (the draws follow one generator through both, in order)."""
+    from latentdit.train import diffusion_loss
+
+    cfg, model = _cfg(grad_clip=1e9)
+    halves = [_batch(), _batch()]
+    for b, k in zip(halves, (0.5, 2.0)):  # two different halves
+        b.latents.mul_(k)
+    ref_model = Denoiser(cfg.model).train()
+    ref_model.load_state_dict(model.state_dict())
+    ref_gen = torch.Generator().manual_seed(5)
+    losses = [diffusion_loss(ref_model, b, NoisePath("flow"), cfg, ref_gen) for b in halves]
+    ((losses[0] + losses[1]) / 2).backward()
+    ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref_model.parameters()]))
+
+    opt = _Recorder(model, cfg.optim.lr)
+    total, norm, ok = train_step(_Acc(), model, opt, halves, NoisePath("flow"), cfg,
+                                 torch.Generator().manual_seed(5), 20, sync_free=False)
+    assert bool(ok)
+    assert float(total) == pytest.approx(float((losses[0] + losses[1]).detach() / 2), rel=1e-5)
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-4)
+    assert all(p.grad is None for p in model.parameters()), "the step clears the gradients"
+
+
+def test_the_optimiser_takes_its_settings_from_the_config():
+    cfg, model = _cfg(lr=3e-4, weight_decay=0.07, beta1=0.8, beta2=0.95)
+    opt = make_optimizer(model, cfg)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW) and group["fused"]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-4, 0.07, (0.8, 0.95))
+    assert len(group["params"]) == len(list(model.parameters()))
+
+
+def _reader(**over):
+    from types import SimpleNamespace
+
+    manifest = {"text_dim": 16, "pooled_dim": 16, "latent_shape": [3, 8, 8], "text_encoder": {"name": "enc"}}
+    manifest.update(over.pop("manifest", {}))
+    return SimpleNamespace(manifest=manifest, directory="SHARDS", num_classes=over.get("num_classes", 0),
+                           control=over.get("control"))
+
+
+_CLASSES = {"num_classes": 5, "text_dim": 0, "pooled_dim": 0}
+
+
+@pytest.mark.parametrize("reader, model, message", [
+    (_reader(manifest={"text_dim": 32}), {}, r"model.text_dim = 16 but the shards in SHARDS were encoded with enc \(text_dim 32\)"),
+    (_reader(manifest={"pooled_dim": 8}), {}, r"model.pooled_dim = 16 .* \(pooled_dim 8\)"),
+    (_reader(manifest={"latent_shape": [4, 8, 8]}), {}, "model.in_channels = 3 but the shards hold 4-channel latents"),
+    (_reader(num_classes=10), _CLASSES, "model.num_classes = 5 but the shards in SHARDS hold 10 classes"),
+    (_reader(), _CLASSES, "hold no class labels; preprocess with --labels"),
+    (_reader(control="edges"), {"control": "silhouette", "extra_in_channels": 16}, "model.control = 'silhouette' but the shards in SHARDS hold 'edges' maps"),
+    (_reader(), {"extra_in_channels": 2}, "training knows one kind of extra input"),
+])
+def test_shards_that_do_not_fit_the_model_are_refused_naming_both_sides(reader, model, message):
+    from dataclasses import replace
+
+    from latentdit.train import check_data
+
+    cfg, _ = _cfg()
+    with pytest.raises(ValueError, match=message):
+        check_data(reader, replace(cfg.model, **model))
+
+
+@pytest.mark.parametrize("reader, model", [
+    (_reader(), {}),
+    (_reader(num_classes=5), _CLASSES),
+    (_reader(num_classes=3), _CLASSES),  # a model may have room for more classes
+    (_reader(control="edges"), {"control": "edges", "extra_in_channels": 16}),
+    (_reader(manifest={"text_dim": 99, "pooled_dim": 99}, num_classes=5), _CLASSES),  # no text to check
+])
+def test_shards_that_fit_the_model_pass(reader, model):
+    from dataclasses import replace
+
+    from latentdit.train import check_data
+
+    cfg, _ = _cfg()
+    check_data(reader, replace(cfg.model, **model))
+
+
+def test_the_start_follows_the_seed_and_nothing_else():
+    """The initial weights and the training draws depend on ``seed`` (and the rank) only, not on
+    what ran before in the process; another seed or rank gives others."""
+    from dataclasses import replace
+
+    from latentdit.train import _setup
+
+    class Rank(_Acc):
+        def __init__(self, index):
+            self.process_index = index
+
+    def start(seed, rank=0):
+        cfg, _ = _cfg()
+        torch.manual_seed(1234 + seed + 17 * rank)  # whatever ran before
+        model, ema, _, state = _setup(replace(cfg, seed=seed), _reader(), Rank(rank), None)
+        draw = torch.rand(3, generator=state.generator)
+        return model.state_dict(), ema, draw
+
+    (w0, e0, d0), (w1, _, d1), (w2, _, d2), (w3, _, d3) = start(0), start(0), start(1), start(0, rank=1)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0) and torch.equal(d0, d1)
+    assert all(torch.equal(e0[k], w0[k].float()) for k in e0), "the EMA starts at the weights"
+    assert not torch.equal(w0["patch.weight"], w2["patch.weight"]) and not torch.equal(d0, d2)
+    assert all(torch.equal(w0[k], w3[k]) for k in w0), "every rank starts from the same weights"
+    assert not torch.equal(d0, d3), "each rank draws its own noise"
