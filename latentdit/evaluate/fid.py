@@ -151,9 +151,13 @@ def reference_images(data: str | os.PathLike, n: int, size: int | None = None) -
     """Up to `n` images of a shard folder (decoded with its autoencoder), an image folder (any
     layout, captions not needed) or anything `preprocess --source` reads; resized (short side)
     and centre-cropped to `size` so both sets are compared at the generated resolution."""
+    from ..datasets.mnist import digit_set, is_digit_set
+
     path = Path(data)
     if (path / "manifest.json").is_file():
         images = _shard_images(path)
+    elif is_digit_set(data):  # padded to 32 px, as preprocess stores them by default
+        images = (s.image for s in digit_set(data, "train", 32))
     elif path.is_dir() and not any((path / f).is_file() for f in ("dataset_info.json", "state.json",
                                                                  "dataset_dict.json")) \
             and not any(path.glob("*.tar")) and not any(path.glob("*.parquet")):
