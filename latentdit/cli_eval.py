@@ -32,8 +32,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
     p.add_argument("--reference", default=None,
                    help="fid: the reference data (shard folder, image folder, tars, parquet, saved "
-                        "dataset). alignment: 'renders' or 'autoencoder' scores ground-truth renders "
-                        "instead of samples, one per prompt: as drawn (checks the checker) or through "
+                        "dataset, fashion-mnist, mnist). alignment: 'renders' or 'autoencoder' scores "
+                        "ground-truth renders instead of samples, one per prompt: as drawn (checks the "
+                        "checker) or through "
                         "the model's autoencoder (the ceiling any denoiser on it can reach)")
 
 
@@ -85,7 +86,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
     if not args.reference:
         raise ValueError("eval fid needs --reference DATA (the real images to compare with)")
-    if not Path(args.reference).exists() and "{" not in args.reference and "://" not in args.reference:
+    named = args.reference in ("fashion-mnist", "mnist")  # the digit sets preprocess knows by name
+    if not named and not Path(args.reference).exists() and "{" not in args.reference and "://" not in args.reference:
         raise ValueError(f"--reference {args.reference} does not exist")
     if args.n < 2 or (args.n_reference is not None and args.n_reference < 2):
         raise ValueError(f"FID needs --n and --n-reference >= 2, got {args.n} and {args.n_reference}")

