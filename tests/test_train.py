@@ -343,7 +343,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     for evaluation, each stage reports its time, and a second run resumes instead of redoing."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "64", "AE_STEPS": "2",
-           "STEPS": "2", "N2": "48", "CYCLE2_STEPS": "2", "N3": "40", "CYCLE3_STEPS": "2", "EVAL_N": "2",
+           "STEPS": "2", "CYCLES": "2:48:0 2:40:1:1.5", "EVAL_N": "2",
            "DEST": str(tmp_path / "model"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
@@ -357,9 +357,14 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
     assert trained["diffusion"]["time_density"] == "0.9*logit-normal(0, 1) + 0.1*uniform"
     assert trained["sampling"]["guidance_interval"] == [0.3, 0.9]
-    # The packaged model is the third cycle's: trained on the third shards (fresh scenes, seed 1),
+    # The last cycle's: trained on the third shards (fresh scenes, seed 1) with its object weight,
     # from the second's export, which came from the first's.
     assert trained["extra"]["train"]["data"].endswith("shards3")
+    def run_config(name):
+        state = tmp_path / "run" / name / "checkpoints" / "step-0000002" / "state.json"
+        return json.loads(state.read_text())["config"]
+
+    assert run_config("train3")["object_weight"] == 1.5 and run_config("train2")["object_weight"] == 0
     assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
     captions = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards3" / "shard-00000.jsonl").open()]
     first = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards2" / "shard-00000.jsonl").open()]

@@ -348,12 +348,14 @@ _CLASSES = {"num_classes": 5, "text_dim": 0, "pooled_dim": 0}
 
 
 @pytest.mark.parametrize("reader, model, message", [
-    (_reader(manifest={"text_dim": 32}), {}, r"model.text_dim = 16 but the shards in SHARDS were encoded with enc \(text_dim 32\)"),
+    (_reader(manifest={"text_dim": 32}), {},
+     r"model.text_dim = 16 but the shards in SHARDS were encoded with enc \(text_dim 32\)"),
     (_reader(manifest={"pooled_dim": 8}), {}, r"model.pooled_dim = 16 .* \(pooled_dim 8\)"),
     (_reader(manifest={"latent_shape": [4, 8, 8]}), {}, "model.in_channels = 3 but the shards hold 4-channel latents"),
     (_reader(num_classes=10), _CLASSES, "model.num_classes = 5 but the shards in SHARDS hold 10 classes"),
     (_reader(), _CLASSES, "hold no class labels; preprocess with --labels"),
-    (_reader(control="edges"), {"control": "silhouette", "extra_in_channels": 16}, "model.control = 'silhouette' but the shards in SHARDS hold 'edges' maps"),
+    (_reader(control="edges"), {"control": "silhouette", "extra_in_channels": 16},
+     "model.control = 'silhouette' but the shards in SHARDS hold 'edges' maps"),
     (_reader(), {"extra_in_channels": 2}, "training knows one kind of extra input"),
 ])
 def test_shards_that_do_not_fit_the_model_are_refused_naming_both_sides(reader, model, message):
