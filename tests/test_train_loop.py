@@ -254,17 +254,21 @@ class _Spy(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("prediction", ["flow", "x0"])
-def test_the_loss_is_the_mean_squared_error_of_its_own_draws(prediction):
-    """Re-drawn in the documented order (times, noise, dropout) from a copy of the generator: the
-    network sees x_t = (1 - t) x0 + t eps, the null condition exactly on the dropped rows, and the
-    loss is the plain MSE against v = eps - x0 (flow) or x0."""
+@pytest.mark.parametrize("prediction, object_weight, fade", [("flow", 0.0, False), ("x0", 0.0, False),
+                                                               ("flow", 2.0, False), ("flow", 2.0, True)])
+def test_the_loss_is_the_mean_squared_error_of_its_own_draws(prediction, object_weight, fade):
+    """Re-drawn in the documented order (times, shifted; noise; dropout) from a copy of the
+    generator: the network sees x_t = (1 - t) x0 + t eps, the null condition exactly on the
+    dropped rows, and the loss is the MSE against v = eps - x0 (flow) or x0, weighted per cell by
+    ``object_weights`` (with the extra weight scaled by 1 - t when faded)."""
     from latentdit.schedules import sample_time
-    from latentdit.train import diffusion_loss
+    from latentdit.train import diffusion_loss, object_weights
 
     cfg, model = _cfg()
     cfg.model.prediction = prediction
     cfg.cond_dropout = 0.5
+    cfg.diffusion.time_shift = 3.0
+    cfg.object_weight, cfg.object_weight_fade = object_weight, fade
     batch = _batch()
     spy = _Spy(model)
     gen = torch.Generator().manual_seed(3)
@@ -272,7 +276,7 @@ def test_the_loss_is_the_mean_squared_error_of_its_own_draws(prediction):
     loss = diffusion_loss(spy, batch, NoisePath("flow"), cfg, gen)
 
     x0 = batch.latents
-    t = sample_time(4, cfg.diffusion.time_density, shift=cfg.diffusion.time_shift, generator=ref)
+    t = sample_time(4, cfg.diffusion.time_density, shift=3.0, generator=ref)
     eps = torch.randn(x0.shape, generator=ref)
     drop = torch.rand(4, generator=ref) < 0.5
     assert 0 < int(drop.sum()) < 4, "seed 3 drops some rows and keeps others"
@@ -286,7 +290,9 @@ def test_the_loss_is_the_mean_squared_error_of_its_own_draws(prediction):
             (batch.text.tokens[i], batch.text.mask[i], batch.text.pooled[i])
         assert torch.equal(text[i], want[0]) and torch.equal(mask[i], want[1]) and torch.equal(pooled[i], want[2])
     target = eps - x0 if prediction == "flow" else x0
-    assert float(loss.detach()) == pytest.approx(float((out.detach().float() - target).pow(2).mean()), rel=1e-6)
+    weight = object_weights(x0, object_weight, 1 - tt if fade else 1.0) if object_weight else 1.0
+    want = ((out.detach().float() - target).pow(2) * weight).mean()
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6)
 
 
 def test_no_dropout_keeps_every_prompt():
