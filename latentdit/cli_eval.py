@@ -81,13 +81,14 @@ def _print(report: dict) -> int:
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    from .datasets.mnist import is_digit_set
     from .evaluate.fid import evaluate_fid
     from .pipeline import Text2Image
 
     if not args.reference:
         raise ValueError("eval fid needs --reference DATA (the real images to compare with)")
-    named = args.reference in ("fashion-mnist", "mnist")  # the digit sets preprocess knows by name
-    if not named and not Path(args.reference).exists() and "{" not in args.reference and "://" not in args.reference:
+    if not is_digit_set(args.reference) and not Path(args.reference).exists() \
+            and "{" not in args.reference and "://" not in args.reference:
         raise ValueError(f"--reference {args.reference} does not exist")
     if args.n < 2 or (args.n_reference is not None and args.n_reference < 2):
         raise ValueError(f"FID needs --n and --n-reference >= 2, got {args.n} and {args.n_reference}")
