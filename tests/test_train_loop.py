@@ -414,3 +414,23 @@ def test_the_start_follows_the_seed_and_nothing_else():
     assert not torch.equal(w0["patch.weight"], w2["patch.weight"]) and not torch.equal(d0, d2)
     assert all(torch.equal(w0[k], w3[k]) for k in w0), "every rank starts from the same weights"
     assert not torch.equal(d0, d3), "each rank draws its own noise"
+
+
+def test_the_inpainting_variants_boxes_follow_the_runs_generator():
+    """The variant's training boxes come from the loss's generator: the same generator gives the
+    same mask channels whatever the global stream holds, another seed gives others."""
+    from dataclasses import replace
+
+    from latentdit.train import diffusion_loss
+
+    cfg, _ = _cfg()
+    cfg.model = replace(cfg.model, extra_in_channels=cfg.model.in_channels + 1)
+    torch.manual_seed(0)
+    spy = _Spy(Denoiser(cfg.model))
+    seen = []
+    spy.forward = lambda x, t, text, mask, pooled, **extra: seen.append(extra["mask_latent"]) or x
+    for global_seed, seed in ((1, 0), (2, 0), (1, 7)):
+        torch.manual_seed(global_seed)
+        diffusion_loss(spy, _batch(), NoisePath("flow"), cfg, torch.Generator().manual_seed(seed))
+    assert seen[0].shape[1] == cfg.model.in_channels + 1
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
