@@ -7,7 +7,9 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -104,12 +106,17 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, config: Check
 
     ``extra_dirs`` copies folders in (e.g. ``{"vae": ae_dir}``) so the folder is self-contained.
     """
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    return _save_state(state, directory, config, extra_dirs)
+
+
+def _save_state(state: dict[str, torch.Tensor], directory: str | Path, config: CheckpointConfig,
+                extra_dirs: dict[str, Path] | None = None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-                 for k, v in model.state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2))
         for name, src in (extra_dirs or {}).items():
@@ -265,3 +272,65 @@ def size_limits(config: CheckpointConfig) -> tuple[int, int]:
     """(trained side, side step) in pixels of a model folder's config, read without its weights."""
     down = int((config.autoencoder or {}).get("downsample", 1))
     return config.model.base_size * down, config.model.patch_size * down
+
+
+def _folder_digest(folder: Path) -> str:
+    """One hash over every file's relative name and bytes: equal folders, equal digests."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def average_models(folders: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
+    """A weighted average of model folders' weights (a model soup), written as a new model folder.
+
+    The folders must be one architecture trained with one text encoder and one autoencoder (fine-
+    tunes of a common model, say): config sections and weight names and shapes must agree, and a
+    packaged autoencoder folder must be the same bytes in each. Weights are averaged in float32
+    and stored in the first model's dtype; its sampling defaults are kept.
+    """
+    if len(folders) < 2:
+        raise ValueError(f"averaging needs at least two models, got {len(folders)}")
+    weights = [1.0] * len(folders) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(folders):
+        raise ValueError(f"{len(weights)} weights for {len(folders)} models; give one weight per model")
+    if not all(w >= 0 and math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+    dirs = [resolve(f) for f in folders]
+    configs = [load_config(d) for d in dirs]
+    first = configs[0].to_json()
+    for d, c in zip(dirs[1:], configs[1:]):
+        other = c.to_json()
+        for section in ("model", "diffusion", "text_encoder", "autoencoder"):
+            if other[section] != first[section]:
+                raise ValueError(f"{d} and {dirs[0]} differ in config.json's '{section}' section; "
+                                 "only models of one architecture and encoders can be averaged")
+    ae = configs[0].autoencoder or {}
+    ae_dir = ae.get("path") if isinstance(ae.get("path"), str) else None
+    extra = {}
+    if ae_dir and (dirs[0] / ae_dir).is_dir():
+        digest = _folder_digest(dirs[0] / ae_dir)
+        for d in dirs[1:]:
+            if not (d / ae_dir).is_dir() or _folder_digest(d / ae_dir) != digest:
+                raise ValueError(f"{d}/{ae_dir} is not the same autoencoder as {dirs[0]}/{ae_dir}; "
+                                 "only models trained in one latent space can be averaged")
+        extra[ae_dir] = dirs[0] / ae_dir
+    states = [load_weights(d, dtype=None) for d in dirs]
+    for d, s in zip(dirs[1:], states[1:]):
+        if s.keys() != states[0].keys() or any(s[k].shape != v.shape for k, v in states[0].items()):
+            raise ValueError(f"{d}/{WEIGHTS_NAME} does not hold the same weights as {dirs[0]}/{WEIGHTS_NAME}")
+    total = sum(weights)
+    avg = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            mixed = sum(w / total * s[k].float() for w, s in zip(weights, states))
+            avg[k] = mixed.to(v.dtype)
+        else:  # integer buffers (none today) cannot be averaged: they must agree
+            if any(not torch.equal(s[k], v) for s in states[1:]):
+                raise ValueError(f"the models' integer weight {k} differs; it cannot be averaged")
+            avg[k] = v
+    config = configs[0]
+    config.extra = {**config.extra, "average": {"models": [str(d) for d in dirs],
+                                                "weights": [w / total for w in weights]}}
+    return _save_state(avg, out, config, extra)

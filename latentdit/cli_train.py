@@ -1,4 +1,4 @@
-"""Data and training subcommands: ``shapes``, ``preprocess``, ``train-ae``, ``train``, ``export``.
+"""Data and training subcommands: ``shapes``, ``preprocess``, ``train-ae``, ``train``, ``export``, ``average``.
 
 Training flags are generated from the config dataclasses: any field can be set as
 ``--key value`` or ``--section.key value`` (``--optim.lr 1e-4``, ``--model.depth 6``), on top of
@@ -300,4 +300,21 @@ def run_export(args: argparse.Namespace) -> int:
     cfg = make_config({**stored, "model": upgrade_stored_model(stored["model"])})
     out = export(cfg, ema, ShardReader(cfg.data), Path(args.out), torch.float16 if args.fp16 else None)
     print(out)
+    return 0
+
+
+# -- average -----------------------------------------------------------------------------------
+def _average_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="two or more model folders of one architecture, text encoder "
+                                              "and autoencoder (e.g. fine-tunes of one model)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="one weight per model (default: equal); they are normalised to sum to 1")
+
+
+@command("average", "average the weights of model folders (a model soup) into a new model folder")(_average_args)
+def run_average(args: argparse.Namespace) -> int:
+    from .checkpoint import average_models
+
+    print(average_models(args.models, args.out, args.weights))
     return 0

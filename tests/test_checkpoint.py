@@ -163,3 +163,70 @@ def test_resolve_names_a_missing_model_argument(name):
 
     with pytest.raises(ValueError, match="a model is a folder, a packaged name"):
         resolve(name)
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def _folder(tmp_path, name, seed, *, vae_bytes=b"vae weights", dtype=None, config=None):
+    torch.manual_seed(seed)
+    model = _model()
+    cfg = config or CheckpointConfig(model=model.config, text_encoder={"name": "minilm"},
+                                     autoencoder={"kind": "kl", "path": "vae"})
+    vae = tmp_path / f"{name}-vae-src"
+    vae.mkdir()
+    (vae / "model.safetensors").write_bytes(vae_bytes)
+    return save_pretrained(model, tmp_path / name, cfg, dtype=dtype, extra_dirs={"vae": vae}), model
+
+
+def test_average_is_the_weighted_mean_of_every_weight(tmp_path):
+    a, ma = _folder(tmp_path, "a", 0)
+    b, mb = _folder(tmp_path, "b", 1)
+    out = ckpt.average_models([a, b], tmp_path / "soup", weights=[3, 1])
+    loaded, config, folder = load_denoiser(out)
+    sa, sb, s = ma.state_dict(), mb.state_dict(), loaded.state_dict()
+    for k in sa:
+        assert torch.allclose(s[k], 0.75 * sa[k] + 0.25 * sb[k], atol=1e-6), k
+    assert not torch.equal(s["blocks.0.attn.qkv.weight"], sa["blocks.0.attn.qkv.weight"])
+    assert (folder / "vae" / "model.safetensors").read_bytes() == b"vae weights"
+    assert config.autoencoder["path"] == "vae"
+    assert config.extra["average"]["weights"] == [0.75, 0.25]
+    # equal weights by default, and the first model's dtype is kept
+    a16, _ = _folder(tmp_path, "a16", 0, dtype=torch.float16)
+    b16, _ = _folder(tmp_path, "b16", 1, dtype=torch.float16)
+    half = ckpt.load_weights(ckpt.average_models([a16, b16], tmp_path / "soup16"), dtype=None)
+    wa, wb = ckpt.load_weights(a16), ckpt.load_weights(b16)
+    assert all(v.dtype == torch.float16 for v in half.values())
+    assert torch.allclose(half["blocks.0.attn.qkv.weight"].float(),
+                          (wa["blocks.0.attn.qkv.weight"] + wb["blocks.0.attn.qkv.weight"]) / 2, atol=1e-3)
+
+
+def test_average_refuses_models_that_do_not_share_a_space(tmp_path):
+    a, ma = _folder(tmp_path, "a", 0)
+    other_vae, _ = _folder(tmp_path, "b", 1, vae_bytes=b"another autoencoder")
+    with pytest.raises(ValueError, match="not the same autoencoder"):
+        ckpt.average_models([a, other_vae], tmp_path / "out")
+    cfg = CheckpointConfig(model=ma.config, text_encoder={"name": "clip"}, autoencoder={"kind": "kl", "path": "vae"})
+    other_text, _ = _folder(tmp_path, "c", 1, config=cfg)
+    with pytest.raises(ValueError, match="'text_encoder' section"):
+        ckpt.average_models([a, other_text], tmp_path / "out")
+    with pytest.raises(ValueError, match="at least two"):
+        ckpt.average_models([a], tmp_path / "out")
+    with pytest.raises(ValueError, match="one weight per model"):
+        ckpt.average_models([a, a], tmp_path / "out", weights=[1])
+    with pytest.raises(ValueError, match="non-negative"):
+        ckpt.average_models([a, a], tmp_path / "out", weights=[1, -1])
+    assert not (tmp_path / "out").exists()
+
+
+def test_average_command_writes_a_loadable_model_and_refuses_in_one_line(tmp_path, capsys):
+    from latentdit.cli import main
+
+    a, _ = _folder(tmp_path, "a", 0)
+    b, _ = _folder(tmp_path, "b", 1)
+    assert main(["average", str(a), str(b), "--out", str(tmp_path / "soup")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "soup")
+    load_denoiser(tmp_path / "soup")
+    assert main(["average", str(a), "--out", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "at least two" in err and len(err.splitlines()) == 1 and not (tmp_path / "one").exists()
