@@ -3,6 +3,7 @@
 # later cosine cycles, each fine-tuning the previous cycle's export on fresh scenes -> export
 # (fp16, to $RUN/model) -> alignment on the held-out split.
 # CYCLES lists the later cycles as STEPS:SCENES:SEED[:OBJECT_WEIGHT]; CYCLES="" stops after the first.
+# SEED as A+B runs one fine-tune per seed side by side and averages them (latentdit average).
 #   bash recipes/shapes.sh            # RUN=runs/shapes N=30000 by default
 #   DEST=latentdit/weights/shapes bash recipes/shapes.sh   # replace the packaged model on purpose
 # Each stage prints its wall-clock time ([recipe] lines).
@@ -24,20 +25,52 @@ stage preprocess latentdit preprocess --source shapes --n "$N" --out "$RUN/shard
   --max-length 24 --shard-size 2048 --batch-size 128 --no-progress
 stage denoiser latentdit train --preset shapes-small --data "$RUN/shards" --out "$RUN/train" --steps "$STEPS" \
   --resume latest --no-progress
-# Each later cycle K fine-tunes the previous export with a fresh warm-up and cosine decay.
+# Each later cycle K fine-tunes the previous cycle's model with a fresh warm-up and cosine decay.
+# SEED may be SEED+SEED+...: one fine-tune per seed, side by side on one thread each, averaged.
+ncycles=$(wc -w <<< "$CYCLES")
+model_of() { if [ "$1" -eq $((ncycles + 1)) ]; then echo "$DEST"; else echo "$RUN/cycle$1"; fi; }
+fine_tune() {  # TAG INIT STEPS OBJECT_WEIGHT
+  latentdit train --preset shapes-small --data "$RUN/shards$1" --out "$RUN/train$1" --init_from "$2" \
+    --steps "$3" --optim.lr 4e-4 --optim.warmup_steps 50 --object_weight "${4:-0}" --resume latest --no-progress
+}
+fine_tune_all() {  # INIT STEPS OBJECT_WEIGHT TAG...
+  local init=$1 steps=$2 weight=$3 pids=() tag
+  shift 3
+  if [ $# -eq 1 ]; then fine_tune "$1" "$init" "$steps" "$weight"; return; fi
+  for tag in "$@"; do
+    LATENTDIT_THREADS=1 fine_tune "$tag" "$init" "$steps" "$weight" > "$RUN/train$tag.log" 2>&1 &
+    pids+=($!)
+  done
+  for tag in "$@"; do
+    wait "${pids[0]}" || { tail -n 5 "$RUN/train$tag.log" >&2; return 1; }
+    pids=("${pids[@]:1}")
+  done
+}
+export_cycle() {  # OUT TAG...
+  local out=$1 parts=() tag
+  shift
+  if [ $# -eq 1 ]; then latentdit export --run "$RUN/train$1" --out "$out" --fp16; return; fi
+  for tag in "$@"; do
+    latentdit export --run "$RUN/train$tag" --out "$RUN/cycle$tag" --fp16
+    parts+=("$RUN/cycle$tag")
+  done
+  latentdit average "${parts[@]}" --out "$out"
+}
+stage export latentdit export --run "$RUN/train" --out "$(model_of 1)" --fp16
 k=1
-train=$RUN/train
-export_name() { if [ "$1" -eq 1 ]; then echo export; else echo "export$1"; fi; }
 for spec in $CYCLES; do
-  IFS=: read -r steps scenes seed weight <<< "$spec"
-  stage "$(export_name $k)" latentdit export --run "$train" --out "$RUN/cycle$k" --fp16
+  IFS=: read -r steps scenes seeds weight <<< "$spec"
+  init=$(model_of $k)
   k=$((k + 1))
-  stage "preprocess$k" latentdit preprocess --source shapes --n "$scenes" --seed "$seed" --out "$RUN/shards$k" \
-    --autoencoder "$RUN/ae/autoencoder" --max-length 24 --shard-size 2048 --batch-size 128 --no-progress
-  stage "cycle$k" latentdit train --preset shapes-small --data "$RUN/shards$k" --out "$RUN/train$k" \
-    --init_from "$RUN/cycle$((k - 1))" --steps "$steps" --optim.lr 4e-4 --optim.warmup_steps 50 \
-    --object_weight "${weight:-0}" --resume latest --no-progress
-  train=$RUN/train$k
+  IFS=+ read -r -a seed_list <<< "$seeds"
+  tags=()
+  for seed in "${seed_list[@]}"; do
+    if [ ${#seed_list[@]} -eq 1 ]; then tags+=("$k"); else tags+=("$k-$seed"); fi
+    stage "preprocess${tags[-1]}" latentdit preprocess --source shapes --n "$scenes" --seed "$seed" \
+      --out "$RUN/shards${tags[-1]}" --autoencoder "$RUN/ae/autoencoder" --max-length 24 --shard-size 2048 \
+      --batch-size 128 --no-progress
+  done
+  stage "cycle$k" fine_tune_all "$init" "$steps" "${weight:-0}" "${tags[@]}"
+  stage "export$k" export_cycle "$(model_of $k)" "${tags[@]}"
 done
-stage "$(export_name $k)" latentdit export --run "$train" --out "$DEST" --fp16
 stage eval latentdit eval alignment --model "$DEST" --split heldout --n "$EVAL_N" --samples 4 --out "$RUN/eval"

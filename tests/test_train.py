@@ -343,7 +343,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     for evaluation, each stage reports its time, and a second run resumes instead of redoing."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "64", "AE_STEPS": "2",
-           "STEPS": "2", "CYCLES": "2:48:0 2:40:1:1.5", "EVAL_N": "2",
+           "STEPS": "2", "CYCLES": "2:48:0 2:40:1+2:1.5", "EVAL_N": "2",
            "DEST": str(tmp_path / "model"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
@@ -351,24 +351,30 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
     assert stages == [f"[recipe] {s}" for s in ("autoencoder", "preprocess", "denoiser", "export", "preprocess2",
-                                                "cycle2", "export2", "preprocess3", "cycle3", "export3", "eval")]
+                                                "cycle2", "export2", "preprocess3-1", "preprocess3-2", "cycle3",
+                                                "export3", "eval")]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["prompts"] == 2 and report["samples_per_prompt"] == 4
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
     assert trained["diffusion"]["time_density"] == "0.9*logit-normal(0, 1) + 0.1*uniform"
     assert trained["sampling"]["guidance_interval"] == [0.3, 0.9]
-    # The last cycle's: trained on the third shards (fresh scenes, seed 1) with its object weight,
-    # from the second's export, which came from the first's.
-    assert trained["extra"]["train"]["data"].endswith("shards3")
+    # The last cycle is two fine-tunes side by side (fresh scenes of seeds 1 and 2, with its object
+    # weight) from the second cycle's model, which came from the first's; the model is their mean.
+    assert trained["extra"]["train"]["data"].endswith("shards3-1")
+    assert [Path(m).name for m in trained["extra"]["average"]["models"]] == ["cycle3-1", "cycle3-2"]
     def run_config(name):
         state = tmp_path / "run" / name / "checkpoints" / "step-0000002" / "state.json"
         return json.loads(state.read_text())["config"]
 
-    assert run_config("train3")["object_weight"] == 1.5 and run_config("train2")["object_weight"] == 0
+    assert run_config("train2")["object_weight"] == 0
+    for tag in ("3-1", "3-2"):
+        assert run_config(f"train{tag}")["object_weight"] == 1.5
+        assert run_config(f"train{tag}")["init_from"] == str(tmp_path / "run" / "cycle2")
     assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
-    captions = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards3" / "shard-00000.jsonl").open()]
-    first = [json.loads(line)["caption"] for line in (tmp_path / "run" / "shards2" / "shard-00000.jsonl").open()]
-    assert len(captions) == 40 and captions[:40] != first[:40]
+    def captions(tag):
+        return [json.loads(line)["caption"] for line in (tmp_path / "run" / f"shards{tag}" / "shard-00000.jsonl").open()]
+
+    assert len(captions("3-1")) == 40 and len({tuple(captions(t)[:40]) for t in ("2", "3-1", "3-2")}) == 3
     weights = (tmp_path / "run" / "train" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
