@@ -250,7 +250,7 @@ def test_pan_rejects_unknown_directions(tiny):
 
 @pytest.mark.weights
 @pytest.mark.slow
-@pytest.mark.parametrize("steps,floor,floor_ae", [(20, 28.0, 35.0), (50, 29.0, 40.0)])
+@pytest.mark.parametrize("steps,floor,floor_ae", [(20, 28.0, 45.0), (50, 29.0, 45.0)])
 def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
     """Floors under the packaged model's measured PSNRs (docs/editing.md, measured section; the test
     prints them with -s), against the input and against the autoencoder's own round trip."""
@@ -267,12 +267,10 @@ def test_inversion_reconstructs_the_input(shapes, steps, floor, floor_ae):
 
 
 @pytest.mark.weights
-@pytest.mark.parametrize("background,gain", [("white", 0.5), ("gray", -0.3)])
-def test_fixed_point_refinement_improves_the_round_trip(shapes, background, gain):
-    """10-step round trips, packaged model, bf16: refinement must change the PSNR by more than
-    ``gain`` dB and reach 29 dB (measured: docs/editing.md, measured section). On gray the
-    packaged model inverts naively to within about half a dB of the autoencoder's own round
-    trip, so there refinement is only asked not to cost more than 0.3 dB."""
+@pytest.mark.parametrize("background", ["white", "gray"])
+def test_fixed_point_refinement_improves_the_round_trip(shapes, background):
+    """10-step round trips, packaged model, bf16: refinement must raise the PSNR by more than
+    half a dB and reach 29 dB (measured: docs/editing.md, measured section)."""
     src = _red_circle(0, background)
     x = edit.load_image(src)
     scores = [_psnr(edit.reconstruct(shapes, edit.invert(shapes, src, "a red circle in the center", steps=10,
@@ -280,7 +278,7 @@ def test_fixed_point_refinement_improves_the_round_trip(shapes, background, gain
               for k in (0, 3)]
     print(f"\n10-step inversion PSNR, {background}: naive {scores[0]:.1f} dB, 3 fixed-point iterations "
           f"{scores[1]:.1f} dB")
-    assert scores[1] > scores[0] + gain and scores[1] > 29
+    assert scores[1] > scores[0] + 0.5 and scores[1] > 29
 
 
 def test_inversion_saves_and_loads(tiny, tmp_path):
