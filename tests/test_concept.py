@@ -323,7 +323,7 @@ def test_the_reader_tells_the_crescent_from_the_known_shapes():
 @pytest.mark.weights
 def test_the_shipped_demo_adapter_draws_the_crescent_on_the_packaged_model():
     """docs/concept/crescent-adapter (docs/concept.md's run) on the packaged model; the seeds are
-    those recipes/concept_eval.py gives its second prompt, which it drew as a crescent 9 of 16 times."""
+    those recipes/concept_eval.py gives its second prompt, which it drew as a crescent 16 of 16 times."""
     from pathlib import Path
 
     from latentdit.plan import prompt_seeds
