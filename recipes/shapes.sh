@@ -34,16 +34,16 @@ fine_tune() {  # TAG INIT STEPS OBJECT_WEIGHT
     --steps "$3" --optim.lr 4e-4 --optim.warmup_steps 50 --object_weight "${4:-0}" --resume latest --no-progress
 }
 fine_tune_all() {  # INIT STEPS OBJECT_WEIGHT TAG...
-  local init=$1 steps=$2 weight=$3 pids=() tag
+  local init=$1 steps=$2 weight=$3 pids=() i
   shift 3
   if [ $# -eq 1 ]; then fine_tune "$1" "$init" "$steps" "$weight"; return; fi
-  for tag in "$@"; do
-    LATENTDIT_THREADS=1 fine_tune "$tag" "$init" "$steps" "$weight" > "$RUN/train$tag.log" 2>&1 &
-    pids+=($!)
+  local tags=("$@")
+  for i in "${!tags[@]}"; do
+    LATENTDIT_THREADS=1 fine_tune "${tags[i]}" "$init" "$steps" "$weight" > "$RUN/train${tags[i]}.log" 2>&1 &
+    pids[i]=$!
   done
-  for tag in "$@"; do
-    wait "${pids[0]}" || { tail -n 5 "$RUN/train$tag.log" >&2; return 1; }
-    pids=("${pids[@]:1}")
+  for i in "${!tags[@]}"; do
+    wait "${pids[i]}" || { tail -n 5 "$RUN/train${tags[i]}.log" >&2; return 1; }
   done
 }
 export_cycle() {  # OUT TAG...
