@@ -40,9 +40,11 @@ from .plan import (
     prompt_list,
     seed_list,
 )
+from .rows import RowThreads
 from .samplers import Denoise, OnStep, get_sampler, time_grid
 from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
+from .threads import row_threads
 from .vae import Autoencoder, load_autoencoder
 
 
@@ -78,6 +80,7 @@ class Text2Image:
         self.sampling = sampling or SamplingConfig()
         self.device = torch.device(device)
         self._cast: tuple[tuple, Denoiser] | None = None
+        self._rows: RowThreads | None = None
         if model.config.is_text and text_encoder is None:
             raise ValueError("this model is text-conditional: pass a text_encoder")
 
@@ -215,13 +218,21 @@ class Text2Image:
         model = self.inference_model(dtype)
         extra = {} if mask_latent is None else {"mask_latent": mask_latent}
 
+        rows = self.row_threads()
+
+        def forward(inputs: dict[str, Tensor | None]) -> Tensor:
+            kw = dict(inputs)
+            x, t = kw.pop("x"), kw.pop("t")
+            with torch.no_grad(), autocast(self.device, dtype):  # both are per thread
+                return model(x, t, **kw)
+
         def run(x: Tensor, t: Tensor, c: Condition, kw: dict[str, Tensor]) -> Tensor:
-            with autocast(self.device, dtype):
-                pred = model(x, t, **c.kwargs(), **kw)
+            pred = rows.run(forward, {"x": x, "t": t, **c.kwargs(), **kw})
             return to_x0(pred.float(), x, t, self.path, prediction)
 
         @torch.no_grad()
         def denoise(x: Tensor, t: Tensor) -> Tensor:
+            t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # one time for every row
             if not guided or not lo <= float(t.reshape(-1)[0]) <= hi:
                 return run(x, t, cond, extra)
             doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
@@ -244,6 +255,18 @@ class Text2Image:
             return self.denoiser(cond.repeat(repeat), None, 1.0, dtype, mask_latent)
         return self.denoiser(cond.repeat(repeat), uncond.repeat(repeat), plan.guidance_scale, dtype, mask_latent,
                              plan.guidance_interval)
+
+    def row_threads(self) -> RowThreads:
+        """How the denoiser's batch is run: on the CPU, its rows split across one Python thread
+        per intra-op thread torch has (or ``LATENTDIT_ROW_THREADS``), each running its rows alone
+        (``latentdit.rows``: no OpenMP barrier per operator, which a busy machine makes slow);
+        elsewhere in one call."""
+        threads = row_threads(torch.get_num_threads()) if self.device.type == "cpu" else 1
+        if self._rows is None or self._rows.threads != threads:
+            if self._rows is not None:
+                self._rows.close()
+            self._rows = RowThreads(threads)
+        return self._rows
 
     def inference_model(self, dtype: torch.dtype | None) -> Denoiser:
         """The denoiser for sampling under ``autocast(dtype)``: a copy whose linear and conv

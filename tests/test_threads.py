@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from latentdit.threads import apply_thread_policy, busy_cores, choose_threads, parse_threads, usable_cores
+from latentdit.threads import (
+    apply_thread_policy,
+    busy_cores,
+    choose_threads,
+    parse_threads,
+    row_threads,
+    usable_cores,
+)
 
 
 @pytest.mark.parametrize("busy, threads, passive", [
@@ -45,6 +52,25 @@ def test_apply_exports_what_openmp_reads():
     env = {}
     apply_thread_policy(None, env=env, busy=0.0)
     assert "OMP_WAIT_POLICY" not in env and env["OMP_NUM_THREADS"] == str(len(usable_cores()))
+    assert env["LATENTDIT_ROW_THREADS"] == str(len(usable_cores()))
+
+
+def test_sampling_rows_use_every_core_unless_a_count_is_given():
+    # Busy cores cut OpenMP's threads (each operator waits for the slowest) but not the row threads.
+    assert (choose_threads(busy=2.0, cores=2, env={}).threads, choose_threads(busy=2.0, cores=2, env={}).rows) == (1, 2)
+    assert choose_threads(1, busy=0.0, cores=4, env={}).rows == 1
+    assert choose_threads(busy=0.0, cores=4, env={"OMP_NUM_THREADS": "3"}).rows == 3
+    assert choose_threads(busy=0.0, cores=4, env={"LATENTDIT_ROW_THREADS": "1"}).rows == 1
+    assert "sampling rows over 2" in choose_threads(busy=2.0, cores=2, env={}).describe()
+
+
+def test_the_pipelines_row_count_follows_torch_unless_set():
+    assert row_threads(2, env={}) == 2
+    assert row_threads(2, env={"LATENTDIT_ROW_THREADS": "1"}) == 1
+    assert row_threads(1, env={"LATENTDIT_ROW_THREADS": "3"}) == 3
+    assert row_threads(2, env={"LATENTDIT_ROW_THREADS": "0"}) == 2  # 0: automatic
+    with pytest.raises(ValueError, match="LATENTDIT_ROW_THREADS must be a whole number"):
+        row_threads(2, env={"LATENTDIT_ROW_THREADS": "two"})
 
 
 @pytest.mark.parametrize("value, message", [("x", "whole number"), ("-2", ">= 0")])
