@@ -6,6 +6,7 @@ fp32, measured in the same run. Ends with one JSON line of every figure.
     python benchmarks/bench_generate.py                # the packaged shapes model
     python benchmarks/bench_generate.py --model DIR
     python benchmarks/bench_generate.py --guidance-interval 0.25 1   # also: guide only for t in [0.25, 1]
+    python benchmarks/bench_generate.py --compare-rows [--busy]   # rows split across threads vs one call
 
 ``--contended`` times generation on a busy machine against an idle one, in the same run: each
 measurement is a fresh process (as a user's command would be) that applies the thread policy the
@@ -21,6 +22,7 @@ Run it without ``taskset``: it needs every core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,7 +33,8 @@ from pathlib import Path
 
 PROMPTS = ["a red circle above a blue square", "three yellow stars",
            "a small green triangle in the top left", "a purple heart on a black background"]
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LATENTDIT_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LATENTDIT_THREADS",
+               "LATENTDIT_ROW_THREADS")
 
 
 def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None) -> float:
@@ -55,19 +58,33 @@ def plain(args: argparse.Namespace) -> None:
     pipe = Text2Image.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    bf16_runs, interval_runs = [], []
+    bf16_runs, interval_runs, one_call_runs = [], [], []
     time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
-    for i in range(1, args.repeats + 1):  # interleaved, so that a change in machine speed hits both alike
-        bf16_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
-        if interval:
-            interval_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, interval))
+    burners = start_burners(os.cpu_count() or 1) if args.busy else []
+    try:
+        for i in range(1, args.repeats + 1):  # interleaved, so that a change in machine speed hits all alike
+            bf16_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
+            if interval:
+                interval_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, interval))
+            if args.compare_rows:
+                with one_call():
+                    one_call_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
+    finally:
+        stop(burners)
     bf16 = statistics.median(bf16_runs)
     fp32 = statistics.median(time_call(pipe, args.repeats, None, args.steps))
     figures = {"model": args.model, "steps": args.steps, "images": len(PROMPTS), "load_s": round(load_s, 2),
                "seconds_4_images_20_steps": round(bf16, 3) if args.steps == 20 else None,
                "bf16_s": round(bf16, 3), "fp32_s": round(fp32, 3), "threads": torch.get_num_threads()}
+    figures["row_threads"] = pipe.row_threads().threads
     print(f"load {load_s:.2f} s; 4 images x {args.steps} steps with guidance: "
-          f"bf16 {bf16:.2f} s, fp32 {fp32:.2f} s")
+          f"bf16 {bf16:.2f} s, fp32 {fp32:.2f} s (rows over {figures['row_threads']} threads"
+          f"{', every core kept busy by other processes' if args.busy else ''})")
+    if args.compare_rows:
+        whole = statistics.median(one_call_runs)
+        figures.update(busy=args.busy, bf16_one_call_s=round(whole, 3), rows_speedup=round(whole / bf16, 3))
+        print(f"the same as one call with {torch.get_num_threads()} OpenMP threads: bf16 {whole:.2f} s "
+              f"(rows split {whole / bf16:.2f}x faster)")
     if interval:
         limited = statistics.median(interval_runs)
         figures.update(guidance_interval=list(interval), bf16_interval_s=round(limited, 3),
@@ -78,12 +95,19 @@ def plain(args: argparse.Namespace) -> None:
 
 
 # -- contended ---------------------------------------------------------------------------------
-def settings(cores: int, compare: bool) -> dict[str, dict[str, str] | None]:
-    """Name -> environment for the worker; None means the latentdit command's own policy."""
-    fixed = {"default wait, all cores": {"OMP_NUM_THREADS": str(cores)},
-             "passive wait, all cores": {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"},
-             "one thread": {"OMP_NUM_THREADS": "1"}}
-    return {"policy": None, **(fixed if compare else {})}
+def settings(cores: int, compare: bool) -> dict[str, tuple[str, dict[str, str]]]:
+    """Name -> (worker kind, environment): "policy" applies the latentdit command's thread policy
+    first, "fixed" only the environment. Rows of a batch are split across threads unless
+    LATENTDIT_ROW_THREADS=1 ("one call": OpenMP's threads inside each operator, as before)."""
+    one_call = {"LATENTDIT_ROW_THREADS": "1"}
+    fixed = {"policy, one call": ("policy", one_call),
+             "default wait, all cores": ("fixed", {"OMP_NUM_THREADS": str(cores)}),
+             "default wait, one call": ("fixed", {"OMP_NUM_THREADS": str(cores), **one_call}),
+             "passive wait, all cores": ("fixed", {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"}),
+             "passive, one call": ("fixed", {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE",
+                                             **one_call}),
+             "one thread": ("fixed", {"OMP_NUM_THREADS": "1"})}
+    return {"policy": ("policy", {}), **(fixed if compare else {})}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -101,21 +125,21 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     pipe = Text2Image.from_pretrained(args.model)
     print(json.dumps({"loaded_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
-                      "policy": policy}), flush=True)
+                      "row_threads": pipe.row_threads().threads, "policy": policy}), flush=True)
     time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
     print(json.dumps({"warm": True}), flush=True)
     for i in range(1, args.repeats + 1):
         print(json.dumps({"run_s": time_once(pipe, torch.bfloat16, args.steps, i)}), flush=True)
 
 
-def measure(args: argparse.Namespace, name: str, extra: dict[str, str] | None) -> dict:
+def measure(args: argparse.Namespace, name: str, kind: str, extra: dict[str, str]) -> dict:
     """The worker's events folded into {median_s, runs, threads, policy, timed_out}; a worker past
     ``--timeout`` is stopped and its median is over the calls it finished (None if none)."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    env.update(extra or {})
+    env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                       env.get("PYTHONPATH")]))
-    cmd = [sys.executable, __file__, "--worker", "policy" if extra is None else "fixed",
+    cmd = [sys.executable, __file__, "--worker", kind,
            "--model", args.model, "--steps", str(args.steps), "--repeats", str(args.repeats)]
     timed_out = False
     try:
@@ -131,7 +155,28 @@ def measure(args: argparse.Namespace, name: str, extra: dict[str, str] | None) -
     runs = [ev["run_s"] for ev in events if "run_s" in ev]
     return {"median_s": statistics.median(runs) if runs else None, "runs": runs, "timed_out": timed_out,
             "timeout": args.timeout,
-            "threads": head.get("threads"), "policy": head.get("policy"), "warm": any("warm" in ev for ev in events)}
+            "threads": head.get("threads"), "row_threads": head.get("row_threads"), "policy": head.get("policy"),
+            "warm": any("warm" in ev for ev in events)}
+
+
+@contextlib.contextmanager
+def one_call():
+    """Sampling as one call with OpenMP's threads inside each operator (rows not split)."""
+    old = os.environ.get("LATENTDIT_ROW_THREADS")
+    os.environ["LATENTDIT_ROW_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LATENTDIT_ROW_THREADS"]
+        else:
+            os.environ["LATENTDIT_ROW_THREADS"] = old
+
+
+def stop(burners: list[subprocess.Popen]) -> None:
+    for b in burners:
+        b.kill()
+        b.wait()
 
 
 def start_burners(n: int) -> list[subprocess.Popen]:
@@ -145,22 +190,21 @@ def _show(m: dict) -> str:
     if m["median_s"] is None:
         return f"no call done in {m['timeout']:.0f} s" if "timeout" in m else "no call done"
     cut = f", stopped after {len(m['runs'])} calls" if m["timed_out"] else ""
-    return f"{m['median_s']:6.2f} s ({m['threads']} threads{cut})"
+    split = f", rows over {m['row_threads']}" if (m.get("row_threads") or 1) > 1 else ", one call"
+    return f"{m['median_s']:6.2f} s ({m['threads']} threads{split}{cut})"
 
 
 def contended(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     rows = {}
-    for name, extra in settings(cores, args.compare).items():
-        idle = measure(args, name, extra)
+    for name, (kind, extra) in settings(cores, args.compare).items():
+        idle = measure(args, name, kind, extra)
         burners = start_burners(cores)
         try:
             time.sleep(1.0)  # let the scheduler spread them
-            busy = measure(args, name, extra)
+            busy = measure(args, name, kind, extra)
         finally:
-            for b in burners:
-                b.kill()
-                b.wait()
+            stop(burners)
         ratio = busy["median_s"] / idle["median_s"] if busy["median_s"] and idle["median_s"] else None
         rows[name] = {"idle": idle, "contended": busy, "ratio": None if ratio is None else round(ratio, 2)}
         print(f"{name:<24} idle {_show(idle)}   {cores} busy processes {_show(busy)}   "
@@ -176,6 +220,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="also time guidance limited to LO <= t <= HI, interleaved with the model default")
+    ap.add_argument("--compare-rows", action="store_true",
+                    help="also time sampling as one call (rows not split across threads), interleaved")
+    ap.add_argument("--busy", action="store_true",
+                    help="time while other processes keep every core busy (after load and warm-up)")
     ap.add_argument("--contended", action="store_true",
                     help="time the command's thread policy idle and while every core is kept busy")
     ap.add_argument("--compare", action="store_true", help="with --contended: also fixed thread settings")
