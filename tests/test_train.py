@@ -372,7 +372,8 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
         assert run_config(f"train{tag}")["init_from"] == str(tmp_path / "run" / "cycle2")
     assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
     def captions(tag):
-        return [json.loads(line)["caption"] for line in (tmp_path / "run" / f"shards{tag}" / "shard-00000.jsonl").open()]
+        shard = tmp_path / "run" / f"shards{tag}" / "shard-00000.jsonl"
+        return [json.loads(line)["caption"] for line in shard.open()]
 
     assert len(captions("3-1")) == 40 and len({tuple(captions(t)[:40]) for t in ("2", "3-1", "3-2")}) == 3
     weights = (tmp_path / "run" / "train" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
