@@ -69,10 +69,10 @@ def plain(args: argparse.Namespace) -> None:
             if args.compare_rows:
                 with one_call():
                     one_call_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
+        fp32 = statistics.median(time_call(pipe, args.repeats, None, args.steps))
     finally:
         stop(burners)
     bf16 = statistics.median(bf16_runs)
-    fp32 = statistics.median(time_call(pipe, args.repeats, None, args.steps))
     figures = {"model": args.model, "steps": args.steps, "images": len(PROMPTS), "load_s": round(load_s, 2),
                "seconds_4_images_20_steps": round(bf16, 3) if args.steps == 20 else None,
                "bf16_s": round(bf16, 3), "fp32_s": round(fp32, 3), "threads": torch.get_num_threads()}

@@ -1,0 +1,56 @@
+"""benchmarks/bench_generate.py: rows split across threads against one call, and the settings
+its --contended run compares."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_generate.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_contended_settings_pair_each_way_with_one_call():
+    settings = _bench_module().settings(2, compare=True)
+    assert settings["policy"] == ("policy", {})
+    assert settings["policy, one call"] == ("policy", {"LATENTDIT_ROW_THREADS": "1"})
+    one_call = {name for name, (_, env) in settings.items() if env.get("LATENTDIT_ROW_THREADS") == "1"}
+    assert one_call == {"policy, one call", "default wait, one call", "passive, one call"}
+    assert list(_bench_module().settings(2, compare=False)) == ["policy"]
+
+
+def test_one_call_sets_and_restores_the_row_count(monkeypatch):
+    bench = _bench_module()
+    monkeypatch.setenv("LATENTDIT_ROW_THREADS", "3")
+    with bench.one_call():
+        assert os.environ["LATENTDIT_ROW_THREADS"] == "1"
+    assert os.environ["LATENTDIT_ROW_THREADS"] == "3"
+    monkeypatch.delenv("LATENTDIT_ROW_THREADS")
+    with bench.one_call():
+        assert os.environ["LATENTDIT_ROW_THREADS"] == "1"
+    assert "LATENTDIT_ROW_THREADS" not in os.environ
+
+
+@pytest.mark.slow
+def test_compare_rows_times_both_ways_on_the_packaged_model(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+           "LATENTDIT_ROW_THREADS": "2"}
+    r = subprocess.run([sys.executable, str(BENCH), "--steps", "1", "--repeats", "1", "--compare-rows"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["row_threads"] == 2 and res["busy"] is False
+    assert res["bf16_s"] > 0 and res["bf16_one_call_s"] > 0
+    assert res["rows_speedup"] == pytest.approx(res["bf16_one_call_s"] / res["bf16_s"], rel=0.01)
+    assert "the same as one call with 2 OpenMP threads" in r.stdout
