@@ -22,7 +22,6 @@ Run it without ``taskset``: it needs every core.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -30,11 +29,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
+
+from latentdit.threads import ROW_THREADS_ENV, THREADS_ENV
 
 PROMPTS = ["a red circle above a blue square", "three yellow stars",
            "a small green triangle in the top left", "a purple heart on a black background"]
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LATENTDIT_THREADS",
-               "LATENTDIT_ROW_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", THREADS_ENV,
+               ROW_THREADS_ENV)
 
 
 def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None) -> float:
@@ -99,7 +101,7 @@ def settings(cores: int, compare: bool) -> dict[str, tuple[str, dict[str, str]]]
     """Name -> (worker kind, environment): "policy" applies the latentdit command's thread policy
     first, "fixed" only the environment. Rows of a batch are split across threads unless
     LATENTDIT_ROW_THREADS=1 ("one call": OpenMP's threads inside each operator, as before)."""
-    one_call = {"LATENTDIT_ROW_THREADS": "1"}
+    one_call = {ROW_THREADS_ENV: "1"}
     fixed = {"policy, one call": ("policy", one_call),
              "default wait, all cores": ("fixed", {"OMP_NUM_THREADS": str(cores)}),
              "default wait, one call": ("fixed", {"OMP_NUM_THREADS": str(cores), **one_call}),
@@ -159,18 +161,9 @@ def measure(args: argparse.Namespace, name: str, kind: str, extra: dict[str, str
             "warm": any("warm" in ev for ev in events)}
 
 
-@contextlib.contextmanager
 def one_call():
     """Sampling as one call with OpenMP's threads inside each operator (rows not split)."""
-    old = os.environ.get("LATENTDIT_ROW_THREADS")
-    os.environ["LATENTDIT_ROW_THREADS"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["LATENTDIT_ROW_THREADS"]
-        else:
-            os.environ["LATENTDIT_ROW_THREADS"] = old
+    return mock.patch.dict(os.environ, {ROW_THREADS_ENV: "1"})
 
 
 def stop(burners: list[subprocess.Popen]) -> None:

@@ -123,8 +123,7 @@ def choose_threads(threads: int | None = None, *, busy: float | None = None,
     loaded = busy >= BUSY_THRESHOLD or n < cores
     wait = env.get("OMP_WAIT_POLICY", "").upper()
     passive = wait == "PASSIVE" or (wait != "ACTIVE" and loaded)
-    rows = parse_threads(env.get(ROW_THREADS_ENV), ROW_THREADS_ENV) or override or inherited or cores
-    return ThreadPolicy(n, passive, cores, round(busy, 2), source, rows)
+    return ThreadPolicy(n, passive, cores, round(busy, 2), source, row_threads(override or inherited or cores, env))
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -161,8 +160,9 @@ def set_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def row_threads(torch_threads: int, env: MutableMapping[str, str] | None = None) -> int:
+def row_threads(default: int, env: MutableMapping[str, str] | None = None) -> int:
     """How many threads split a CPU sampling batch by rows: ``LATENTDIT_ROW_THREADS`` (1 = one
-    call with torch's own intra-op threads, as before rows were split) or else torch's count."""
+    call with torch's own intra-op threads, as before rows were split) or else ``default``
+    (the pipeline passes torch's count, the policy its own choice)."""
     env = os.environ if env is None else env
-    return parse_threads(env.get(ROW_THREADS_ENV), ROW_THREADS_ENV) or torch_threads
+    return parse_threads(env.get(ROW_THREADS_ENV), ROW_THREADS_ENV) or default
