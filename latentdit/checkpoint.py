@@ -26,7 +26,8 @@ from .lines import first_line
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm and .gelu (format 1: normed cross-attention, tanh GELU)
-PACKAGED = {name: Path(__file__).parent / "weights" / name for name in ("shapes", "shapes-control")}
+PACKAGED = {name: Path(__file__).parent / "weights" / name
+            for name in ("shapes", "shapes-multilingual", "shapes-control")}
 # Largest image side, as a multiple of the side the model was trained at: positional embeddings
 # and attention cost (quadratic in tokens) are sized for the training canvas; 4x is 16x the tokens.
 MAX_SIZE_MULTIPLE = 4
@@ -44,6 +45,10 @@ class CheckpointConfig:
     autoencoder: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # A delta folder (`write_delta`): the model this folder's weights are changes to (a packaged
+    # name, or a folder, relative to this one or absolute); weights and components it lacks come
+    # from there. None: the folder holds every weight.
+    base: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return to_dict(self)
@@ -217,6 +222,26 @@ def check_finite(tensors: dict[str, torch.Tensor], file: str | Path) -> None:
             raise ValueError(f"{file} is damaged: {name} holds {bad} non-finite values (NaN or inf)")
 
 
+def base_folder(directory: Path, config: CheckpointConfig) -> Path | None:
+    """The folder of a delta model's base (None for a whole model); it must be a whole model of
+    the same architecture."""
+    if not config.base:
+        return None
+    local = directory / config.base
+    base = local if local.is_dir() else resolve(config.base)
+    base_config = load_config(base)
+    if base_config.base:
+        raise ValueError(f"{directory}: its base {config.base!r} is itself a delta model; "
+                         "a base must hold every weight")
+    ours, theirs = to_dict(config.model), to_dict(base_config.model)
+    # max_text_len is the one field no weight depends on
+    differ = sorted(k for k in ours if k != "max_text_len" and ours[k] != theirs.get(k))
+    if differ:
+        raise ValueError(f"{directory}: its base {config.base!r} has another architecture "
+                         f"(config.json 'model' differs in {', '.join(differ)})")
+    return base
+
+
 def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     """(Denoiser with weights, CheckpointConfig, folder) from a folder, packaged name or hub id."""
     from .model import Denoiser
@@ -225,6 +250,9 @@ def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     config = load_config(directory)
     model = Denoiser(config.model)
     state = load_weights(directory)
+    base = base_folder(directory, config)
+    if base is not None:
+        state = {**load_weights(base), **state}
     expected = model.state_dict()
     wrong = [f"{k} is {list(v.shape)}, config.json expects {list(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
@@ -239,14 +267,16 @@ def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), config, directory
 
 
-def component_path(directory: Path, desc: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Resolve a component's relative ``path`` against the model folder."""
+def component_path(directory: Path, desc: dict[str, Any] | None, base: Path | None = None) -> dict[str, Any] | None:
+    """Resolve a component's relative ``path`` against the model folder, then its base's."""
     if not desc:
         return desc
     desc = dict(desc)
     path = desc.get("path")
     if path and (directory / path).exists():
         desc["path"] = str(directory / path)
+    elif path and base is not None and (base / path).exists():
+        desc["path"] = str(base / path)
     elif isinstance(path, str) and not _is_hub_id(path) and not Path(path).exists():
         # not a hub id either: a component folder the model folder lacks
         raise ValueError(f"{directory} names a component at {path!r}, which is missing from the folder")
@@ -334,3 +364,31 @@ def average_models(folders: list[str | Path], out: str | Path, weights: list[flo
     config.extra = {**config.extra, "average": {"models": [str(d) for d in dirs],
                                                 "weights": [w / total for w in weights]}}
     return _save_state(avg, out, config, extra)
+
+
+def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
+    """Write `model` as a delta on `base`: only the weights that differ from the base's, and the
+    autoencoder only if it is not the base's. For a fine-tune that changed a few layers (a text
+    encoder swapped with ``train_only: text``) this is a fraction of the size, and loads as the
+    whole model with ``from_pretrained`` while the base is installed."""
+    mdir = resolve(model)
+    mconf = load_config(mdir)
+    if mconf.base:
+        raise ValueError(f"{mdir} is already a delta model (on {mconf.base!r})")
+    mconf.base = base
+    bdir = base_folder(Path(out), mconf)
+    assert bdir is not None
+    mine, theirs = load_weights(mdir, dtype=None), load_weights(bdir, dtype=None)
+    if mine.keys() != theirs.keys() or any(v.shape != theirs[k].shape for k, v in mine.items()):
+        raise ValueError(f"{mdir}/{WEIGHTS_NAME} and {bdir}/{WEIGHTS_NAME} do not hold the same weights")
+    changed = {k: v for k, v in mine.items() if not torch.equal(v, theirs[k].to(v.dtype))}
+    if not changed:
+        raise ValueError(f"{mdir} holds the same weights as {base!r}; there is no delta to write")
+    extra = {}
+    ae = mconf.autoencoder or {}
+    ae_dir = ae.get("path") if isinstance(ae.get("path"), str) else None
+    if ae_dir and (mdir / ae_dir).is_dir():
+        same = (bdir / ae_dir).is_dir() and _folder_digest(bdir / ae_dir) == _folder_digest(mdir / ae_dir)
+        if not same:
+            extra[ae_dir] = mdir / ae_dir
+    return _save_state(changed, out, mconf, extra)

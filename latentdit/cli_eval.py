@@ -17,6 +17,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="prompts JSONL ({id, prompt, expect} per line)")
     p.add_argument("--split", default="heldout", choices=["train", "heldout"],
                    help="without --prompts: draw prompts from this shapes split")
+    p.add_argument("--lang", default="en", choices=["en", "zh"],
+                   help="alignment without --prompts: the prompts' language (zh: the same scenes and checks, "
+                        "written in Chinese)")
     p.add_argument("--n", type=int, default=64,
                    help="alignment: prompts drawn from --split; fid: images generated")
     p.add_argument("--n-reference", type=int, default=None, help="fid: reference images (default --n)")
@@ -61,7 +64,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
-        items = prompt_set(args.split, args.n, seed=args.seed)
+        items = prompt_set(args.split, args.n, seed=args.seed, lang=args.lang)
     if args.reference == "renders":
         return _print(score_references(items, out_dir=args.out))
     pipe = Text2Image.from_pretrained(args.model, device=args.device, adapter=args.adapter)

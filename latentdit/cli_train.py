@@ -148,7 +148,8 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="number of samples (required for shapes)")
     p.add_argument("--autoencoder", default="identity",
                    help="'identity' or a diffusers AutoencoderKL folder / hub id")
-    p.add_argument("--text-encoder", default="minilm", help="minilm, multilingual, clip, t5, chinese-clip")
+    p.add_argument("--text-encoder", default="minilm",
+                   help="minilm, multilingual-e5 (Chinese and ~100 languages), multilingual, clip, t5, chinese-clip")
     p.add_argument("--text-encoder-path", default=None, help="hub id or folder for clip/t5/chinese-clip")
     p.add_argument("--max-length", type=int, default=32, help="text tokens kept per caption")
     p.add_argument("--shard-size", type=int, default=1024)
@@ -160,6 +161,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scene-weights", type=float, nargs=3, default=None, metavar=("SINGLE", "RELATION", "COUNT"),
                    help="shapes: relative frequencies of single-object, relation and counting scenes "
                         "(default: equal)")
+    p.add_argument("--caption-lang", default="en", choices=["en", "zh", "en+zh"],
+                   help="shapes: caption language; en+zh draws each sample's language with even odds "
+                        "(train it with --text-encoder multilingual-e5)")
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -177,7 +181,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     source = open_source(args.source, n=args.n, size=args.size, split=args.split, seed=args.seed,
                          labels=args.labels, image_column=args.image_column,
                          caption_column=args.caption_column, label_column=args.label_column,
-                         scene_weights=args.scene_weights)
+                         scene_weights=args.scene_weights, lang=args.caption_lang)
     kind = "identity" if args.autoencoder == "identity" else "kl"
     # Both encoders run on --device; the shards are written from the CPU copies of their outputs.
     ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder, device=args.device)
@@ -317,4 +321,22 @@ def run_average(args: argparse.Namespace) -> int:
     from .checkpoint import average_models
 
     print(average_models(args.models, args.out, args.weights))
+    return 0
+
+
+# -- delta -------------------------------------------------------------------------------------
+def _delta_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder (e.g. a fine-tune of --base that changed a few layers)")
+    p.add_argument("--base", required=True,
+                   help="the model it was fine-tuned from: a packaged name, or a folder "
+                        "(absolute or relative to --out)")
+    p.add_argument("--out", required=True, help="model folder to write")
+
+
+@command("delta", "write a model as only the weights that differ from its base (loads as the whole model)")(
+    _delta_args)
+def run_delta(args: argparse.Namespace) -> int:
+    from .checkpoint import write_delta
+
+    print(write_delta(args.model, args.base, args.out))
     return 0

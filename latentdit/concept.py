@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .checkpoint import CheckpointConfig, atomic_write_bytes, component_path, save_pretrained
+from .checkpoint import CheckpointConfig, atomic_write_bytes, base_folder, component_path, save_pretrained
 from .config import DiffusionConfig, from_dict
 from .lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, adapters_of, add_lora, save_adapter
 from .pipeline import Text2Image
@@ -342,10 +342,12 @@ def _write(pipe: Text2Image, out: Path, cfg: ConceptConfig, base, base_cfg: Chec
     # A whole model: the base's components travel with it, so the folder stands on its own.
     copies = {}
     config = from_dict(CheckpointConfig, base_cfg.to_json())
+    config.base = None  # every weight is written, whether the base is a delta or not
+    base_base = base_folder(folder, base_cfg)
     for name in ("autoencoder", "text_encoder"):
         desc = getattr(base_cfg, name)
-        local = component_path(folder, desc)
-        if desc and desc.get("path") and (folder / desc["path"]).exists() and local:
+        local = component_path(folder, desc, base_base)
+        if desc and desc.get("path") and local and Path(local["path"]).exists():
             copies[desc["path"]] = Path(local["path"])
     config.extra = {**config.extra, **extra}
     save_pretrained(pipe.model, out, config, dtype=getattr(torch, cfg.save_dtype), extra_dirs=copies)

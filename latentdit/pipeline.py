@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .checkpoint import CheckpointConfig, check_image_size, component_path, load_denoiser
+from .checkpoint import CheckpointConfig, base_folder, check_image_size, component_path, load_denoiser
 from .condition import Condition
 from .config import SamplingConfig, check_guidance_interval
 from .control import MapInput, control_input
@@ -352,12 +352,12 @@ def check_finite_sample(x: Tensor, where: str) -> None:
 
 
 def _load_ae(config: CheckpointConfig, directory: Path, device) -> Autoencoder:
-    desc = component_path(directory, config.autoencoder) or {"kind": "identity"}
+    desc = component_path(directory, config.autoencoder, base_folder(directory, config)) or {"kind": "identity"}
     return load_autoencoder(**desc, device=device)  # recorded channels/downsample are checked
 
 
 def _load_text(config: CheckpointConfig, directory: Path, device) -> TextEncoder | None:
-    desc = component_path(directory, config.text_encoder)
+    desc = component_path(directory, config.text_encoder, base_folder(directory, config))
     if not desc:
         return None
     return load_text_encoder(**desc, device=str(device))  # recorded dims are checked

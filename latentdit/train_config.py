@@ -52,6 +52,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     preview_prompts: tuple[str, ...] = DEFAULT_PREVIEW_PROMPTS
     init_from: str | None = None  # fine-tune: start from this model folder's weights
+    # fine-tune only the parameters these name patterns match (fnmatch; "text" = every weight that
+    # reads the text condition); empty: all of them
+    train_only: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=lambda: model_preset("small"))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -150,3 +150,19 @@ def test_from_file_images_do_not_depend_on_batching(tmp_path):
         assert np.abs(outs[1][name] - outs[3][name]).max() <= 2, name
     first = list(outs[1].values())
     assert np.abs(first[0] - first[1]).max() > 2  # the two images of a prompt differ (seeds + k)
+
+
+def test_eval_alignment_in_chinese_scores_the_same_scenes_with_chinese_prompts(tmp_path, capsys):
+    import json
+    import re
+
+    for lang in ("en", "zh"):
+        assert main(["eval", "alignment", "--reference", "renders", "--lang", lang, "--n", "6",
+                     "--out", str(tmp_path / lang)]) == 0
+    en, zh = (json.loads((tmp_path / lang / "report.json").read_text()) for lang in ("en", "zh"))
+    assert [r["id"] for r in en["rows"]] == [r["id"] for r in zh["rows"]]
+    assert all(re.search(r"[\u4e00-\u9fff]", r["prompt"]) for r in zh["rows"])
+    assert not any(re.search(r"[\u4e00-\u9fff]", r["prompt"]) for r in en["rows"])
+    assert zh["overall"] == en["overall"] == 1.0  # the same scenes, held to the same checks
+    with pytest.raises(SystemExit):
+        main(["eval", "alignment", "--reference", "renders", "--lang", "fr"])

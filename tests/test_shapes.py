@@ -313,3 +313,74 @@ def test_prompt_set_states_a_subset_of_a_consistent_scene():
         render_scene(expect, 64)  # every prompt's scene can be drawn for reference
     train_captions = {ShapesDataset(seed=1).draw(i)[1] for i in range(60)}
     assert [p["prompt"] for p in prompt_set("train", 60, seed=1)] != list(train_captions)
+
+
+# ----------------------------------------------------------------------------- Chinese captions
+
+def test_the_chinese_vocabulary_covers_the_english_one():
+    from latentdit.datasets.shapes import _captions
+    from latentdit.datasets.shapes import _captions_zh as zh
+
+    assert zh.COLORS_ZH.keys() == COLORS.keys() and zh.SHAPES_ZH.keys() == set(SHAPES)
+    assert zh.BACKGROUNDS_ZH.keys() == BACKGROUNDS.keys() and zh.SIZE_WORDS_ZH.keys() == SIZES.keys()
+    assert zh.POSITION_PHRASES_ZH.keys() == POSITIONS.keys()
+    assert zh.RELATION_PHRASES_ZH.keys() == RELATION_PHRASES.keys()
+    for scene, templates in _captions._TEMPLATES.items():  # index i of one language states what i of the other does
+        assert len(zh.TEMPLATES_ZH[scene]) == len(templates)
+        for (english, _), chinese in zip(templates, zh.TEMPLATES_ZH[scene]):
+            assert set(re.findall(r"{(\w+)}", chinese)) == set(re.findall(r"{(\w+)}", english)) - {"shapes"} | (
+                {"shape"} if "{shapes}" in english else set())
+
+
+def test_chinese_prompts_are_the_english_scenes_and_checks_and_english_is_unchanged():
+    en, zh = prompt_set("heldout", 200, seed=0), prompt_set("heldout", 200, seed=0, lang="zh")
+    assert [p["prompt"] for p in en[:3]] == [  # the English prompts as they were before Chinese existed
+        "a red star to the right of an orange cross", "a group of three orange squares",
+        "a cyan heart above an orange square"]
+    for a, b in zip(en, zh):
+        assert (a["id"], a["expect"], a["attributes"]) == (b["id"], b["expect"], b["attributes"])
+        assert not re.search(r"[A-Za-z]", b["prompt"]) and re.search(r"[\u4e00-\u9fff]", b["prompt"])
+
+
+def _zh_objects(caption: str) -> list[tuple[str, str]]:
+    from latentdit.datasets.shapes._captions_zh import COLORS_ZH, SHAPES_ZH
+
+    color = {v: k for k, v in COLORS_ZH.items()}
+    shape = {v: k for k, v in SHAPES_ZH.items()}
+    found = re.findall(rf"({'|'.join(color)})的?({'|'.join(shape)})", caption)
+    return [(color[c], shape[s]) for c, s in found]
+
+
+def test_chinese_captions_state_only_true_things():
+    from latentdit.datasets.shapes._captions_zh import NUMBERS_ZH, RELATION_PHRASES_ZH
+
+    relation_of = {w: r for r, words in RELATION_PHRASES_ZH.items() for w in words}
+    dataset = ShapesDataset(seed=8, lang="zh")
+    for i in range(600):
+        attributes, caption, stated = dataset.draw(i)
+        objects = [(o["color"], o["shape"]) for o in stated["objects"]]
+        if stated["scene"] == "relation":
+            x, y = _zh_objects(caption)  # the first-named object, then the other
+            word = re.search(rf"的({'|'.join(relation_of)})$", caption).group(1)
+            if "在它的" in caption:  # "B，A在它的REL": A is REL of B
+                x, y = y, x
+            (a, b), relation = objects, stated["relation"]
+            assert (x, y, relation_of[word]) in {(a, b, relation), (b, a, _INVERSE[relation])}, caption
+        else:
+            assert _zh_objects(caption) == objects[:1], caption
+        if stated["scene"] == "count":
+            n = stated["count"]
+            assert f"{NUMBERS_ZH[n]}个" in caption or f"{n}个" in caption, caption
+        if "background" in stated:
+            assert caption.count("背景") == 1
+
+
+def test_bilingual_data_mixes_languages_per_sample_over_the_same_scenes():
+    mixed, english = ShapesDataset(seed=5, lang="en+zh"), ShapesDataset(seed=5)
+    draws = [mixed.draw(i) for i in range(400)]
+    chinese = [bool(re.search(r"[\u4e00-\u9fff]", caption)) for _, caption, _ in draws]
+    assert 150 < sum(chinese) < 250
+    assert all(attributes == english.draw(i)[0] for i, (attributes, _, _) in enumerate(draws))
+    assert [c for _, c, _ in draws] == [ShapesDataset(seed=5, lang="en+zh").draw(i)[1] for i in range(400)]
+    with pytest.raises(ValueError, match="unknown caption language 'fr'"):
+        ShapesDataset(lang="fr")

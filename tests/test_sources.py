@@ -305,3 +305,21 @@ def test_shapes_scene_weights_set_the_mix_and_apply_to_shapes_only(tmp_path, cap
     assert code == 0 and "12 samples" in capsys.readouterr().out
     rows = [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
     assert len(rows) == 12 and {r["attributes"]["scene"] for r in rows} == {"count"}
+
+
+def test_the_shapes_source_writes_captions_in_the_language_asked_for(tmp_path):
+    import re
+
+    from latentdit.sources import open_source
+
+    zh = [s.caption for s in open_source("shapes", n=20, lang="zh")]
+    mixed = [s.caption for s in open_source("shapes", n=40, lang="en+zh")]
+    english = list(open_source("shapes", n=40))
+    assert all(re.search(r"[\u4e00-\u9fff]", c) for c in zh)
+    chinese = [bool(re.search(r"[\u4e00-\u9fff]", c)) for c in mixed]
+    assert 0 < sum(chinese) < 40  # both languages, over the same scenes as the English source
+    assert [c for c, z in zip(mixed, chinese) if not z] == [s.caption for s, z in zip(english, chinese) if not z]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="caption language applies to the shapes source only"):
+        open_source(str(folder), lang="zh")

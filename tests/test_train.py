@@ -443,3 +443,80 @@ def test_object_weight_changes_the_loss_only_where_objects_are(shards, tmp_path)
     assert loss(cfg3, flat) == pytest.approx(loss(cfg0, flat), rel=1e-6)  # nothing to favour
     with pytest.raises(ValueError, match="object_weight"):
         _config(shards, tmp_path, object_weight=-1.0)
+
+
+def test_train_only_text_relearns_just_the_text_reading_weights_and_ships_as_a_delta(shards, tmp_path):
+    """Swapping a text encoder: only the weights that read the text move; the rest is the base's.
+    The result written as a delta holds exactly those weights and loads as the whole model."""
+    import fnmatch
+
+    from latentdit.checkpoint import load_config, write_delta
+    from latentdit.pipeline import Text2Image
+    from latentdit.train import PARAM_GROUPS
+
+    base = train(_config(shards, tmp_path / "base", steps=2), progress=False)["model"]
+    result = train(_config(shards, tmp_path / "ft", steps=4, init_from=base, train_only=("text",)),
+                   progress=False)["model"]
+    before = load_file(Path(base) / "model.safetensors")
+    after = load_file(Path(result) / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    reads_text = {k for k in before if any(fnmatch.fnmatchcase(k, p) for p in PARAM_GROUPS["text"])}
+    assert changed <= reads_text
+    assert {"text_proj.0.weight", "pooled_proj.0.weight", "blocks.0.cross.kv.weight"} <= changed
+
+    delta = write_delta(result, str(Path(base).resolve()), tmp_path / "delta")
+    assert set(load_file(delta / "model.safetensors")) == changed
+    assert load_config(delta).base == str(Path(base).resolve())
+    kw = dict(seed=1, steps=2, output_type="latent", progress=False)
+    whole, split = Text2Image.from_pretrained(result), Text2Image.from_pretrained(delta)
+    assert torch.equal(whole("a red circle", **kw), split("a red circle", **kw))
+    with pytest.raises(ValueError, match="no delta to write"):
+        write_delta(base, str(Path(base).resolve()), tmp_path / "same")
+    with pytest.raises(ValueError, match="already a delta"):
+        write_delta(delta, str(Path(base).resolve()), tmp_path / "twice")
+    with pytest.raises(ValueError, match=r"match no parameter"):
+        train(_config(shards, tmp_path / "bad", steps=2, init_from=base, train_only=("nope.*",)), progress=False)
+
+
+def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tmp_path):
+    from latentdit.checkpoint import write_delta
+    from latentdit.pipeline import Text2Image
+
+    base = train(_config(shards, tmp_path / "base", steps=2), progress=False)["model"]
+    ft = train(_config(shards, tmp_path / "ft", steps=2, init_from=base, train_only=("text_proj.*",)),
+               progress=False)["model"]
+    other_cfg = _config(shards, tmp_path / "other", steps=2)
+    other_cfg.model.cross_norm = not other_cfg.model.cross_norm
+    other = train(other_cfg, progress=False)["model"]
+    with pytest.raises(ValueError, match="another architecture"):
+        write_delta(ft, str(Path(other).resolve()), tmp_path / "d1")
+    delta = write_delta(ft, str(Path(base).resolve()), tmp_path / "d2")
+    import shutil
+
+    shutil.rmtree(base)
+    with pytest.raises(ValueError, match="neither a folder nor a hub id|does not exist|not a latentdit model"):
+        Text2Image.from_pretrained(delta)
+
+
+def test_multilingual_recipe_script_runs_every_stage(tmp_path):
+    """recipes/multilingual.sh at toy sizes on the packaged base: bilingual shards, a text-only
+    fine-tune, a delta that loads on the base, and alignment in both languages."""
+    from latentdit.checkpoint import load_config, load_weights
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
+           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", str(root / "recipes" / "multilingual.sh")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
+    assert stages == [f"[recipe] {s}" for s in ("preprocess", "finetune", "export", "delta", "eval-en", "eval-zh")]
+    model = tmp_path / "run" / "model"
+    config = load_config(model)
+    assert config.base == "shapes" and config.text_encoder["name"] == "multilingual-e5"
+    base = load_weights(root / "latentdit" / "weights" / "shapes")
+    assert not (model / "vae").exists() and set(load_weights(model)) < set(base)
+    en, zh = (json.loads((tmp_path / "run" / f"eval-{lang}" / "report.json").read_text()) for lang in ("en", "zh"))
+    assert [row["id"] for row in en["rows"]] == [row["id"] for row in zh["rows"]]
+    assert en["rows"][0]["prompt"] != zh["rows"][0]["prompt"]

@@ -128,7 +128,8 @@ def _report(items: Sequence[dict[str, Any]], images: list, samples: int, t0: flo
             out_dir: str | Path | None, extra: dict[str, Any]) -> dict[str, Any]:
     """Score ``samples`` consecutive images per item; the report (and files, given ``out_dir``)."""
     reads = [read_attributes(image) for image in images[: len(items) * samples]]
-    rows = [{"id": item["id"], "sample": k, "checks": score_read(reads[i * samples + k], item["expect"], checked=True),
+    rows = [{"id": item["id"], "prompt": item.get("prompt"), "sample": k,
+             "checks": score_read(reads[i * samples + k], item["expect"], checked=True),
              "heldout": has_heldout_pair(item["expect"]), "read": _brief(reads[i * samples + k])}
             for i, item in enumerate(items) for k in range(samples)]
     report = aggregate([r["checks"] for r in rows])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ._captions import _describe, caption_for
+from ._captions import LANGUAGES, _describe, caption_for
 from ._draw import _sample_attributes, render_scene, shape_coverage
 from ._vocab import (
     BACKGROUNDS,
@@ -67,18 +67,21 @@ def _check_scenes(scenes: tuple[str, ...], weights: tuple[float, ...] | None) ->
 class ShapesDataset:
     """Infinite map-style dataset: sample i is a pure function of (seed, split, i).
 
-    `length` only sets `len()` (an epoch for samplers); any index >= 0 works."""
+    `length` only sets `len()` (an epoch for samplers); any index >= 0 works. `lang` is the caption
+    language: "en", "zh", or "en+zh" (each sample's language drawn with even odds); the scenes do
+    not depend on it."""
 
     def __init__(self, size: int = 64, split: Split = "train", seed: int = 0, length: int = 1_000_000,
                  scenes: tuple[str, ...] = ("single", "relation", "count"),
-                 scene_weights: tuple[float, ...] | None = None) -> None:
+                 scene_weights: tuple[float, ...] | None = None, lang: str = "en") -> None:
         _check_size(size)
+        check_choice("caption language", lang, (*LANGUAGES, "en+zh"))
         check_choice("split", split, ("train", "heldout"))
         _check_scenes(tuple(scenes), scene_weights)
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         self.size, self.split, self.seed, self.length = size, split, seed, length
-        self.scenes, self.scene_weights = tuple(scenes), scene_weights
+        self.scenes, self.scene_weights, self.lang = tuple(scenes), scene_weights, lang
 
     def __len__(self) -> int:
         return self.length
@@ -97,8 +100,14 @@ class ShapesDataset:
         rng = random.Random(f"shapes/{stream}/{self.seed}/{self.split}/{index}")
         scene = rng.choices(self.scenes, weights=self.scene_weights)[0]
         attributes = _sample_attributes(rng, scene, self.split, self.size)
-        caption, stated = _describe(attributes, rng)
+        caption, stated = _describe(attributes, rng, self._lang_of(index, stream))
         return attributes, caption, stated
+
+    def _lang_of(self, index: int, stream: str) -> str:
+        if self.lang != "en+zh":
+            return self.lang
+        coin = random.Random(f"shapes/lang/{stream}/{self.seed}/{self.split}/{index}").random()
+        return "zh" if coin < 0.5 else "en"
 
     def __getitem__(self, index: int) -> ShapeSample:
         attributes, caption, _ = self.draw(index)
@@ -123,15 +132,17 @@ def write_samples(out_dir: str | os.PathLike, n: int, *, size: int = 64, split: 
     return path
 
 
-def prompt_set(split: Split, n: int, seed: int = 0) -> list[dict]:
+def prompt_set(split: Split, n: int, seed: int = 0, lang: str = "en") -> list[dict]:
     """Prompts for alignment evaluation; `expect` holds exactly what each prompt states and
     `attributes` the full scene its caption was written from (one draw of what the prompt leaves open).
 
     Drawn from a separate random stream, so train-split prompts are in-distribution but are not
-    the training captions themselves."""
+    the training captions themselves. `lang` "zh" gives the same scenes and checks with Chinese
+    prompts, so the two languages are compared prompt for prompt."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    dataset = ShapesDataset(split=split, seed=seed)
+    check_choice("caption language", lang, LANGUAGES)
+    dataset = ShapesDataset(split=split, seed=seed, lang=lang)
     prompts = []
     for i in range(n):
         attributes, caption, stated = dataset.draw(i, stream="prompt")
@@ -144,6 +155,7 @@ __all__ = [
     "BACKGROUNDS",
     "COLORS",
     "HELDOUT_PAIRS",
+    "LANGUAGES",
     "POSITIONS",
     "POSITION_PHRASES",
     "RELATIONS",

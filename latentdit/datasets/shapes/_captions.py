@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import random
 
-from ._vocab import _INVERSE, _NUMBERS, POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS, scene_of
+from ._captions_zh import caption_zh
+from ._vocab import _INVERSE, _NUMBERS, POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS, check_choice, scene_of
+
+LANGUAGES = ("en", "zh")
 
 # ----------------------------------------------------------------------------- captions
 
@@ -104,15 +107,21 @@ def _stated(attributes: dict, mentions: frozenset[str]) -> dict:
     return expect
 
 
-def _describe(attributes: dict, rng: random.Random) -> tuple[str, dict]:
-    """A caption drawn from the scene's templates, and the attribute subset it states."""
+def _describe(attributes: dict, rng: random.Random, lang: str = "en") -> tuple[str, dict]:
+    """A caption drawn from the scene's templates, and the attribute subset it states.
+
+    lang "zh" draws exactly what English draws (same template, same stated facts), then writes the
+    Chinese counterpart of that template; English captions do not depend on `lang`."""
+    check_choice("caption language", lang, LANGUAGES)
     scene = scene_of(attributes)
     fields = _FIELD_BUILDERS[scene](attributes, rng)
     if attributes.get("background"):
         fields["bg"] = attributes["background"]
-    usable = [t for t in _TEMPLATES[scene] if t[1] <= _have(fields)]
-    template, mentions = rng.choice(usable)
-    return template.format(**fields), _stated(attributes, mentions)
+    usable = [i for i, t in enumerate(_TEMPLATES[scene]) if t[1] <= _have(fields)]
+    index = rng.choice(usable)
+    template, mentions = _TEMPLATES[scene][index]
+    text = template.format(**fields) if lang == "en" else caption_zh(scene, index, attributes, rng)
+    return text, _stated(attributes, mentions)
 
 
 def _have(fields: dict[str, str]) -> set[str]:
@@ -127,6 +136,6 @@ def _have(fields: dict[str, str]) -> set[str]:
     return have
 
 
-def caption_for(attributes: dict, rng: random.Random) -> str:
+def caption_for(attributes: dict, rng: random.Random, lang: str = "en") -> str:
     """A caption that is true of the scene: templates only state facts present in `attributes`."""
-    return _describe(attributes, rng)[0]
+    return _describe(attributes, rng, lang)[0]
