@@ -69,6 +69,9 @@ class TrainConfig:
             raise ValueError(f"object_weight must be in [0, 100], got {self.object_weight}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.train_only and not self.init_from:
+            raise ValueError("train_only keeps every other weight as it is, so it needs init_from "
+                             "(the model whose weights it keeps)")
 
 
 # Objectives: (diffusion fields, model fields). "tld" is the original Transformer Latent Diffusion

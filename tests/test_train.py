@@ -476,6 +476,8 @@ def test_train_only_text_relearns_just_the_text_reading_weights_and_ships_as_a_d
         write_delta(delta, str(Path(base).resolve()), tmp_path / "twice")
     with pytest.raises(ValueError, match=r"match no parameter"):
         train(_config(shards, tmp_path / "bad", steps=2, init_from=base, train_only=("nope.*",)), progress=False)
+    with pytest.raises(ValueError, match="train_only .* needs init_from"):
+        _config(shards, tmp_path / "bad", steps=2, train_only=("text",))
 
 
 def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tmp_path):
