@@ -207,4 +207,5 @@ def _rewrite_hint(parts: list[str]) -> str:
         names += [f"{c} is {unicodedata.name(c, '?').lower()!r}" for c in chars]
     if names:
         return "write it in words (" + "; ".join(names[:4]) + ")"
-    return "write the prompt in English, or use a model trained with the 'multilingual-e5' text encoder"
+    return ("write the prompt in English, or use a model trained with the 'multilingual-e5' text encoder "
+            "(the packaged 'shapes-multilingual' reads Chinese)")
