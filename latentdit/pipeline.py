@@ -93,8 +93,9 @@ class Text2Image:
         accelerator when there is one. ``adapter``: a LoRA adapter folder to load on top."""
         device = resolve_device(device)
         model, config, directory = load_denoiser(name_or_path, device)
-        pipe = cls(model, autoencoder or _load_ae(config, directory, device),
-                   text_encoder or _load_text(config, directory, device),
+        folders = (directory, base_folder(directory, config))  # a delta's components may be its base's
+        pipe = cls(model, autoencoder or _load_ae(config, folders, device),
+                   text_encoder or _load_text(config, folders, device),
                    NoisePath(config.diffusion.path), config.sampling, device)
         if adapter is not None:
             pipe.load_adapter(adapter)
@@ -351,13 +352,13 @@ def check_finite_sample(x: Tensor, where: str) -> None:
                                  "weights may be damaged, or try --fp32")
 
 
-def _load_ae(config: CheckpointConfig, directory: Path, device) -> Autoencoder:
-    desc = component_path(directory, config.autoencoder, base_folder(directory, config)) or {"kind": "identity"}
+def _load_ae(config: CheckpointConfig, folders: tuple[Path, Path | None], device) -> Autoencoder:
+    desc = component_path(folders[0], config.autoencoder, folders[1]) or {"kind": "identity"}
     return load_autoencoder(**desc, device=device)  # recorded channels/downsample are checked
 
 
-def _load_text(config: CheckpointConfig, directory: Path, device) -> TextEncoder | None:
-    desc = component_path(directory, config.text_encoder, base_folder(directory, config))
+def _load_text(config: CheckpointConfig, folders: tuple[Path, Path | None], device) -> TextEncoder | None:
+    desc = component_path(folders[0], config.text_encoder, folders[1])
     if not desc:
         return None
     return load_text_encoder(**desc, device=str(device))  # recorded dims are checked

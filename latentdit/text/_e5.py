@@ -232,9 +232,10 @@ class E5Encoder(TextEncoder):
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-        tokens = self._forward(ids, mask.to(self.device)) * mask.to(self.device)[..., None]  # (N, L, D)
-        mean = tokens.sum(1) / mask.sum(1, keepdim=True).to(self.device, tokens.dtype)
-        return TextEmbeddings(tokens, mask.to(self.device), F.normalize(mean, dim=-1))
+        mask = mask.to(self.device)
+        tokens = self._forward(ids, mask) * mask[..., None]  # (N, L, D), padded rows zero
+        mean = tokens.sum(1) / mask.sum(1, keepdim=True).to(tokens.dtype)
+        return TextEmbeddings(tokens, mask, F.normalize(mean, dim=-1))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         blocks = self._word[ids.reshape(-1)]  # (N*L, H/32, 18) uint8
