@@ -293,17 +293,17 @@ def freeze_except(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str
     returns their names. A pattern that matches nothing is an error, not a silent no-op."""
     import fnmatch
 
-    expanded = [q for p in patterns for q in PARAM_GROUPS.get(p, (p,))]
     names = [n for n, _ in model.named_parameters()]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, q) for q in PARAM_GROUPS.get(p, (p,))
-                                                for n in names)]
+    matches = {p: {n for n in names for q in PARAM_GROUPS.get(p, (p,)) if fnmatch.fnmatchcase(n, q)}
+               for p in patterns}
+    unmatched = [p for p, found in matches.items() if not found]
     if unmatched:
         raise ValueError(f"train_only: {unmatched} match no parameter of this model "
                          f"(groups: {', '.join(PARAM_GROUPS)}; e.g. {names[0]!r})")
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, q) for q in expanded)]
+    chosen = set().union(*matches.values())
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
-    return chosen
+    return [n for n in names if n in chosen]
 
 
 def load_init_weights(model: Denoiser, folder: str) -> None:

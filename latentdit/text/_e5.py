@@ -113,16 +113,15 @@ class UnigramTokenizer:
 # ----------------------------------------------------------------------------- weights
 
 
-def _dequantize(raw: memoryview, count: int) -> np.ndarray:
-    """Q4_0 blocks -> float32, `count` weights in storage order."""
-    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _BLOCK_BYTES)
-    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (B, 1)
-    qs = blocks[:, 2:]
-    values = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32) - 8.0  # (B, 32)
-    return (values * scale).reshape(-1)[:count]
+def _dequantize(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks (..., 18) uint8 -> float32 weights (..., 32): byte j holds weight j in its low
+    nibble and weight j + 16 in its high one, each offset by 8, times the block's fp16 scale."""
+    scale = blocks[..., :2].contiguous().view(torch.float16).float()  # (..., 1)
+    qs = blocks[..., 2:].to(torch.int16)
+    return (torch.cat([qs & 0x0F, qs >> 4], dim=-1).float() - 8.0) * scale  # (..., 32)
 
 
-def _read_file(path: str) -> tuple[_Sizes, UnigramTokenizer, dict[str, np.ndarray], np.ndarray]:
+def _read_file(path: str) -> tuple[_Sizes, UnigramTokenizer, dict[str, torch.Tensor], torch.Tensor]:
     """(sizes, tokenizer, float tensors by name, the word table's raw blocks (V, H/32, 18))."""
     with open(path, "rb") as f:
         data = memoryview(bytearray(f.read()))  # writable, so torch can share the word table
@@ -136,18 +135,19 @@ def _read_file(path: str) -> tuple[_Sizes, UnigramTokenizer, dict[str, np.ndarra
         raise ValueError(f"{path!r}: block size {qk}, expected {_QK}")
     sizes = _Sizes(hidden, layers, heads, ffn, vocab, max_pos, eps)
     tokenizer = _read_tokenizer(r)
-    tensors: dict[str, np.ndarray] = {}
-    word = np.zeros(0, np.uint8)
+    tensors: dict[str, torch.Tensor] = {}
+    word = torch.zeros(0, dtype=torch.uint8)
     for _ in range(r.take("i")[0]):
         name = bytes(r.raw(r.take("H")[0])).decode()
         dtype, count, offset, nbytes = r.take("BIQQ")
         raw = data[offset : offset + nbytes]
         if name == "emb.word":  # 96M weights: kept packed, rows dequantised when looked up
-            word = np.frombuffer(raw, np.uint8).reshape(vocab, hidden // _QK, _BLOCK_BYTES)
+            word = torch.frombuffer(raw, dtype=torch.uint8).view(vocab, hidden // _QK, _BLOCK_BYTES)
         elif dtype == 0:
-            tensors[name] = np.frombuffer(raw, np.float32, count).copy()
+            tensors[name] = torch.frombuffer(raw, dtype=torch.float32, count=count).clone()
         else:
-            tensors[name] = _dequantize(raw, count)
+            blocks = torch.frombuffer(raw, dtype=torch.uint8).view(-1, _BLOCK_BYTES)
+            tensors[name] = _dequantize(blocks).reshape(-1)[:count]
     return sizes, tokenizer, tensors, word
 
 
@@ -198,10 +198,8 @@ class E5Encoder(TextEncoder):
         self.dim = self.pooled_dim = sizes.hidden
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
-        self._word = torch.from_numpy(word)
-        self._w: dict[str, torch.Tensor] | None = {
-            k: torch.from_numpy(v).to(self.device, self.dtype) for k, v in tensors.items()
-        }
+        self._word = word
+        self._w: dict[str, torch.Tensor] | None = {k: v.to(self.device, self.dtype) for k, v in tensors.items()}
 
     @property
     def loaded(self) -> bool:
@@ -238,11 +236,8 @@ class E5Encoder(TextEncoder):
         return TextEmbeddings(tokens, mask, F.normalize(mean, dim=-1))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        blocks = self._word[ids.reshape(-1)]  # (N*L, H/32, 18) uint8
-        scale = blocks[..., :2].contiguous().view(torch.float16).float()  # (N*L, H/32, 1)
-        qs = blocks[..., 2:].to(torch.int16)
-        values = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float() - 8.0  # (N*L, H/32, 32)
-        return (values * scale).reshape(*ids.shape, -1).to(self.device, self.dtype)
+        rows = _dequantize(self._word[ids.reshape(-1)])  # (N*L, H/32, 32)
+        return rows.reshape(*ids.shape, -1).to(self.device, self.dtype)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Post-LN BERT: embeddings -> 12 x (self-attention, GELU MLP), each + residual then LN."""

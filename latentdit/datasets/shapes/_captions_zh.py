@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from ._vocab import _INVERSE
+
 COLORS_ZH = {"red": "红色", "orange": "橙色", "yellow": "黄色", "green": "绿色", "cyan": "青色",
              "blue": "蓝色", "purple": "紫色", "pink": "粉色", "white": "白色", "black": "黑色"}
 BACKGROUNDS_ZH = {"white": "白色", "black": "黑色", "gray": "灰色"}
@@ -24,7 +26,6 @@ POSITION_PHRASES_ZH = {
 RELATION_PHRASES_ZH = {"left of": ("左边", "左侧"), "right of": ("右边", "右侧"), "above": ("上方", "上面"),
                        "below": ("下方", "下面")}
 NUMBERS_ZH = {1: "一", 2: "两", 3: "三", 4: "四", 5: "五", 6: "六", 7: "七", 8: "八", 9: "九"}
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 # index i states what the English template i states
 TEMPLATES_ZH: dict[str, tuple[str, ...]] = {
