@@ -49,6 +49,9 @@ class CheckpointConfig:
     # name, or a folder, relative to this one or absolute); weights and components it lacks come
     # from there. None: the folder holds every weight.
     base: str | None = None
+    # `weights_digest` of the base weights a delta does not replace, when it was written: a base
+    # that has changed since (a new release of a packaged model) is refused instead of mixed in.
+    base_digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return to_dict(self)
@@ -242,6 +245,32 @@ def base_folder(directory: Path, config: CheckpointConfig) -> Path | None:
     return base
 
 
+def weights_digest(state: dict[str, torch.Tensor], skip: Any = ()) -> str:
+    """One hash over the weights' names, dtypes, shapes and values in name order, less those named
+    in ``skip``: equal weights give equal digests however the file stores them."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in state if k not in skip):
+        v = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{v.dtype}\0{tuple(v.shape)}\0".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_state(directory: Path, config: CheckpointConfig) -> dict[str, torch.Tensor]:
+    """Every weight of a model folder in float32; a delta's over its base's, once the base is
+    found to hold the weights the delta was made on."""
+    state = load_weights(directory)
+    base = base_folder(directory, config)
+    if base is None:
+        return state
+    theirs = load_weights(base, dtype=None)
+    if config.base_digest and weights_digest(theirs, skip=state) != config.base_digest:
+        raise ValueError(f"{directory} is a delta on {config.base!r}, but {base} now holds other weights "
+                         "than those it was made on; remake it on this base (latentdit delta) or "
+                         "install the base it was made on")
+    return {**{k: v.float() if v.is_floating_point() else v for k, v in theirs.items()}, **state}
+
+
 def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     """(Denoiser with weights, CheckpointConfig, folder) from a folder, packaged name or hub id."""
     from .model import Denoiser
@@ -249,10 +278,7 @@ def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
     directory = resolve(name_or_path)
     config = load_config(directory)
     model = Denoiser(config.model)
-    state = load_weights(directory)
-    base = base_folder(directory, config)
-    if base is not None:
-        state = {**load_weights(base), **state}
+    state = load_state(directory, config)
     expected = model.state_dict()
     wrong = [f"{k} is {list(v.shape)}, config.json expects {list(expected[k].shape)}"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
@@ -384,6 +410,7 @@ def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     changed = {k: v for k, v in mine.items() if not torch.equal(v, theirs[k].to(v.dtype))}
     if not changed:
         raise ValueError(f"{mdir} holds the same weights as {base!r}; there is no delta to write")
+    mconf.base_digest = weights_digest(theirs, skip=changed)
     extra = {}
     ae = mconf.autoencoder or {}
     ae_dir = ae.get("path") if isinstance(ae.get("path"), str) else None

@@ -342,7 +342,7 @@ def _write(pipe: Text2Image, out: Path, cfg: ConceptConfig, base, base_cfg: Chec
     # A whole model: the base's components travel with it, so the folder stands on its own.
     copies = {}
     config = from_dict(CheckpointConfig, base_cfg.to_json())
-    config.base = None  # every weight is written, whether the base is a delta or not
+    config.base = config.base_digest = None  # every weight is written, whether the base is a delta or not
     base_base = base_folder(folder, base_cfg)
     for name in ("autoencoder", "text_encoder"):
         desc = getattr(base_cfg, name)

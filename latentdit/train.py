@@ -312,11 +312,11 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
     is refused, naming the config fields that differ, so that no trained weight is dropped."""
     from dataclasses import asdict
 
-    from .checkpoint import load_config, load_weights, resolve
+    from .checkpoint import load_config, load_state, resolve
 
     directory = resolve(folder)
     own = model.state_dict()
-    weights = load_weights(directory)
+    weights = load_state(directory, load_config(directory))  # a delta comes with its base's weights
     problems = [f"{n} has shape {tuple(w.shape)}, the new model needs {tuple(own[n].shape)}"
                 for n, w in weights.items() if n in own and own[n].shape != w.shape
                 and not (n == "patch.weight" and own[n].shape[1] > w.shape[1])]

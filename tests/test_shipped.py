@@ -107,6 +107,7 @@ def test_the_multilingual_model_is_a_delta_on_shapes_within_the_weights_budget()
     folder = PACKAGED["shapes-multilingual"]
     config = load_config(folder)
     assert config.base == "shapes" and config.text_encoder["name"] == "multilingual-e5"
+    assert config.base_digest  # a changed base is refused, not mixed in (test_train.py)
     assert not (folder / "vae").exists()  # the base's autoencoder serves both
     assert set(load_weights(folder)) < set(load_weights(PACKAGED["shapes"]))
     weights = PACKAGED["shapes"].parent

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from latentdit.config import to_dict
 from latentdit.train import train
@@ -470,6 +470,9 @@ def test_train_only_text_relearns_just_the_text_reading_weights_and_ships_as_a_d
     kw = dict(seed=1, steps=2, output_type="latent", progress=False)
     whole, split = Text2Image.from_pretrained(result), Text2Image.from_pretrained(delta)
     assert torch.equal(whole("a red circle", **kw), split("a red circle", **kw))
+    again = train(_config(shards, tmp_path / "again", steps=2, init_from=str(delta), train_only=("text",)),
+                  progress=False)["model"]  # a delta is a whole model to fine-tune from
+    assert set(load_file(Path(again) / "model.safetensors")) == set(before)
     with pytest.raises(ValueError, match="no delta to write"):
         write_delta(base, str(Path(base).resolve()), tmp_path / "same")
     with pytest.raises(ValueError, match="already a delta"):
@@ -493,8 +496,23 @@ def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tm
     with pytest.raises(ValueError, match="another architecture"):
         write_delta(ft, str(Path(other).resolve()), tmp_path / "d1")
     delta = write_delta(ft, str(Path(base).resolve()), tmp_path / "d2")
+    Text2Image.from_pretrained(delta)  # its base as it was made on
     import shutil
 
+    keep = tmp_path / "base.safetensors"
+    shutil.copy(Path(base) / "model.safetensors", keep)
+    weights = load_file(keep)
+    weights["final.weight"] = weights["final.weight"] + 1e-3  # a weight the delta does not replace
+    save_file(weights, Path(base) / "model.safetensors")
+    with pytest.raises(ValueError, match="now holds other weights than those it was made on"):
+        Text2Image.from_pretrained(delta)
+    weights = load_file(keep)
+    weights["text_proj.0.weight"] = weights["text_proj.0.weight"] + 1e-3  # one it does replace
+    save_file({k: v.half() for k, v in weights.items()}, Path(base) / "model.safetensors")
+    with pytest.raises(ValueError, match="now holds other weights"):  # fp16 is another base too
+        Text2Image.from_pretrained(delta)
+    save_file(weights, Path(base) / "model.safetensors")
+    Text2Image.from_pretrained(delta)
     shutil.rmtree(base)
     with pytest.raises(ValueError, match="neither a folder nor a hub id|does not exist|not a latentdit model"):
         Text2Image.from_pretrained(delta)
