@@ -77,8 +77,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _print(report: dict) -> int:
-    keys = ("overall", "image_accuracy", "per_category", "heldout_pairs", "prompts", "samples_per_prompt",
-            "reference", "seconds")
+    keys = ("overall", "image_accuracy", "per_category", "heldout_pairs", "relation_layout", "prompts",
+            "samples_per_prompt", "reference", "seconds")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     return 0
 

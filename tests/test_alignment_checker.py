@@ -128,6 +128,26 @@ def test_relation_is_judged_from_geometry():
     assert not score(image, {"scene": "relation", "objects": [b, a], "relation": "above"})["relation"]
 
 
+def test_relation_outcome_tells_a_swap_from_the_wrong_axis_and_from_wrong_objects():
+    from latentdit.evaluate import relation_outcome
+
+    a, b = {"color": "yellow", "shape": "star"}, {"color": "pink", "shape": "square"}
+    found = read_attributes(render_scene({"scene": "relation", "objects": [a, b], "relation": "left of",
+                                          "background": "black"}))["objects"]
+    ask = {"scene": "relation", "objects": [a, b]}
+    assert relation_outcome(found, {**ask, "relation": "left of"}) == "right"
+    assert relation_outcome(found, {**ask, "relation": "right of"}) == "swapped"
+    assert relation_outcome(found, {**ask, "objects": [b, a], "relation": "left of"}) == "swapped"
+    assert relation_outcome(found, {**ask, "relation": "above"}) == "other axis"
+    assert relation_outcome(found, {**ask, "relation": "below"}) == "other axis"
+    blue = {"color": "blue", "shape": "star"}
+    assert relation_outcome(found, {**ask, "objects": [blue, b], "relation": "left of"}) == "objects wrong"
+    assert relation_outcome(found[:1], {**ask, "relation": "left of"}) == "objects wrong"
+    # only what the prompt states is held to: a colour-only prompt's objects are right by colour
+    assert relation_outcome(found, {**ask, "objects": [{"color": "yellow"}, {"color": "pink"}],
+                                    "relation": "left of"}) == "right"
+
+
 def test_count_is_checked_against_what_is_drawn():
     want = {"scene": "count", "objects": [{"color": "cyan", "shape": "triangle"}], "count": 3}
     three = render_scene(want, 64)

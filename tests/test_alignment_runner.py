@@ -155,6 +155,14 @@ def test_reference_renders_the_prompts_own_scenes_and_the_autoencoder_sets_the_c
     assert sum(n for got in table.values() for n in got.values()) == len(single)
     assert missed == sum(not r["checks"]["shape"] for r in single) > 0
     assert all(set(got) == {want} for want, got in renders["confusion"]["shape"].items())  # renders: diagonal
+    # the relation table counts every relation image once, and renders place every pair right
+    relations = sum(bool(it["expect"].get("relation")) for it in items)
+    assert relations > 0 and renders["relation_layout"] == {"right": relations, "swapped": 0, "other axis": 0,
+                                                             "objects wrong": 0}
+    layout = coarse["relation_layout"]
+    assert sum(layout.values()) == relations and layout["objects wrong"] > 0
+    # placed right with both objects right implies the relation check passed (which asks less)
+    assert layout["right"] <= sum(r["checks"].get("relation", False) for r in rows)
     bad = [{"id": "p7", "prompt": "a red circle", "expect": {"objects": [{"shape": "circle"}]}}]
     with pytest.raises(ValueError, match="prompt p7: no reference render .* unknown color None"):
         score_references(bad)

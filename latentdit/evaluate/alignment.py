@@ -24,7 +24,7 @@ from ..datasets.shapes import scene_of
 from ..lines import read_jsonl
 from ..plan import prompt_seeds
 from .checker import read_attributes
-from .scoring import aggregate, check_expect, score_read
+from .scoring import RELATION_OUTCOMES, aggregate, check_expect, relation_outcome, score_read
 
 HELDOUT_PAIRS_KEY = "heldout_pairs"
 
@@ -136,6 +136,7 @@ def _report(items: Sequence[dict[str, Any]], images: list, samples: int, t0: flo
     held = [r["checks"] for r in rows if r["heldout"]]
     report[HELDOUT_PAIRS_KEY] = aggregate(held)["overall"] if held else None
     report["confusion"] = single_object_confusion(items, reads, samples)
+    report["relation_layout"] = relation_layout(items, reads, samples)
     report.update({"prompts": len(items), "samples_per_prompt": samples, **extra,
                    "seconds": round(time.perf_counter() - t0, 1)})
     if out_dir is not None:
@@ -168,6 +169,18 @@ def single_object_confusion(items: Sequence[dict[str, Any]], reads: Sequence[dic
                     got = found[0][key] if found else "none"
                     row = counts.setdefault(wanted[key], {})
                     row[got] = row.get(got, 0) + 1
+    return table
+
+
+def relation_layout(items: Sequence[dict[str, Any]], reads: Sequence[dict], samples: int = 1) -> dict[str, int]:
+    """For prompts that state a relation: how many images drew both objects as asked and placed
+    them right, swapped or on the other axis, and how many got an object wrong (`relation_outcome`).
+    ``reads[i * samples + k]`` is ``read_attributes`` of item i's k-th image."""
+    table = dict.fromkeys(RELATION_OUTCOMES, 0)
+    for i, item in enumerate(items):
+        if item["expect"].get("relation"):
+            for k in range(samples):
+                table[relation_outcome(reads[i * samples + k]["objects"], item["expect"])] += 1
     return table
 
 

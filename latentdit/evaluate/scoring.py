@@ -78,6 +78,24 @@ def _score_relation(found: list[dict], expect: dict) -> dict[str, bool]:
     return results
 
 
+RELATION_OUTCOMES: tuple[str, ...] = ("right", "swapped", "other axis", "objects wrong")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def relation_outcome(found: list[dict], expect: dict) -> str:
+    """Why a relation image passes or fails its relation check: "objects wrong" unless both of the
+    prompt's objects were found with every colour and shape it states; else where the first lies
+    from the second: "right", "swapped" (the opposite side: the two objects' places exchanged) or
+    "other axis" (side by side where one was asked above the other, or the reverse)."""
+    expected = expect["objects"][:2]
+    matched = _match(expected, found)
+    if any(f is None or any(f[k] != e[k] for k in ("color", "shape") if k in e) for e, f in zip(expected, matched)):
+        return "objects wrong"
+    got = relation_between(matched[0]["center"], matched[1]["center"])
+    want = expect["relation"]
+    return "right" if got == want else "swapped" if got == _OPPOSITE[want] else "other axis"
+
+
 def _score_count(found: list[dict], expect: dict) -> dict[str, bool]:
     """Every object found must look as asked; positions (if stated) must match as a multiset."""
     wanted = expect["objects"][0]
