@@ -316,14 +316,15 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
 
     directory = resolve(folder)
     own = model.state_dict()
-    weights = load_state(directory, load_config(directory))  # a delta comes with its base's weights
+    config = load_config(directory)
+    weights = load_state(directory, config)  # a delta comes with its base's weights
     problems = [f"{n} has shape {tuple(w.shape)}, the new model needs {tuple(own[n].shape)}"
                 for n, w in weights.items() if n in own and own[n].shape != w.shape
                 and not (n == "patch.weight" and own[n].shape[1] > w.shape[1])]
     problems += [f"{n} is not in the new model" for n in weights if n not in own]
     problems += [f"{n} is missing from it" for n in own if n not in weights]
     if problems:
-        theirs = asdict(load_config(directory).model)
+        theirs = asdict(config.model)
         ours = asdict(model.config)
         hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
                          if k not in ("extra_in_channels", "control") and ours.get(k) != v)

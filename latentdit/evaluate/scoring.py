@@ -13,6 +13,7 @@ from PIL import Image
 from ..datasets.shapes import (
     BACKGROUNDS,
     COLORS,
+    INVERSE_RELATION,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -79,7 +80,6 @@ def _score_relation(found: list[dict], expect: dict) -> dict[str, bool]:
 
 
 RELATION_OUTCOMES: tuple[str, ...] = ("right", "swapped", "other axis", "objects wrong")
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def relation_outcome(found: list[dict], expect: dict) -> str:
@@ -93,7 +93,7 @@ def relation_outcome(found: list[dict], expect: dict) -> str:
         return "objects wrong"
     got = relation_between(matched[0]["center"], matched[1]["center"])
     want = expect["relation"]
-    return "right" if got == want else "swapped" if got == _OPPOSITE[want] else "other axis"
+    return "right" if got == want else "swapped" if got == INVERSE_RELATION[want] else "other axis"
 
 
 def _score_count(found: list[dict], expect: dict) -> dict[str, bool]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from ._captions_zh import caption_zh
-from ._vocab import _INVERSE, _NUMBERS, POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS, check_choice, scene_of
+from ._vocab import _NUMBERS, INVERSE_RELATION, POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS, check_choice, scene_of
 
 LANGUAGES = ("en", "zh")
 
@@ -71,7 +71,7 @@ def _relation_fields(attributes: dict, rng: random.Random) -> dict[str, str]:
     relation = attributes["relation"]
     fields = {"a_A": _noun(a, rng, False), "a_B": _noun(b, rng, False),
               "rel": rng.choice(RELATION_PHRASES[relation]),
-              "inv": rng.choice(RELATION_PHRASES[_INVERSE[relation]])}
+              "inv": rng.choice(RELATION_PHRASES[INVERSE_RELATION[relation]])}
     if "size" in a and "size" in b:
         fields |= {"a_sA": _noun(a, rng, True), "a_sB": _noun(b, rng, True)}
     return fields

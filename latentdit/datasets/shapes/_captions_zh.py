@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from ._vocab import _INVERSE
+from ._vocab import INVERSE_RELATION
 
 COLORS_ZH = {"red": "红色", "orange": "橙色", "yellow": "黄色", "green": "绿色", "cyan": "青色",
              "blue": "蓝色", "purple": "紫色", "pink": "粉色", "white": "白色", "black": "黑色"}
@@ -85,7 +85,7 @@ def _fields(scene: str, attributes: dict, rng: random.Random) -> dict[str, str]:
         relation = attributes["relation"]
         fields |= {"a_A": _noun(a, rng, False), "a_B": _noun(b, rng, False),
                    "rel": rng.choice(RELATION_PHRASES_ZH[relation]),
-                   "inv": rng.choice(RELATION_PHRASES_ZH[_INVERSE[relation]])}
+                   "inv": rng.choice(RELATION_PHRASES_ZH[INVERSE_RELATION[relation]])}
         if "size" in a and "size" in b:
             fields |= {"a_sA": _noun(a, rng, True), "a_sB": _noun(b, rng, True)}
     else:

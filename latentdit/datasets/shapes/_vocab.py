@@ -56,7 +56,7 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "above": ("above",),
     "below": ("below", "beneath"),
 }
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
 
 
