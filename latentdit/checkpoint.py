@@ -362,6 +362,10 @@ def average_models(folders: list[str | Path], out: str | Path, weights: list[flo
             if other[section] != first[section]:
                 raise ValueError(f"{d} and {dirs[0]} differ in config.json's '{section}' section; "
                                  "only models of one architecture and encoders can be averaged")
+        if (c.base, c.base_digest) != (configs[0].base, configs[0].base_digest):
+            raise ValueError(f"{d} and {dirs[0]} are not deltas on one base (config.json 'base' "
+                             f"{c.base!r} and {configs[0].base!r}, or their base digests, differ); "
+                             "only deltas of one base, or whole models, can be averaged")
     ae = configs[0].autoencoder or {}
     ae_dir = ae.get("path") if isinstance(ae.get("path"), str) else None
     extra = {}

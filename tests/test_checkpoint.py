@@ -210,6 +210,16 @@ def test_average_refuses_models_that_do_not_share_a_space(tmp_path):
     other_text, _ = _folder(tmp_path, "c", 1, config=cfg)
     with pytest.raises(ValueError, match="'text_encoder' section"):
         ckpt.average_models([a, other_text], tmp_path / "out")
+    # deltas are averaged only onto the base both were made on
+    def delta(name, digest):
+        cfg = CheckpointConfig(model=ma.config, text_encoder={"name": "minilm"},
+                               autoencoder={"kind": "kl", "path": "vae"}, base="shapes", base_digest=digest)
+        return _folder(tmp_path, name, 2, config=cfg)[0]
+
+    d1, d2 = delta("d1", "1" * 64), delta("d2", "2" * 64)
+    for pair in ([a, d1], [d1, d2]):
+        with pytest.raises(ValueError, match="not deltas on one base"):
+            ckpt.average_models(pair, tmp_path / "out")
     with pytest.raises(ValueError, match="at least two"):
         ckpt.average_models([a], tmp_path / "out")
     with pytest.raises(ValueError, match="one weight per model"):
