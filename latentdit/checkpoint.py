@@ -237,8 +237,9 @@ def base_folder(directory: Path, config: CheckpointConfig) -> Path | None:
         raise ValueError(f"{directory}: its base {config.base!r} is itself a delta model; "
                          "a base must hold every weight")
     ours, theirs = to_dict(config.model), to_dict(base_config.model)
-    # max_text_len is the one field no weight depends on
-    differ = sorted(k for k in ours if k != "max_text_len" and ours[k] != theirs.get(k))
+    # max_text_len is the one field no weight depends on, unless a text refiner gives each place a weight
+    free = set() if ours.get("text_refiner") else {"max_text_len"}
+    differ = sorted(k for k in ours if k not in free and ours[k] != theirs.get(k))
     if differ:
         raise ValueError(f"{directory}: its base {config.base!r} has another architecture "
                          f"(config.json 'model' differs in {', '.join(differ)})")

@@ -171,6 +171,10 @@ class ModelConfig:
     # A structure-conditioned variant: the kind of control map its extra input channels carry
     # (latentdit/control.py); None for a plain model or the inpainting variant.
     control: ControlKind | None = None
+    # Transformer blocks that re-read the projected text tokens (self-attention among them, with a
+    # learned position per token) before any image block attends to them; 0 = none. Zero-initialised,
+    # so a model grown from one without them starts as that model (``--init_from``).
+    text_refiner: int = 0
 
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +191,9 @@ class ModelConfig:
             raise ValueError("width must be a multiple of 4 (2-D sin-cos position embedding)")
         if min(self.in_channels, self.patch_size, self.depth, self.base_size) < 1:
             raise ValueError("in_channels, patch_size, depth and base_size must be >= 1")
+        if self.text_refiner < 0 or (self.text_refiner and self.text_dim == 0):
+            raise ValueError("text_refiner counts blocks over the text tokens: it needs text_dim > 0 "
+                             f"and cannot be negative (got {self.text_refiner})")
         if self.control is not None and self.control_factor ** 2 != self.extra_in_channels:
             raise ValueError(f"a control model carries its map as factor**2 extra channels (pixel unshuffle: "
                              f"16 for latents at 1/4 of the image side), got extra_in_channels "

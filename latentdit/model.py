@@ -176,6 +176,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x), hw)
 
 
+class TextRefinerBlock(nn.Module):
+    """Self-attention among the text tokens and an MLP, pre-norm, with zero-initialised outputs
+    (an identity at init). Text tokens otherwise reach the image only as fixed keys and values;
+    these blocks let each token take in the sentence around it (which object a relation word
+    names) before cross-attention, as joint image-text attention does, at the cost of a few
+    short sequences: the text length, not the image, sets their size."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.width
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.mlp = MLP(d, cfg.mlp_ratio, "gelu", cfg.gelu)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x), (0, 0))
+
+
 class Denoiser(nn.Module):
     """Latent transformer denoiser. See ``forward`` for the interface."""
 
@@ -190,6 +209,9 @@ class Denoiser(nn.Module):
         if cfg.text_dim:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU("tanh"), nn.Linear(d, d))
             self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) / cfg.text_dim**0.5)
+            if cfg.text_refiner:
+                self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len, d))
+                self.text_refiner = nn.ModuleList(TextRefinerBlock(cfg) for _ in range(cfg.text_refiner))
         if cfg.pooled_dim:
             self.pooled_proj = nn.Sequential(nn.Linear(cfg.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
             self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim))
@@ -223,6 +245,9 @@ class Denoiser(nn.Module):
             nn.init.normal_(self.class_embed.weight, std=0.02)
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
+        for block in getattr(self, "text_refiner", ()):
+            for out in (block.attn.out, block.mlp.fc2):
+                nn.init.zeros_(out.weight)
 
     # -- conditioning ------------------------------------------------------------------------
     def null_condition(self, n: int, length: int = 1) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -295,7 +320,15 @@ class Denoiser(nn.Module):
         mask = mask.bool()
         # A row with every token masked would make attention NaN: let it see its first token.
         mask = mask | (~mask.any(1, keepdim=True) & (torch.arange(mask.shape[1], device=mask.device) == 0))
-        return self.text_proj(text), mask
+        ctx = self.text_proj(text)
+        if self.config.text_refiner:
+            if ctx.shape[1] > self.config.max_text_len:
+                raise ValueError(f"{ctx.shape[1]} text tokens, but this model's text refiner has positions "
+                                 f"for {self.config.max_text_len} (max_text_len)")
+            ctx = ctx + self.text_pos[: ctx.shape[1]].to(ctx.dtype)
+            for block in self.text_refiner:
+                ctx = block(ctx, mask)
+        return ctx, mask
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None,

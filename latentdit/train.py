@@ -283,8 +283,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 # The weights that read the text condition: swapping the text encoder (e.g. for a multilingual one)
 # only needs these relearned; the image pathway stays as it was trained.
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
-    "text": ("text_proj.*", "pooled_proj.*", "null_text", "null_pooled", "blocks.*.cross.kv.*",
-             "blocks.*.cross.k_norm.*"),
+    "text": ("text_proj.*", "text_pos", "text_refiner.*", "pooled_proj.*", "null_text", "null_pooled",
+             "blocks.*.cross.kv.*", "blocks.*.cross.k_norm.*"),
 }
 
 
@@ -308,8 +308,10 @@ def freeze_except(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str
 
 def load_init_weights(model: Denoiser, folder: str) -> None:
     """Fine-tuning start: copy every weight by name; a wider input conv keeps the new channels at
-    zero (the inpainting variant starts as the base model). Any other difference in architecture
-    is refused, naming the config fields that differ, so that no trained weight is dropped."""
+    zero (the inpainting variant starts as the base model), and text-refiner blocks the base does
+    not have keep their identity init (the grown model starts as the base). Any other difference
+    in architecture is refused, naming the config fields that differ, so that no trained weight
+    is dropped."""
     from dataclasses import asdict
 
     from .checkpoint import load_config, load_state, resolve
@@ -322,12 +324,14 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
                 for n, w in weights.items() if n in own and own[n].shape != w.shape
                 and not (n == "patch.weight" and own[n].shape[1] > w.shape[1])]
     problems += [f"{n} is not in the new model" for n in weights if n not in own]
-    problems += [f"{n} is missing from it" for n in own if n not in weights]
+    grown = model.config.text_refiner > config.model.text_refiner
+    problems += [f"{n} is missing from it" for n in own if n not in weights
+                 and not (grown and (n == "text_pos" or n.startswith("text_refiner.")))]
     if problems:
         theirs = asdict(config.model)
         ours = asdict(model.config)
         hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
-                         if k not in ("extra_in_channels", "control") and ours.get(k) != v)
+                         if k not in ("extra_in_channels", "control", "text_refiner") and ours.get(k) != v)
         raise ValueError(f"cannot fine-tune from {folder}: its architecture differs ("
                          + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
                          + ")" + (f". Its model config differs in: {hint}" if hint else ""))

@@ -243,3 +243,37 @@ def test_every_adaln_modulation_row_reaches_the_output(row, name):
             block.table[row] += 0.5
         after = model(x, t, text, mask, pooled)
     assert (after - before).abs().max() > 1e-3, f"the {name} does not reach the output"
+
+
+def test_text_refiner_starts_as_identity_and_lets_text_tokens_read_each_other():
+    plain = _randomize(build_denoiser("tiny"))
+    refined = build_denoiser("tiny", text_refiner=2)
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k == "text_pos" or k.startswith("text_refiner.") for k in missing)
+    x, t, text, mask, pooled = _inputs()
+    torch.testing.assert_close(refined.eval()(x, t, text, mask, pooled), plain(x, t, text, mask, pooled))
+    _randomize(refined)
+    ctx, m = refined._text_tokens(text, mask)
+    # token 0's state depends on token 1 (self-attention) and on its own place (positions)...
+    text2 = text.clone()
+    text2[:, 1] += 1.0
+    assert not torch.allclose(refined._text_tokens(text2, mask)[0][:, 0], ctx[:, 0], atol=1e-4)
+    swapped = text[:, [1, 0, *range(2, text.shape[1])]]
+    assert not torch.allclose(refined._text_tokens(swapped, mask)[0][:, 1], ctx[:, 0], atol=1e-4)
+    # ...but never on masked pads, so padding still leaves the output alone
+    garbage = torch.cat([text, torch.randn(2, 3, 32) * 100], 1)
+    padded = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    torch.testing.assert_close(refined(x, t, garbage, padded, pooled), refined(x, t, text, mask, pooled),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_text_refiner_bad_configs_and_inputs_are_named():
+    with pytest.raises(ValueError, match="text_refiner"):
+        build_denoiser("tiny", text_refiner=-1)
+    with pytest.raises(ValueError, match="text_refiner.*text_dim"):
+        build_denoiser("tiny", text_dim=0, text_refiner=1)
+    model = build_denoiser("tiny", text_refiner=1)
+    x, t, _, _, pooled = _inputs()
+    n = model.config.max_text_len + 1
+    with pytest.raises(ValueError, match=f"{n} text tokens.*max_text_len"):
+        model(x, t, torch.randn(2, n, 32), torch.ones(2, n, dtype=torch.bool), pooled)

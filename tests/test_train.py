@@ -337,6 +337,41 @@ def test_fine_tuning_from_another_architecture_names_the_difference(shards, tmp_
     train(cfg, progress=False)  # the same architecture starts from the base weights
 
 
+def test_a_text_refiner_grown_from_a_base_starts_as_the_base_and_trains(shards, tmp_path):
+    """--model.text_refiner on a base without one: the base weights are copied, the new blocks start
+    as identities (same predictions as the base), and training moves them. Shrinking is refused."""
+    from latentdit.checkpoint import load_denoiser
+    from latentdit.model import Denoiser
+    from latentdit.train import load_init_weights
+
+    base = train(_config(shards, tmp_path / "base", steps=2), progress=False)
+    cfg = _config(shards, tmp_path / "ft", steps=3, init_from=base["model"])
+    cfg.model.text_refiner = 2
+    grown = Denoiser(cfg.model)
+    load_init_weights(grown, base["model"])
+    plain = load_denoiser(base["model"])[0].float().eval()
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.rand(2)
+    text, mask, pooled = torch.randn(2, 24, 384), torch.ones(2, 24, dtype=torch.bool), torch.randn(2, 384)
+    mask[1, 5:] = False
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x, t, text, mask, pooled), plain(x, t, text, mask, pooled))
+    result = train(cfg, progress=False)
+    trained = load_denoiser(result["model"])[0]
+    assert trained.config.text_refiner == 2
+    assert trained.text_pos.abs().sum() > 0 and trained.text_refiner[1].mlp.fc2.weight.abs().sum() > 0
+    # the refiner reads the text, so swapping a text encoder (train_only text) relearns it
+    again = train(_config(shards, tmp_path / "text", steps=2, init_from=result["model"], train_only=("text",),
+                          model={**dataclasses.asdict(cfg.model)}), progress=False)
+    before = load_file(Path(result["model"]) / "model.safetensors")
+    after = load_file(Path(again["model"]) / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"text_pos", "text_refiner.0.attn.qkv.weight"} <= changed
+    assert not any(k.startswith("blocks.") and ".cross." not in k for k in changed)
+    back = _config(shards, tmp_path / "back", steps=2, init_from=result["model"])
+    with pytest.raises(ValueError, match="text_refiner.* is not in the new model"):
+        train(back, progress=False)
+
+
 @pytest.mark.slow
 def test_shapes_recipe_script_runs_every_stage(tmp_path):
     """recipes/shapes.sh at toy sizes: every stage's flags still parse, the exported model loads
