@@ -30,6 +30,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default: the model's sampling config")
     add_guidance_interval_arg(p)
+    p.add_argument("--relation-prompts", action="store_true",
+                   help="alignment: only the prompts that state a relation between two objects named by colour "
+                        "and shape (English)")
+    p.add_argument("--negative-swapped", action="store_true",
+                   help="alignment: the --relation-prompts, each guided away from itself with its two objects "
+                        "swapped (does the condition carry which object goes where?)")
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
@@ -65,6 +71,14 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         items = prompt_set(args.split, args.n, seed=args.seed, lang=args.lang)
+    if args.relation_prompts or args.negative_swapped:
+        from .evaluate.alignment import order_swapped
+
+        items = [it | ({"negative": neg} if args.negative_swapped else {})
+                 for it in items if (neg := order_swapped(it)) is not None]
+        if not items:
+            raise ValueError("no prompt states a relation between two objects named by colour and shape "
+                             "(English prompts only)")
     if args.reference == "renders":
         return _print(score_references(items, out_dir=args.out))
     pipe = Text2Image.from_pretrained(args.model, device=args.device, adapter=args.adapter)
@@ -78,7 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _print(report: dict) -> int:
     keys = ("overall", "image_accuracy", "per_category", "heldout_pairs", "relation_layout", "prompts",
-            "samples_per_prompt", "reference", "seconds")
+            "samples_per_prompt", "negative_prompts", "reference", "seconds")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     return 0
 

@@ -52,6 +52,48 @@ def test_oracle_scores_high_blank_scores_low(tmp_path):
     assert euler["sampler"] == "euler" and oracle.kwargs["sampler"] == "euler"
 
 
+def test_prompts_with_negatives_are_guided_away_from_them_and_all_or_none_have_one(tmp_path):
+    items = prompt_set("heldout", 6, seed=1)
+    oracle = Oracle(items)
+    plain = run_alignment(oracle, items, samples=2, batch_size=4, progress=False)
+    assert oracle.kwargs["negative_prompt"] is None and plain["negative_prompts"] is False
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({**it, "negative": f"not {it['prompt']}"}) + "\n" for it in items))
+    loaded = load_prompts(f)
+    assert [it["negative"] for it in loaded] == [f"not {it['prompt']}" for it in items]
+    oracle.calls.clear()
+    guided = run_alignment(oracle, loaded, samples=2, batch_size=4, progress=False)
+    assert guided["negative_prompts"] is True
+    # each call's negatives are its own prompts' (two prompts per call of four images)
+    assert [p for p, _ in oracle.calls] == [[it["prompt"] for it in items[i:i + 2]] for i in (0, 2, 4)]
+    assert oracle.kwargs["negative_prompt"] == [f"not {it['prompt']}" for it in items[4:]]
+    with pytest.raises(ValueError, match="1 of 6 prompts have a negative"):
+        run_alignment(oracle, [loaded[0]] + items[1:], samples=1, progress=False)
+    f.write_text(json.dumps({"prompt": "a red circle", "expect": {"objects": [{"color": "red"}]}, "negative": 3}))
+    with pytest.raises(ValueError, match="'negative', when given, must be a string"):
+        load_prompts(f)
+
+
+def test_order_swapped_exchanges_the_two_objects_of_relation_prompts_only():
+    from latentdit.evaluate.alignment import order_swapped
+
+    items = prompt_set("heldout", 60, seed=2)
+    swapped = {it["id"]: order_swapped(it) for it in items}
+    relations = [it for it in items if it["expect"]["scene"] == "relation"]
+    assert relations and all(swapped[it["id"]] is None for it in items if it not in relations)
+    for it in relations:
+        a, b = (f"{o['color']} {o['shape']}" for o in it["expect"]["objects"])
+        s = swapped[it["id"]]
+        assert s.index(b) < s.index(a) if it["prompt"].index(a) < it["prompt"].index(b) else s.index(a) < s.index(b)
+        assert len(s.split()) == len(it["prompt"].split())
+    item = {"prompt": "a red star to the right of an orange cross",
+            "expect": {"scene": "relation", "relation": "right of",
+                       "objects": [{"color": "red", "shape": "star"}, {"color": "orange", "shape": "cross"}]}}
+    assert order_swapped(item) == "an orange cross to the right of a red star"
+    colour_only = {**item, "expect": {**item["expect"], "objects": [{"color": "red"}, {"color": "orange"}]}}
+    assert order_swapped(colour_only) is None
+
+
 def test_load_prompts_validates(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "a", "prompt": "a red circle", "expect": {"objects": [{"color": "red"}]}}\n\n')

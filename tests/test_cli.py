@@ -152,6 +152,34 @@ def test_from_file_images_do_not_depend_on_batching(tmp_path):
     assert np.abs(first[0] - first[1]).max() > 2  # the two images of a prompt differ (seeds + k)
 
 
+def test_eval_alignment_negative_swapped_keeps_the_relation_prompts(tmp_path, capsys, monkeypatch):
+    import json
+
+    assert main(["eval", "alignment", "--reference", "renders", "--n", "30", "--out", str(tmp_path / "all")]) == 0
+    for flag in ("--relation-prompts", "--negative-swapped"):
+        assert main(["eval", "alignment", "--reference", "renders", "--n", "30", flag,
+                     "--out", str(tmp_path / flag)]) == 0
+    full, rel, neg = (json.loads((tmp_path / d / "report.json").read_text())
+                      for d in ("all", "--relation-prompts", "--negative-swapped"))
+    relation_ids = {r["id"] for r in full["rows"] if "relation" in r["checks"]}
+    assert relation_ids and {r["id"] for r in rel["rows"]} == {r["id"] for r in neg["rows"]} == relation_ids
+    # sampling gets each prompt's swapped sentence as its negative
+    import latentdit.evaluate
+    import latentdit.pipeline
+
+    seen = {}
+    monkeypatch.setattr(latentdit.pipeline.Text2Image, "from_pretrained", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(latentdit.evaluate, "run_alignment",
+                        lambda pipe, items, **kw: seen.setdefault("items", items) and {"overall": 0.0})
+    assert main(["eval", "alignment", "--n", "30", "--negative-swapped"]) == 0
+    assert [it["id"] for it in seen["items"]] == [r["id"] for r in neg["rows"]]
+    assert all(it["negative"] != it["prompt"] and sorted(it["negative"].split()) == sorted(it["prompt"].split())
+               for it in seen["items"])
+    capsys.readouterr()
+    assert main(["eval", "alignment", "--reference", "renders", "--n", "4", "--lang", "zh", "--negative-swapped"]) == 2
+    assert "no prompt states a relation" in capsys.readouterr().err
+
+
 def test_eval_alignment_in_chinese_scores_the_same_scenes_with_chinese_prompts(tmp_path, capsys):
     import json
     import re

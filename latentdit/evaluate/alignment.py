@@ -13,6 +13,7 @@ Prompts file (JSONL), one object per line::
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,15 +38,34 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{n} needs a string 'prompt' and an object 'expect'")
         if not isinstance(item.get("attributes", {}), dict):
             raise ValueError(f"{path}:{n}: 'attributes', when given, must be an object (the full scene)")
+        if not isinstance(item.get("negative", ""), str):
+            raise ValueError(f"{path}:{n}: 'negative', when given, must be a string (the prompt to guide away from)")
         try:
             check_expect(item["expect"])
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
         items.append({"id": str(item.get("id", n)), "prompt": item["prompt"], "expect": item["expect"],
-                      **({"attributes": item["attributes"]} if "attributes" in item else {})})
+                      **{k: item[k] for k in ("attributes", "negative") if k in item}})
     if not items:
         raise ValueError(f"{path} holds no prompts")
     return items
+
+
+def order_swapped(item: dict[str, Any]) -> str | None:
+    """The prompt of a two-object relation with its objects exchanged ("a red star left of a blue
+    cross" -> "a blue cross left of a red star"), or None where that cannot be written: another
+    scene, an object without both colour and shape, or a "colour shape" phrase not named exactly
+    once. As a negative prompt it asks whether the model's condition carries which object goes where."""
+    objects = item["expect"].get("objects", [])
+    if item["expect"].get("scene") != "relation" or len(objects) != 2 \
+            or not all("color" in o and "shape" in o for o in objects):
+        return None
+    a, b = (f"{o['color']} {o['shape']}" for o in objects)
+    prompt = item["prompt"]
+    if a == b or prompt.count(a) != 1 or prompt.count(b) != 1:
+        return None
+    swapped = re.sub(f"{re.escape(a)}|{re.escape(b)}", lambda m: b if m.group(0) == a else a, prompt)
+    return re.sub(r"\b(a|an) (\w+)", lambda m: ("an " if m.group(2)[0] in "aeiou" else "a ") + m.group(2), swapped)
 
 
 def has_heldout_pair(expect: dict) -> bool:
@@ -62,16 +82,22 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     """Generate ``samples`` images per prompt and score them (``sampler``, ``guidance_scale`` and
     ``guidance_interval`` default to the pipeline's sampling config). Writes ``report.json`` and
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
-    accuracy on prompts naming a held-out colour-shape pair."""
+    accuracy on prompts naming a held-out colour-shape pair. Items with a ``negative`` prompt are
+    guided away from it instead of from the null condition; every item has one or none does."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     _check_items(items)
+    negatives = sum("negative" in it for it in items)
+    if negatives not in (0, len(items)):
+        raise ValueError(f"{negatives} of {len(items)} prompts have a negative prompt: give every prompt one, or none")
     t0 = time.perf_counter()
     images_all = []
     for start in range(0, len(items), max(1, batch_size // samples)):
         chunk = items[start: start + max(1, batch_size // samples)]
         seeds = [s for i in range(len(chunk)) for s in prompt_seeds(seed, start + i, samples)]
-        images_all += pipe([it["prompt"] for it in chunk], num_images_per_prompt=samples, seed=seeds,
+        negative = [it["negative"] for it in chunk] if negatives else None
+        images_all += pipe([it["prompt"] for it in chunk], negative_prompt=negative,
+                           num_images_per_prompt=samples, seed=seeds,
                            steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                            sampler=sampler, progress=False)
         if progress:
@@ -80,6 +106,7 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
     interval = guidance_interval or getattr(sampling, "guidance_interval", None)
     return _report(items, images_all, samples, t0, out_dir,
                    {"steps": steps, "sampler": sampler or getattr(sampling, "sampler", None),
+                    "negative_prompts": bool(negatives),
                     "guidance_interval": list(interval) if interval is not None else None})
 
 
