@@ -1,5 +1,6 @@
-"""``latentdit eval alignment``: how well a model follows shapes prompts; ``latentdit eval fid``:
-FID and KID of a model's samples against reference data."""
+"""``latentdit eval alignment``: how well a model follows shapes prompts; ``latentdit eval binding``:
+whether its condition carries which object goes where (no sampling); ``latentdit eval fid``: FID
+and KID of a model's samples against reference data."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, 
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("metric", choices=["alignment", "fid"], help="what to measure")
+    p.add_argument("metric", choices=["alignment", "binding", "fid"],
+                   help="what to measure (binding: the denoising loss on relation scenes under their own "
+                        "caption, with the two objects swapped, and with one recoloured)")
     p.add_argument("--model", default="shapes", help="model folder, packaged name or hub id")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load on top of --model")
     p.add_argument("--prompts", default=None, help="prompts JSONL ({id, prompt, expect} per line)")
@@ -21,7 +24,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="alignment without --prompts: the prompts' language (zh: the same scenes and checks, "
                         "written in Chinese)")
     p.add_argument("--n", type=int, default=64,
-                   help="alignment: prompts drawn from --split; fid: images generated")
+                   help="alignment, binding: prompts drawn from --split (binding keeps the two-object "
+                        "relations among them); fid: images generated")
     p.add_argument("--n-reference", type=int, default=None, help="fid: reference images (default --n)")
     p.add_argument("--cache-dir", default=str(Path("~/.cache/latentdit/fid").expanduser()),
                    help="fid: where reference statistics are cached ('none': no cache)")
@@ -54,6 +58,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.metric == "fid":
         return run_fid(args)
+    if args.metric == "binding":
+        return run_binding(args)
     if args.reference not in (None, "renders", "autoencoder"):
         raise ValueError(f"--reference for alignment is 'renders' or 'autoencoder', got {args.reference!r}")
     if args.samples < 1:
@@ -88,6 +94,24 @@ def run_eval(args: argparse.Namespace) -> int:
                            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
                            sampler=args.sampler, seed=args.seed, out_dir=args.out)
     return _print(report)
+
+
+def run_binding(args: argparse.Namespace) -> int:
+    from .datasets.shapes import prompt_set
+    from .evaluate import load_prompts
+    from .evaluate.binding import condition_margins
+    from .pipeline import Text2Image
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    items = load_prompts(args.prompts) if args.prompts else prompt_set(args.split, args.n, seed=args.seed)
+    pipe = Text2Image.from_pretrained(args.model, device=args.device, adapter=args.adapter)
+    report = condition_margins(pipe, items, seed=args.seed) | {"model": args.model}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "binding.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
 
 
 def _print(report: dict) -> int:
