@@ -64,8 +64,12 @@ def order_swapped(item: dict[str, Any]) -> str | None:
     prompt = item["prompt"]
     if a == b or prompt.count(a) != 1 or prompt.count(b) != 1:
         return None
-    swapped = re.sub(f"{re.escape(a)}|{re.escape(b)}", lambda m: b if m.group(0) == a else a, prompt)
-    return re.sub(r"\b(a|an) (\w+)", lambda m: ("an " if m.group(2)[0] in "aeiou" else "a ") + m.group(2), swapped)
+    return fix_articles(re.sub(f"{re.escape(a)}|{re.escape(b)}", lambda m: b if m.group(0) == a else a, prompt))
+
+
+def fix_articles(text: str) -> str:
+    """Each "a" / "an" made to agree with the word after it, after words were exchanged."""
+    return re.sub(r"\b(a|an) (\w+)", lambda m: ("an " if m.group(2)[0] in "aeiou" else "a ") + m.group(2), text)
 
 
 def has_heldout_pair(expect: dict) -> bool:

@@ -16,7 +16,6 @@ minutes of sampling that show whether the images follow.
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from ..schedules import expand, from_x0_eps
-from .alignment import order_swapped
+from .alignment import fix_articles, order_swapped
 
 TIMES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 VARIANTS: tuple[str, ...] = ("swapped", "recoloured")
@@ -42,8 +41,7 @@ def recoloured(item: dict[str, Any]) -> str | None:
     background = item.get("attributes", item["expect"]).get("background")
     free = [c for c in COLORS if c not in (first["color"], second["color"], background)]
     colour = random.Random(f"recoloured/{item['id']}").choice(free)
-    prompt = item["prompt"].replace(f"{first['color']} {first['shape']}", f"{colour} {first['shape']}")
-    return re.sub(r"\b(a|an) (\w+)", lambda m: ("an " if m.group(2)[0] in "aeiou" else "a ") + m.group(2), prompt)
+    return fix_articles(item["prompt"].replace(f"{first['color']} {first['shape']}", f"{colour} {first['shape']}"))
 
 
 def binding_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
