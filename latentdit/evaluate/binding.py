@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..schedules import expand, from_x0_eps
+from ..schedules import add_noise, from_x0_eps
 from .alignment import fix_articles, order_swapped
 
 TIMES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
@@ -90,8 +90,7 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
         conds = {name: pipe.encode(p)[0] for name, p in prompts.items()}
         for k, t in enumerate(times):
             tt = torch.full((len(chunk),), float(t), device=x0.device)
-            alpha, sigma = pipe.path.alpha_sigma(tt)
-            x_t = expand(alpha, x0) * x0 + expand(sigma, x0) * eps
+            x_t = add_noise(x0, eps, tt, pipe.path)
             target = from_x0_eps(x0, eps, tt, pipe.path, prediction)
             for name, c in conds.items():
                 with autocast(pipe.device, dtype):
