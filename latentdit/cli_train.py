@@ -141,6 +141,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="store class labels (class sub-folders, .cls members, a label column)")
     p.add_argument("--control", default=None, choices=["silhouette", "edges"],
                    help="also store each image's control map of this kind (for a control variant)")
+    p.add_argument("--grounding", action="store_true",
+                   help="also store which caption words name which image boxes (shapes scenes, or "
+                        "'regions' in a folder's attributes), for train --grounding_weight")
     p.add_argument("--image-column", default=None, help="parquet / datasets: the image column")
     p.add_argument("--caption-column", default=None, help="parquet / datasets: the caption column")
     p.add_argument("--label-column", default=None, help="parquet / datasets: the class label column")
@@ -190,11 +193,13 @@ def run_preprocess(args: argparse.Namespace) -> int:
     manifest = preprocess(source, args.out, autoencoder=ae, text_encoder=te, n=args.n,
                           shard_size=args.shard_size, batch_size=args.batch_size,
                           latent_format=args.latent_format, image_size=args.size,
-                          progress=not args.no_progress, labels=args.labels, control=args.control)
+                          progress=not args.no_progress, labels=args.labels, control=args.control,
+                          grounding=args.grounding)
     kinds = ", ".join(f"{k} {v}" for k, v in manifest.get("skips", {}).items())
     classes = manifest.get("labels", {}).get("num_classes") if args.labels else None
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out}"
           + (f", {classes} classes" if classes else "")
+          + (f", {manifest['grounding']['grounded']} with grounding" if args.grounding else "")
           + f" ({manifest.get('skipped', 0)} unusable inputs skipped{': ' + kinds if kinds else ''})")
     return 0
 

@@ -29,12 +29,14 @@ import torch
 
 from .caption_cache import CaptionCache, fit_length, half
 from .checkpoint import atomic_save_tensors, atomic_write_bytes
+from .grounding import grounding_tensors
 from .pixels import fit_image, from_pil
 from .samples import Sample
 from .shards import (
     FORMAT,
     MANIFEST,
     NULL_FILE,
+    OPTIONAL_KEYS,
     VERSION,
     crc,
     jsonable,
@@ -71,6 +73,7 @@ def preprocess(
     caption_cache: int = 100_000,
     labels: bool = False,
     control: str | None = None,
+    grounding: bool = False,
 ) -> dict:
     """Encode `source` (at most `n` samples in total) into shards in `out_dir`; returns the manifest.
 
@@ -89,6 +92,7 @@ def preprocess(
     manifest = _start_manifest(out, autoencoder, text_encoder, latent_format)
     _start_labels(out, manifest, labels, getattr(source, "classes", None))
     _start_control(out, manifest, control)
+    _start_grounding(out, manifest, grounding)
     done = manifest["num_samples"]
     if n is not None and done >= n:
         return manifest
@@ -181,6 +185,15 @@ def _start_control(out: Path, manifest: dict, control: str | None) -> None:
         manifest["control"] = check_kind(control)
 
 
+def _start_grounding(out: Path, manifest: dict, grounding: bool) -> None:
+    have = manifest.get("grounding") is not None
+    if manifest["num_samples"] and have != grounding:
+        raise ValueError(f"{out} holds shards {'with' if have else 'without'} grounding; this run "
+                         f"{'stores' if grounding else 'has'} {'it' if grounding else 'none'}: use another out_dir")
+    if grounding and not have:
+        manifest["grounding"] = {"grounded": 0}
+
+
 def _write_null(out: Path, te: TextEncoder) -> TextEmbeddings:
     """The empty prompt, for classifier-free guidance dropout during training."""
     null = fit_length(te.encode([""]), te.max_length)
@@ -270,7 +283,7 @@ def _shard_chunks(it, manifest, shard_size, batch_size, ae, cache, image_size, b
             bar.set_postfix(cache_hits=cache.hits, skipped=_skipped(it, manifest), refresh=False)
         if not count:
             return
-        keys = ("latents", "tokens", "mask", "pooled") + tuple(k for k in ("labels", "control") if k in parts[0])
+        keys = ("latents", "tokens", "mask", "pooled") + tuple(k for k in OPTIONAL_KEYS if k in parts[0])
         shard = {k: torch.cat([p[k] for p in parts]) for k in keys}
         yield shard | {"rows": [row for p in parts for row in p["rows"]]}
         if count < shard_size:
@@ -294,6 +307,11 @@ def _encode_batch(samples: list[Sample], manifest: dict, ae: Autoencoder, cache:
         from .control import control_maps
 
         out["control"] = control_maps(images, manifest["control"])  # (B, 1, H, W) uint8
+    if manifest.get("grounding") is not None:
+        captions, attributes = [s.caption for s in samples], [r["attributes"] for r in rows]
+        out["ground_tokens"], out["ground_boxes"], grounded = grounding_tensors(
+            captions, attributes, cache.encoder, tokens.shape[1])
+        manifest["grounding"]["grounded"] += grounded
     if manifest.get("labels"):
         out["labels"] = _labels(samples, manifest["labels"])
         for row, label in zip(rows, out["labels"].tolist()):
@@ -322,7 +340,7 @@ def _same_size(images: list[Image.Image]) -> list[Image.Image]:
 def _write_shard(out: Path, manifest: dict, shard: dict, latent_format: str, skipped: int) -> None:
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     tensors = {"tokens": shard["tokens"], "mask": shard["mask"].to(torch.uint8), "pooled": shard["pooled"]}
-    tensors |= {k: shard[k] for k in ("labels", "control") if k in shard}
+    tensors |= {k: shard[k] for k in OPTIONAL_KEYS if k in shard}
     if latent_format == "uint8":
         tensors["latents"], scale = quantize_latents(shard["latents"])
         tensors["latent_scale"] = torch.tensor(scale, dtype=torch.float32)

@@ -111,7 +111,9 @@ class Attention(nn.Module):
             self.k_norm = HeadNorm(self.head_dim, qk_norm)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                maps: list[Tensor] | None = None) -> Tensor:
+        """maps: when given, the attention weights averaged over heads, (N, T, S), are appended to it."""
         n, t, d = x.shape
         if self.cross:
             q = self.q(x).view(n, t, self.heads, self.head_dim)
@@ -121,8 +123,18 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, heads, T, head_dim)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
-        y = attend(q, k, v, attn_mask)
+        y = attend(q, k, v, attn_mask) if maps is None else self._attend_keeping_map(q, k, v, attn_mask, maps)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
+
+
+    @staticmethod
+    def _attend_keeping_map(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor]) -> Tensor:
+        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (N, heads, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        maps.append(weights.mean(1))  # (N, T, S)
+        return weights.to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -163,14 +175,14 @@ class Block(nn.Module):
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
 
     def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,
-                hw: tuple[int, int]) -> Tensor:
+                hw: tuple[int, int], maps: list[Tensor] | None = None) -> Tensor:
         if self.adaln:
             sh1, sc1, g1, sh2, sc2, g2 = (self.table[None] + mod).chunk(6, dim=1)  # (N, 1, D) each
             x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), sh1, sc1)))
         else:
             x = x + self.attn(self.norm1(x))
         if self.cross is not None:
-            x = x + self.cross(self.norm_x(x), ctx, ctx_mask)
+            x = x + self.cross(self.norm_x(x), ctx, ctx_mask, maps)
         if self.adaln:
             return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2), hw))
         return x + self.mlp(self.norm2(x), hw)
@@ -333,10 +345,12 @@ class Denoiser(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None,
                 pooled: Tensor | None = None, mask_latent: Tensor | None = None,
-                labels: Tensor | None = None) -> Tensor:
+                labels: Tensor | None = None, attention_maps: list[Tensor] | None = None) -> Tensor:
         """x: (N, C, H, W) noisy latents; t: (N,) in [0, 1]; text: (N, L, D) token embeddings;
         text_mask: (N, L) bool; pooled: (N, D_pooled) or None; mask_latent: (N, extra, H, W)
-        extra input channels (inpainting variants); labels: (N,) class ids for class models.
+        extra input channels (inpainting variants); labels: (N,) class ids for class models;
+        attention_maps: a list that receives each cross-attention block's head-averaged weights,
+        (N, T, L') over the context tokens (the text tokens are the last L), for grounding losses.
         Returns the prediction named by config.prediction, shape of x."""
         cfg, (n, _, hh, ww) = self.config, x.shape
         p = cfg.patch_size
@@ -354,7 +368,7 @@ class Denoiser(nn.Module):
         c, ctx, ctx_mask = self._condition(t, text, text_mask, pooled, labels)
         mod = self.t_block(c).view(n, 6, -1) if cfg.modulation == "adaln-single" else None  # (N, 6, D)
         for block in self.blocks:
-            tokens = block(tokens, mod, ctx, ctx_mask, (h, w))
+            tokens = block(tokens, mod, ctx, ctx_mask, (h, w), attention_maps)
         return self._unpatchify(self._final(tokens, c), h, w)
 
     def _final(self, x: Tensor, c: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ FORMAT = "latentdit-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 NULL_FILE = "null.safetensors"
+OPTIONAL_KEYS = ("labels", "control", "ground_tokens", "ground_boxes")  # tensors only some shards hold
 
 
 def jsonable(d: dict) -> dict:
@@ -65,6 +66,8 @@ class Batch:
     index: torch.Tensor  # (B,) global sample ids (storage order)
     labels: torch.Tensor | None = None  # (B,) int64 class ids, for shards preprocessed with labels
     control: torch.Tensor | None = None  # (B, 1, H, W) uint8 control maps, for shards preprocessed with them
+    # (region id per text token (B, L) uint8, boxes (B, K, 5) float32), for shards preprocessed with grounding
+    grounding: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -74,8 +77,9 @@ class Batch:
         move = dict(device=device, dtype=dtype)
         labels = None if self.labels is None else self.labels.to(device=device)
         control = None if self.control is None else self.control.to(device=device)
+        grounding = None if self.grounding is None else tuple(g.to(device=device) for g in self.grounding)
         return Batch(self.latents.to(**move), self.text.to(device=device, dtype=dtype), self.captions,
-                     self.index.to(device=device), labels, control)
+                     self.index.to(device=device), labels, control, grounding)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -136,6 +140,11 @@ class ShardReader:
     def control(self) -> str | None:
         """The kind of control map stored beside each latent, or None."""
         return self.manifest.get("control")
+
+    @property
+    def grounding(self) -> bool:
+        """Whether each sample's caption tokens are tagged with the image boxes they name."""
+        return self.manifest.get("grounding") is not None
 
     @property
     def classes(self) -> list[str] | None:
@@ -237,7 +246,8 @@ class ShardReader:
 
     def _gather(self, where: list[tuple[int, int]]) -> Batch:
         keys = (("latents", "tokens", "mask", "pooled") + (("labels",) if self.num_classes else ())
-                + (("control",) if self.control else ()))
+                + (("control",) if self.control else ())
+                + (("ground_tokens", "ground_boxes") if self.grounding else ()))
         parts: dict[str, list] = {k: [] for k in (*keys, "captions")}
         for shard, group in itertools.groupby(where, key=lambda sr: sr[0]):
             rows = torch.tensor([r for _, r in group])
@@ -250,7 +260,8 @@ class ShardReader:
                               torch.cat(parts["pooled"]).float())
         return Batch(torch.cat(parts["latents"]).float(), text, parts["captions"], index,
                      torch.cat(parts["labels"]).long() if self.num_classes else None,
-                     torch.cat(parts["control"]) if self.control else None)
+                     torch.cat(parts["control"]) if self.control else None,
+                     (torch.cat(parts["ground_tokens"]), torch.cat(parts["ground_boxes"])) if self.grounding else None)
 
     def _shard(self, k: int) -> dict:
         if k in self._loaded:
@@ -280,8 +291,11 @@ class ShardReader:
             raise ValueError(f"{entry['name']} has no labels but the manifest says it should; re-run preprocess")
         if self.control and "control" not in t:
             raise ValueError(f"{entry['name']} has no control maps but the manifest says it should; re-run preprocess")
+        if self.grounding and not {"ground_tokens", "ground_boxes"} <= t.keys():
+            raise ValueError(f"{entry['name']} has no grounding but the manifest says it should; re-run preprocess")
         return {"latents": latents, "tokens": t["tokens"], "mask": t["mask"].bool(), "pooled": t["pooled"],
-                "captions": captions, "labels": t.get("labels"), "control": t.get("control")}
+                "captions": captions, "labels": t.get("labels"), "control": t.get("control"),
+                "ground_tokens": t.get("ground_tokens"), "ground_boxes": t.get("ground_boxes")}
 
     def rows(self, shard: int) -> list[dict]:
         """The sidecar rows ({"caption", "attributes"}) of one shard, in storage order."""

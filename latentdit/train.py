@@ -20,6 +20,7 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
+from .grounding import grounding_loss
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
@@ -61,12 +62,18 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
         extra["mask_latent"] = training_mask_latent(x0, _host_generator(gen))
     if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
         extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
-    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra)
+    maps: list[Tensor] | None = [] if cfg.grounding_weight else None
+    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra, attention_maps=maps)
     err = (pred.float() - target).pow(2)
     if cfg.object_weight:
         fade = (1 - t).view(-1, 1, 1, 1) if cfg.object_weight_fade else 1.0
-        return (err * object_weights(x0, cfg.object_weight, fade)).mean()
-    return err.mean()
+        err = err * object_weights(x0, cfg.object_weight, fade)
+    if maps is None:
+        return err.mean()
+    p = cfg.model.patch_size
+    hw = (x0.shape[-2] // p, x0.shape[-1] // p)
+    keep = ~drop & (t >= cfg.grounding_min_t)
+    return err.mean() + cfg.grounding_weight * grounding_loss(maps, *batch.grounding, hw, keep)
 
 
 def object_weights(x0: Tensor, strength: float, fade: Tensor | float = 1.0) -> Tensor:
@@ -217,7 +224,7 @@ def _periodic(cfg, acc, model, ema, opt, state, reader, last) -> None:
         write_preview(cfg, ema, reader, Path(cfg.out) / "previews" / f"step-{state.step:07d}.png")
 
 
-def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
+def check_data(reader: ShardReader, mcfg: ModelConfig, grounding_weight: float = 0.0) -> None:
     """The shards must carry what the model consumes, at the sizes it expects."""
     m = reader.manifest
     for key in ("text_dim", "pooled_dim"):
@@ -232,6 +239,9 @@ def check_data(reader: ShardReader, mcfg: ModelConfig) -> None:
     if m["latent_shape"][0] != mcfg.in_channels:
         raise ValueError(f"model.in_channels = {mcfg.in_channels} but the shards hold "
                          f"{m['latent_shape'][0]}-channel latents")
+    if grounding_weight and not reader.grounding:
+        raise ValueError(f"grounding_weight > 0 but the shards in {reader.directory} hold no grounding; "
+                         "preprocess with --grounding")
     if mcfg.control:
         _check_control_data(reader, mcfg)
     elif mcfg.extra_in_channels and not is_inpainting(mcfg):
@@ -248,7 +258,7 @@ def _check_control_data(reader: ShardReader, mcfg: ModelConfig) -> None:
 
 
 def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
-    check_data(reader, cfg.model)
+    check_data(reader, cfg.model, cfg.grounding_weight)
     torch.manual_seed(cfg.seed)
     model = Denoiser(cfg.model)
     if cfg.init_from:

@@ -43,6 +43,12 @@ class TrainConfig:
     # median cell, relative to the farthest), so cells holding objects count more than background
     object_weight: float = 0.0
     object_weight_fade: bool = False  # the extra weight fades linearly to none as t goes to 1 (noise)
+    # > 0: add this times the grounding loss (latentdit.grounding): each object's caption words are
+    # to be read by cross-attention where that object is; needs shards preprocessed with --grounding
+    grounding_weight: float = 0.0
+    # samples noised to t below this add no grounding loss: there the objects' colours show in the
+    # noisy latents, so attention can find each object's words by its colour instead of the caption's order
+    grounding_min_t: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     log_every: int = 50
@@ -67,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0.0 <= self.object_weight <= 100.0:
             raise ValueError(f"object_weight must be in [0, 100], got {self.object_weight}")
+        if not 0.0 <= self.grounding_weight <= 100.0:
+            raise ValueError(f"grounding_weight must be in [0, 100], got {self.grounding_weight}")
+        if not 0.0 <= self.grounding_min_t < 1.0:
+            raise ValueError(f"grounding_min_t must be in [0, 1), got {self.grounding_min_t}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.train_only and not self.init_from:

@@ -9,7 +9,8 @@ PKG = Path(__file__).resolve().parents[1] / "latentdit"
 LAYERS = {
     "config": 0, "device": 0, "lines": 0, "pixels": 0, "schedules": 0, "train_config": 0, "threads": 0,
     "model": 1, "samplers": 1, "text": 1, "vae": 1, "condition": 1, "rows": 1,
-    "checkpoint": 2, "lora": 2, "data": 2, "caption_cache": 2, "samples": 2, "datasets": 2, "shards": 2, "sources": 2,
+    "checkpoint": 2, "lora": 2, "data": 2, "caption_cache": 2, "grounding": 2, "samples": 2, "datasets": 2,
+    "shards": 2, "sources": 2,
     "pipeline": 3, "plan": 3, "concept": 3, "inpainting": 3,
     "train": 3, "train_state": 3, "train_log": 3, "train_ae": 3,
     "edit": 4, "evaluate": 4,

@@ -129,6 +129,12 @@ class TextEncoder(ABC):
         order. The base class reads any text; tokenizer-based encoders override this."""
         return []
 
+    def token_spans(self, prompt: str, regions: Sequence[Sequence[tuple[int, int]]]) -> list[list[int]] | None:
+        """For each region (a list of character spans of ``prompt``), the positions of the tokens
+        that overlap it in what ``encode`` returns, or None where this encoder cannot say
+        (grounding, ``latentdit.grounding``). Tokenizer-based encoders with offsets override this."""
+        return None
+
     def check_readable(self, prompts: Sequence[str]) -> None:
         """Refuse a prompt with characters the encoder would turn into its unknown token (emoji,
         a script its vocabulary lacks): silently ignoring part of a prompt draws something

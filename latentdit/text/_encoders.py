@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -84,6 +85,15 @@ class HFTextEncoder(TextEncoder):
             return [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
         return [word for word in prompt.split()
                 if unk in self.tokenizer(word, add_special_tokens=False)["input_ids"]]
+
+    def token_spans(self, prompt: str, regions: Sequence[Sequence[tuple[int, int]]]) -> list[list[int]] | None:
+        self._require_loaded()
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        enc = self.tokenizer(prompt, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+        offsets = [(a, b) for a, b in enc["offset_mapping"]]
+        return [[i for i, (a, b) in enumerate(offsets) if b > a and any(a < e and b > s for s, e in spans)]
+                for spans in regions]
 
     def _warn_truncated(self, prompts: list[str]) -> None:
         """Like diffusers, say so when prompts lose their tail instead of cutting silently."""

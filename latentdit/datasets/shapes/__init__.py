@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ._captions import LANGUAGES, _describe, caption_for
+from ._captions import LANGUAGES, _describe, caption_for, caption_regions
 from ._draw import _sample_attributes, render_scene, shape_coverage
 from ._vocab import (
     BACKGROUNDS,
@@ -170,6 +170,7 @@ __all__ = [
     "ShapesDataset",
     "Split",
     "caption_for",
+    "caption_regions",
     "check_choice",
     "prompt_set",
     "relation_between",

@@ -4,6 +4,7 @@ attribute subset each caption states (what evaluation may hold a generated image
 from __future__ import annotations
 
 import random
+import re
 
 from ._captions_zh import caption_zh
 from ._vocab import _NUMBERS, INVERSE_RELATION, POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS, check_choice, scene_of
@@ -139,3 +140,24 @@ def _have(fields: dict[str, str]) -> set[str]:
 def caption_for(attributes: dict, rng: random.Random, lang: str = "en") -> str:
     """A caption that is true of the scene: templates only state facts present in `attributes`."""
     return _describe(attributes, rng, lang)[0]
+
+
+def caption_regions(attributes: dict, caption: str) -> list[dict]:
+    """Where an English caption names each object: one region per (colour, shape) pair, with the
+    character spans of its noun phrases ("a small red circle" -> "small red circle") and the
+    boxes of the objects it names as fractions of the canvas. [] when the caption does not name
+    every object that way (Chinese captions) or an object has no box."""
+    canvas, groups = attributes.get("canvas"), {}
+    for obj in attributes.get("objects", []):
+        if "bbox" not in obj or "color" not in obj or "shape" not in obj or not canvas:
+            return []
+        groups.setdefault((obj["color"], obj["shape"]), []).append([v / canvas for v in obj["bbox"]])
+    sizes = "|".join(w for words in SIZE_WORDS.values() for w in words)
+    regions = []
+    for (color, shape), boxes in groups.items():
+        pattern = rf"\b(?:(?:{sizes}) )?{re.escape(color)} {re.escape(shape)}(?:es|s)?\b"
+        spans = [m.span() for m in re.finditer(pattern, caption)]
+        if not spans:
+            return []
+        regions.append({"spans": spans, "boxes": boxes})
+    return regions

@@ -1,0 +1,132 @@
+"""Grounding: which caption tokens name which image regions, and the auxiliary loss that teaches
+cross-attention to read each object's words where that object is.
+
+A region is a phrase of the caption (character spans) and the boxes of the objects it names, as
+fractions of the image. Folder datasets give them in a sample's attributes (``"regions": [{"text":
+"red circle", "boxes": [[x0, y0, x1, y1], ...]}]``); `shapes` scenes derive them from their objects.
+``preprocess --grounding`` stores them per sample as two small tensors: each text token's region id
+(0 = none) and up to ``MAX_BOXES`` boxes tagged with their region id.
+
+The loss is TokenCompose's token loss (Wang et al. 2024, arXiv:2312.03626, eq. 3): for each region,
+the share of its tokens' cross-attention (summed over its tokens, averaged over heads) that comes
+from image tokens outside its boxes. Where plain denoising leaves which of two objects a phrase
+names to a loss dominated by noise, this says it directly: the words "red circle" are to be read
+where the red circle is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .text import TextEncoder
+
+MAX_BOXES = 8  # boxes stored per sample; a sample with more keeps the first ones
+MAX_REGIONS = 255  # region ids are stored as uint8
+
+
+def regions_of(caption: str, attributes: Any) -> list[dict]:
+    """[{"spans": [(start, end), ...], "boxes": [[x0, y0, x1, y1], ...]}] with boxes as fractions
+    of the image, or [] when the sample says nothing about where its words are."""
+    if not isinstance(attributes, dict):
+        return []
+    if "regions" in attributes:
+        return [_listed_region(caption, r) for r in attributes["regions"]]
+    if "objects" in attributes and "canvas" in attributes:
+        from .datasets.shapes import caption_regions
+
+        return caption_regions(attributes, caption)
+    return []
+
+
+def _listed_region(caption: str, region: Any) -> dict:
+    if not isinstance(region, dict) or not isinstance(region.get("text"), str) or "boxes" not in region:
+        raise ValueError(f"a region must be {{'text': str, 'boxes': [[x0, y0, x1, y1], ...]}}, got {region!r}")
+    spans = [m.span() for m in re.finditer(re.escape(region["text"]), caption)]
+    if not spans:
+        raise ValueError(f"region text {region['text']!r} does not occur in the caption {caption!r}")
+    return {"spans": spans, "boxes": [_check_box(b) for b in region["boxes"]]}
+
+
+def _check_box(box: Any) -> list[float]:
+    ok = isinstance(box, Sequence) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+    if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise ValueError(f"a region box must be [x0, y0, x1, y1] fractions of the image with x0 < x1 "
+                         f"and y0 < y1, got {box!r}")
+    return [float(v) for v in box]
+
+
+def grounding_tensors(captions: list[str], attributes: list[Any], encoder: TextEncoder,
+                      length: int) -> tuple[Tensor, Tensor, int]:
+    """-> (region id per text token (B, length) uint8, boxes (B, MAX_BOXES, 5) float32 as
+    [region id, x0, y0, x1, y1] with id 0 for none, number of samples grounded)."""
+    ids = torch.zeros(len(captions), length, dtype=torch.uint8)
+    boxes = torch.zeros(len(captions), MAX_BOXES, 5)
+    grounded = 0
+    for i, (caption, attrs) in enumerate(zip(captions, attributes)):
+        regions = regions_of(caption, attrs)[:MAX_REGIONS]
+        tokens = encoder.token_spans(caption, [r["spans"] for r in regions]) if regions else None
+        if not tokens or not all(tokens):  # a phrase the encoder cannot place (or cut off): skip the sample
+            continue
+        k = 0
+        for rid, (region, toks) in enumerate(zip(regions, tokens), start=1):
+            ids[i, [t for t in toks if t < length]] = rid
+            for box in region["boxes"][: MAX_BOXES - k]:
+                boxes[i, k] = torch.tensor([rid, *box])
+                k += 1
+        grounded += 1
+    return ids, boxes, grounded
+
+
+def box_masks(boxes: Tensor, regions: int, h: int, w: int) -> Tensor:
+    """(B, regions, h*w) bool: the image tokens of an h x w grid whose centre lies in a box of
+    region 1..regions (a box smaller than one token still covers the token under its centre)."""
+    rid, x0, y0, x1, y1 = (boxes[..., j, None] for j in range(5))  # (B, K, 1) each
+    cols, rows = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
+    in_x = (((cols + 0.5) / w >= x0) & ((cols + 0.5) / w < x1)) | (cols == ((x0 + x1) / 2 * w).floor())
+    in_y = (((rows + 0.5) / h >= y0) & ((rows + 0.5) / h < y1)) | (rows == ((y0 + y1) / 2 * h).floor())
+    inside = in_y[..., :, None] & in_x[..., None, :]  # (B, K, h, w)
+    inside = inside.flatten(2)  # (B, K, h*w)
+    which = torch.arange(1, regions + 1, device=boxes.device)
+    member = rid == which  # (B, K, regions)
+    return (member[..., None] & inside[:, :, None]).any(1)  # (B, regions, h*w)
+
+
+def attention_in_boxes(maps: list[Tensor], token_regions: Tensor, boxes: Tensor,
+                       hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """-> (shares (layers, B, R), valid (B, R)): per layer, sample and region, the share of the
+    attention its words receive that comes from image tokens inside its boxes; valid marks the
+    regions that have both words and boxes.
+
+    maps: per cross-attention layer, (B, h*w, L') head-averaged attention of each image token over
+    the context (the text tokens are its last L); token_regions: (B, L) region ids; boxes: (B, K, 5)."""
+    regions, length = max(int(token_regions.max()), 1), token_regions.shape[1]
+    which = torch.arange(1, regions + 1, device=token_regions.device)
+    words = (token_regions.long()[:, None, :] == which[None, :, None]).float()  # (B, R, L)
+    where = box_masks(boxes.float(), regions, *hw).float()  # (B, R, T)
+    valid = (words.sum(-1) > 0) & (where.sum(-1) > 0)  # (B, R)
+    shares = []
+    for attn in maps:
+        # (B, R, T): how much each image token reads the region's words
+        read = torch.einsum("btl,brl->brt", attn[..., -length:].float(), words)
+        shares.append((read * where).sum(-1) / read.sum(-1).clamp_min(1e-8))
+    return torch.stack(shares), valid
+
+
+def grounding_loss(maps: list[Tensor], token_regions: Tensor, boxes: Tensor, hw: tuple[int, int],
+                   keep: Tensor) -> Tensor:
+    """TokenCompose's token loss: one minus the share of each region's attention read inside its
+    boxes (``attention_in_boxes``), averaged over layers, regions and samples; keep: (B,) bool, the
+    samples that saw their caption (not dropped for guidance)."""
+    if not maps:
+        return torch.zeros(())
+    shares, valid = attention_in_boxes(maps, token_regions, boxes, hw)
+    valid = valid & keep[:, None]
+    if not valid.any():
+        return maps[0].new_zeros(()).float()
+    return (1 - shares[:, valid]).mean()

@@ -1,0 +1,279 @@
+"""Grounding: caption words tagged with the boxes they name, stored by preprocess, and the
+cross-attention loss that trains on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdit.datasets.shapes import ShapesDataset, caption_regions
+from latentdit.grounding import box_masks, grounding_loss, grounding_tensors, regions_of
+from latentdit.model import Denoiser
+
+SIZE = 16  # identity autoencoder: 16x16 images are 3x16x16 latents
+
+
+def _words(caption: str, region: dict) -> list[str]:
+    return [caption[a:b] for a, b in region["spans"]]
+
+
+# -------------------------------------------------------------------------------- regions
+def test_relation_captions_name_each_object_at_its_own_box():
+    dataset = ShapesDataset(scenes=("relation",))
+    for i in range(40):
+        attrs, caption, _ = dataset.draw(i)
+        regions = caption_regions(attrs, caption)
+        a, b = attrs["objects"]
+        if (a["color"], a["shape"]) == (b["color"], b["shape"]):
+            assert len(regions) == 1 and len(regions[0]["boxes"]) == 2
+            continue
+        assert len(regions) == 2
+        for obj, region in zip((a, b), regions):
+            (words,) = _words(caption, region)
+            assert words.endswith(f"{obj['color']} {obj['shape']}")
+            assert region["boxes"] == [[v / 64 for v in obj["bbox"]]]
+
+
+def test_count_captions_give_one_region_with_every_copy():
+    attrs = {"scene": "count", "canvas": 64, "objects": [
+        {"color": "red", "shape": "cross", "bbox": [0, 0, 8, 8]},
+        {"color": "red", "shape": "cross", "bbox": [32, 32, 48, 48]},
+        {"color": "red", "shape": "cross", "bbox": [48, 0, 64, 16]}], "count": 3}
+    (region,) = caption_regions(attrs, "three small red crosses")
+    assert _words("three small red crosses", region) == ["small red crosses"]
+    assert region["boxes"] == [[0, 0, 0.125, 0.125], [0.5, 0.5, 0.75, 0.75], [0.75, 0, 1, 0.25]]
+
+
+def test_captions_that_do_not_name_the_objects_give_no_regions():
+    attrs, caption, _ = ShapesDataset(lang="zh").draw(0)
+    assert caption_regions(attrs, caption) == []
+    attrs, _, _ = ShapesDataset().draw(0)
+    assert caption_regions(attrs, "something else entirely") == []
+    assert regions_of("a red circle", None) == [] and regions_of("a red circle", {"label": 3}) == []
+
+
+def test_listed_regions_are_checked():
+    attrs = {"regions": [{"text": "dog", "boxes": [[0.1, 0.2, 0.5, 0.9]]}]}
+    assert regions_of("a dog and a dog", attrs) == [{"spans": [(2, 5), (12, 15)], "boxes": [[0.1, 0.2, 0.5, 0.9]]}]
+    with pytest.raises(ValueError, match="'cat' does not occur in the caption"):
+        regions_of("a dog", {"regions": [{"text": "cat", "boxes": [[0, 0, 1, 1]]}]})
+    with pytest.raises(ValueError, match="x0 < x1"):
+        regions_of("a dog", {"regions": [{"text": "dog", "boxes": [[0.5, 0, 0.2, 1]]}]})
+    with pytest.raises(ValueError, match="a region must be"):
+        regions_of("a dog", {"regions": ["dog"]})
+
+
+def test_token_positions_are_the_phrases_tokens():
+    from latentdit.text import load_text_encoder
+
+    te = load_text_encoder("minilm", max_length=24)
+    caption = "a blue square with a small red circle left of it"
+    attrs = {"canvas": 64, "objects": [{"color": "red", "shape": "circle", "bbox": [0, 0, 16, 16]},
+                                       {"color": "blue", "shape": "square", "bbox": [32, 0, 64, 32]}]}
+    ids, boxes, grounded = grounding_tensors([caption, "一个红色的圆"], [attrs, attrs], te, 24)
+    tokens = te.tokenizer.convert_ids_to_tokens(te.tokenizer(caption)["input_ids"])
+    assert grounded == 1 and ids.shape == (2, 24) and not ids[1].any() and not boxes[1].any()
+    assert [tokens[i] for i in torch.nonzero(ids[0] == 1).flatten()] == ["small", "red", "circle"]
+    assert [tokens[i] for i in torch.nonzero(ids[0] == 2).flatten()] == ["blue", "square"]
+    assert boxes[0, :3].tolist() == [[1, 0, 0, 0.25, 0.25], [2, 0.5, 0, 1, 0.5], [0, 0, 0, 0, 0]]
+
+
+# -------------------------------------------------------------------------------- the loss
+def test_box_masks_cover_the_tokens_whose_centres_are_inside():
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 0.5], [2, 0.6, 0.6, 0.65, 0.65], [0, 0, 0, 0, 0]]])
+    masks = box_masks(boxes, 2, 4, 4)  # (1, 2, 16)
+    assert torch.nonzero(masks[0, 0]).flatten().tolist() == [0, 1, 4, 5]
+    assert torch.nonzero(masks[0, 1]).flatten().tolist() == [10]  # smaller than a token: the one under its centre
+
+
+def test_the_loss_is_the_share_of_attention_read_outside_the_box():
+    regions = torch.tensor([[0, 1, 1, 2]])  # tokens 1-2 name region 1, token 3 region 2
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 1.0], [2, 0.5, 0.0, 1.0, 1.0]]])  # left half, right half
+    inside = torch.zeros(1, 4, 4)  # a 2x2 grid: tokens 0 and 2 are the left half
+    inside[0, [0, 2], 1] = 1.0
+    inside[0, [1, 3], 3] = 1.0
+    keep = torch.tensor([True])
+    assert grounding_loss([inside], regions, boxes, (2, 2), keep).item() == pytest.approx(0.0)
+    swapped = torch.zeros(1, 4, 4)
+    swapped[0, [1, 3], 1] = 1.0
+    swapped[0, [0, 2], 3] = 1.0
+    assert grounding_loss([swapped], regions, boxes, (2, 2), keep).item() == pytest.approx(1.0)
+    assert grounding_loss([inside, swapped], regions, boxes, (2, 2), keep).item() == pytest.approx(0.5)
+    # the context's leading tokens (noise level, pooled text in the TLD layout) are not text
+    padded = torch.cat([torch.zeros(1, 4, 2), swapped], dim=-1)
+    assert grounding_loss([padded], regions, boxes, (2, 2), keep).item() == pytest.approx(1.0)
+    # a sample whose caption was dropped for guidance is not held to it
+    assert grounding_loss([swapped], regions, boxes, (2, 2), ~keep).item() == 0.0
+
+
+def test_the_model_hands_out_its_cross_attention_and_its_output_does_not_change():
+    model = Denoiser(_tiny_model_config())
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([0.3, 0.8])
+    text, mask = torch.randn(2, 24, 384), torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 10:] = False
+    pooled, maps = torch.randn(2, 384), []
+    with torch.no_grad():
+        plain = model(x, t, text, mask, pooled)
+        kept = model(x, t, text, mask, pooled, attention_maps=maps)
+    assert torch.allclose(plain, kept, atol=1e-5)
+    assert len(maps) == model.config.depth and maps[0].shape == (2, (SIZE // 4) ** 2, 24)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(2, 16), atol=1e-5)
+    assert maps[0][1, :, 10:].abs().max() == 0  # masked tokens are not read
+
+
+# -------------------------------------------------------------------------------- preprocess + train
+def _tiny_model_config():
+    from latentdit.config import model_preset
+
+    return model_preset("tiny", in_channels=3, text_dim=384, pooled_dim=384, max_text_len=24, base_size=SIZE,
+                        patch_size=4)
+
+
+@pytest.fixture(scope="module")
+def grounded_shards(tmp_path_factory):
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
+    from latentdit.text import load_text_encoder
+    from latentdit.vae import load_autoencoder
+
+    out = tmp_path_factory.mktemp("grounded")
+    manifest = preprocess(shapes_source(64, size=SIZE), out, autoencoder=load_autoencoder("identity"),
+                          text_encoder=load_text_encoder("minilm", max_length=24), n=64, shard_size=32,
+                          progress=False, grounding=True)
+    assert manifest["grounding"] == {"grounded": 64}
+    return out
+
+
+def test_shards_carry_each_samples_grounding(grounded_shards):
+    from latentdit.shards import ShardReader
+
+    reader = ShardReader(grounded_shards)
+    batch = next(reader.batches(8, seed=0))
+    ids, boxes = batch.grounding
+    assert reader.grounding and ids.shape == (8, 24) and boxes.shape[0] == 8 and boxes.shape[2] == 5
+    rows = [row for k in range(len(reader.manifest["shards"])) for row in reader.rows(k)]
+    for i, index in enumerate(batch.index.tolist()):
+        attrs = rows[index]["attributes"]
+        named = {(o["color"], o["shape"]) for o in attrs["objects"]}
+        assert int(ids[i].max()) == len(named)  # one region per distinct object
+        assert int((boxes[i, :, 0] > 0).sum()) == len(attrs["objects"])  # one box per object
+
+
+def test_preprocess_refuses_to_add_grounding_to_shards_without_it(grounded_shards):
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
+    from latentdit.text import load_text_encoder
+    from latentdit.vae import load_autoencoder
+
+    with pytest.raises(ValueError, match="holds shards with grounding"):
+        preprocess(shapes_source(96, size=SIZE), grounded_shards, autoencoder=load_autoencoder("identity"),
+                   text_encoder=load_text_encoder("minilm", max_length=24), n=96, shard_size=32, progress=False)
+
+
+def _train_config(shards, out, **over):
+    from latentdit.train_config import make_config, recipe_dict
+
+    base = recipe_dict("tiny")
+    base["model"].update(in_channels=3, text_dim=384, pooled_dim=384, max_text_len=24, base_size=SIZE, patch_size=4)
+    return make_config({**base, "data": str(shards), "out": str(out), "steps": 2, "batch_size": 8, "log_every": 1,
+                        "preview_every": 0, "checkpoint_every": 10, "optim": {"lr": 2e-3, "warmup_steps": 1},
+                        **over})
+
+
+def test_the_grounding_loss_teaches_attention_where_each_object_is(grounded_shards, tmp_path):
+    from latentdit.schedules import NoisePath
+    from latentdit.shards import ShardReader
+    from latentdit.train import diffusion_loss
+
+    reader = ShardReader(grounded_shards)
+    probe = next(reader.batches(32, seed=99))
+
+    def trained_loss(weight: float) -> float:
+        torch.manual_seed(0)
+        cfg = _train_config(grounded_shards, tmp_path, grounding_weight=weight, cond_dropout=0.0)
+        model = Denoiser(cfg.model)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _, batch in zip(range(40), reader.batches(16, seed=0)):
+            opt.zero_grad()
+            diffusion_loss(model, batch, NoisePath("flow"), cfg, gen).backward()
+            opt.step()
+        maps: list[torch.Tensor] = []
+        with torch.no_grad():
+            x = probe.latents + 0.5 * torch.randn_like(probe.latents)
+            model(x, torch.full((32,), 0.5), probe.text.tokens, probe.text.mask, probe.text.pooled,
+                  attention_maps=maps)
+        return grounding_loss(maps, *probe.grounding, (4, 4), torch.ones(32, dtype=torch.bool)).item()
+
+    plain, grounded = trained_loss(0.0), trained_loss(2.0)
+    assert grounded < plain - 0.1, (plain, grounded)
+
+
+def test_train_runs_with_grounding_and_refuses_shards_without_it(grounded_shards, tmp_path):
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
+    from latentdit.text import load_text_encoder
+    from latentdit.train import train
+    from latentdit.vae import load_autoencoder
+
+    result = train(_train_config(grounded_shards, tmp_path / "run", grounding_weight=0.5), progress=False)
+    assert (tmp_path / "run").is_dir() and result["model"]
+    plain = tmp_path / "plain"
+    preprocess(shapes_source(8, size=SIZE), plain, autoencoder=load_autoencoder("identity"),
+               text_encoder=load_text_encoder("minilm", max_length=24), n=8, progress=False)
+    with pytest.raises(ValueError, match="hold no grounding; preprocess with --grounding"):
+        train(_train_config(plain, tmp_path / "run2", grounding_weight=0.5), progress=False)
+    with pytest.raises(ValueError, match="grounding_weight must be in"):
+        _train_config(plain, tmp_path / "run3", grounding_weight=-1)
+
+
+def test_an_image_folder_gives_its_regions_in_the_attributes(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from latentdit.data import preprocess
+    from latentdit.shards import ShardReader
+    from latentdit.sources import folder_source
+    from latentdit.text import load_text_encoder
+    from latentdit.vae import load_autoencoder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = [{"file": "0.png", "caption": "a dog beside a red ball",
+             "attributes": {"regions": [{"text": "dog", "boxes": [[0.0, 0.0, 0.5, 1.0]]},
+                                        {"text": "red ball", "boxes": [[0.5, 0.5, 1.0, 1.0]]}]}},
+            {"file": "1.png", "caption": "a plain picture"}]
+    for row in rows:
+        Image.new("RGB", (SIZE, SIZE), (90, 30, 30)).save(folder / row["file"])
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = preprocess(folder_source(folder), tmp_path / "shards", autoencoder=load_autoencoder("identity"),
+                          text_encoder=load_text_encoder("minilm", max_length=24), progress=False, grounding=True)
+    assert manifest["grounding"] == {"grounded": 1}
+    reader = ShardReader(tmp_path / "shards")
+    batch = next(reader.batches(2, seed=0))
+    order = batch.index.argsort()
+    ids, boxes = (g[order] for g in batch.grounding)
+    assert torch.nonzero(ids[0]).flatten().tolist() == [2, 5, 6]  # [CLS] a dog beside a red ball
+    assert ids[0, 2] == 1 and ids[0, 5] == ids[0, 6] == 2 and not ids[1].any()
+    assert boxes[0, :2].tolist() == [[1, 0, 0, 0.5, 1], [2, 0.5, 0.5, 1, 1]]
+
+
+def test_samples_below_the_minimum_noise_level_add_no_grounding_loss(grounded_shards, tmp_path):
+    from latentdit.schedules import NoisePath
+    from latentdit.shards import ShardReader
+    from latentdit.train import diffusion_loss
+
+    batch = next(ShardReader(grounded_shards).batches(16, seed=0))
+    model = Denoiser(_tiny_model_config())
+
+    def loss(**over) -> float:
+        cfg = _train_config(grounded_shards, tmp_path, cond_dropout=0.0, **over)
+        with torch.no_grad():
+            return diffusion_loss(model, batch, NoisePath("flow"), cfg, torch.Generator().manual_seed(0)).item()
+
+    plain = loss()
+    assert loss(grounding_weight=1.0) > plain + 0.1  # an untrained model reads words everywhere
+    assert loss(grounding_weight=1.0, grounding_min_t=0.999) == pytest.approx(plain, abs=1e-6)
+    with pytest.raises(ValueError, match="grounding_min_t must be in"):
+        _train_config(grounded_shards, tmp_path, grounding_min_t=1.0)
