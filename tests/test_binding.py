@@ -62,6 +62,8 @@ def test_margins_read_the_caption_and_do_not_depend_on_the_batch(tiny_clip, tiny
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["recoloured"]["margin"] == pytest.approx(b["recoloured"]["margin"], abs=1e-4)
         assert a["swapped"]["wins"] == b["swapped"]["wins"]
+        assert 0 < a["attention_in_boxes"] < 1  # where the objects' words are read
+        assert a["attention_in_boxes"] == pytest.approx(b["attention_in_boxes"], abs=1e-4)
     assert any(r["recoloured"]["margin"] != 0 for r in big["per_time"])  # the false captions change the loss
     assert any(r["swapped"]["margin"] != 0 for r in big["per_time"])
     other = condition_margins(pipe, items, times=(0.3, 0.9), seed=1, dtype=None)

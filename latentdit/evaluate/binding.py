@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..grounding import attention_in_boxes, grounding_tensors
 from ..schedules import add_noise, from_x0_eps
 from .alignment import fix_articles, order_swapped
 
@@ -61,7 +62,10 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     true caption, and per variant its ``margin`` (mean loss increase over the true caption's mean
     loss; 0 when the model cannot tell them apart) and ``wins`` (the share of scenes where the
     true caption's loss is lower; 0.5 is chance). ``order_margin`` and ``content_margin`` average
-    the margins over the noise levels. The loss is the training loss: the mean squared error of
+    the margins over the noise levels. ``attention_in_boxes`` (per noise level, and its mean) is
+    where the objects' words are read under the true caption: the share of their cross-attention
+    that comes from image tokens inside their boxes (``latentdit.grounding``), absent where the
+    text encoder cannot place words. The loss is the training loss: the mean squared error of
     the model's prediction against its target. Scene i's noise is seeded by ``seed`` and i, so it
     does not depend on the batch size."""
     from ..datasets.shapes import render_scene
@@ -82,30 +86,42 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     size = h * pipe.autoencoder.downsample
     model, prediction = pipe.inference_model(dtype), pipe.model.config.prediction
     losses = {name: [[] for _ in times] for name in ("true", *VARIANTS)}
+    inside: list[list[tuple[float, int]]] = [[] for _ in times]  # (sum of shares in the boxes, regions) per chunk
+    grid = (h // pipe.model.config.patch_size, w // pipe.model.config.patch_size)
     for start in range(0, len(kept), batch_size):
         chunk = kept[start: start + batch_size]
         x0 = pipe.encode_image(from_pil([render_scene(it["attributes"], size) for it in chunk])).float()
         eps = pipe.noise([seed * 1_000_003 + start + i for i in range(len(chunk))], (channels, h, w)).float()
         prompts = {"true": [it["prompt"] for it in chunk], **{v: [it[v] for it in chunk] for v in VARIANTS}}
         conds = {name: pipe.encode(p)[0] for name, p in prompts.items()}
+        words, boxes, grounded = grounding_tensors(prompts["true"], [it["attributes"] for it in chunk],
+                                                   pipe.text_encoder, conds["true"].text.shape[1])
         for k, t in enumerate(times):
             tt = torch.full((len(chunk),), float(t), device=x0.device)
             x_t = add_noise(x0, eps, tt, pipe.path)
             target = from_x0_eps(x0, eps, tt, pipe.path, prediction)
             for name, c in conds.items():
+                maps: list[torch.Tensor] = []  # kept for every caption, so all run the same arithmetic
                 with autocast(pipe.device, dtype):
-                    pred = model(x_t, tt, **c.kwargs()).float()
+                    pred = model(x_t, tt, **c.kwargs(), attention_maps=maps).float()
                 losses[name][k].append((pred - target).pow(2).mean(dim=(1, 2, 3)).cpu())
+                if name == "true" and grounded:
+                    shares, valid = attention_in_boxes(maps, words.to(x0.device), boxes.to(x0.device), grid)
+                    inside[k].append((shares.mean(0)[valid].sum().item(), int(valid.sum())))
     per_time = []
     for k, t in enumerate(times):
         true = torch.cat(losses["true"][k]).double()
         row: dict[str, Any] = {"t": float(t), "loss": round(true.mean().item(), 6)}
+        if inside[k]:  # where the objects' words are read: the share of their attention inside their boxes
+            row["attention_in_boxes"] = round(sum(v for v, _ in inside[k]) / sum(n for _, n in inside[k]), 4)
         for v in VARIANTS:
             other = torch.cat(losses[v][k]).double()
             row[v] = {"margin": round(((other - true).mean() / true.mean()).item(), 5),
                       "wins": round((other > true).double().mean().item(), 4)}
         per_time.append(row)
-    return {"scenes": len(kept), "seed": seed, "per_time": per_time,
-            "order_margin": round(sum(r["swapped"]["margin"] for r in per_time) / len(per_time), 5),
-            "content_margin": round(sum(r["recoloured"]["margin"] for r in per_time) / len(per_time), 5),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    report = {"scenes": len(kept), "seed": seed, "per_time": per_time,
+              "order_margin": round(sum(r["swapped"]["margin"] for r in per_time) / len(per_time), 5),
+              "content_margin": round(sum(r["recoloured"]["margin"] for r in per_time) / len(per_time), 5)}
+    if all("attention_in_boxes" in r for r in per_time):
+        report["attention_in_boxes"] = round(sum(r["attention_in_boxes"] for r in per_time) / len(per_time), 4)
+    return report | {"seconds": round(time.perf_counter() - t0, 1)}
