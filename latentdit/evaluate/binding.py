@@ -28,6 +28,7 @@ from .alignment import fix_articles, order_swapped
 
 TIMES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 VARIANTS: tuple[str, ...] = ("swapped", "recoloured")
+GROUNDED: tuple[str, ...] = ("true", "swapped")  # the captions that name the scene's own objects
 
 
 def recoloured(item: dict[str, Any]) -> str | None:
@@ -65,7 +66,10 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     the margins over the noise levels. ``attention_in_boxes`` (per noise level, and its mean) is
     where the objects' words are read under the true caption: the share of their cross-attention
     that comes from image tokens inside their boxes (``latentdit.grounding``), absent where the
-    text encoder cannot place words. The loss is the training loss: the mean squared error of
+    text encoder cannot place words. The swapped caption's (``attention_in_boxes_swapped``) holds
+    each object's words to that object's own box, now on the side the caption does not say: a
+    model that reads the words where the order puts them reads less there; one that finds them by
+    what is already drawn reads the same. The loss is the training loss: the mean squared error of
     the model's prediction against its target. Scene i's noise is seeded by ``seed`` and i, so it
     does not depend on the batch size."""
     from ..datasets.shapes import render_scene
@@ -86,7 +90,9 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     size = h * pipe.autoencoder.downsample
     model, prediction = pipe.inference_model(dtype), pipe.model.config.prediction
     losses = {name: [[] for _ in times] for name in ("true", *VARIANTS)}
-    inside: list[list[tuple[float, int]]] = [[] for _ in times]  # (sum of shares in the boxes, regions) per chunk
+    # where each object's words are read, under the captions that name the same objects:
+    # (sum over regions of the share read inside the region's boxes, regions) per chunk and time
+    inside: dict[str, list[list[tuple[float, int]]]] = {name: [[] for _ in times] for name in GROUNDED}
     grid = (h // pipe.model.config.patch_size, w // pipe.model.config.patch_size)
     for start in range(0, len(kept), batch_size):
         chunk = kept[start: start + batch_size]
@@ -94,8 +100,8 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
         eps = pipe.noise([seed * 1_000_003 + start + i for i in range(len(chunk))], (channels, h, w)).float()
         prompts = {"true": [it["prompt"] for it in chunk], **{v: [it[v] for it in chunk] for v in VARIANTS}}
         conds = {name: pipe.encode(p)[0] for name, p in prompts.items()}
-        words, boxes, grounded = grounding_tensors(prompts["true"], [it["attributes"] for it in chunk],
-                                                   pipe.text_encoder, conds["true"].text.shape[1])
+        regions = {name: grounding_tensors(prompts[name], [it["attributes"] for it in chunk], pipe.text_encoder,
+                                           conds[name].text.shape[1]) for name in GROUNDED}
         for k, t in enumerate(times):
             tt = torch.full((len(chunk),), float(t), device=x0.device)
             x_t = add_noise(x0, eps, tt, pipe.path)
@@ -105,23 +111,30 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
                 with autocast(pipe.device, dtype):
                     pred = model(x_t, tt, **c.kwargs(), attention_maps=maps).float()
                 losses[name][k].append((pred - target).pow(2).mean(dim=(1, 2, 3)).cpu())
-                if name == "true" and grounded:
+                words, boxes, grounded = regions.get(name, (None, None, 0))
+                if grounded:
                     shares, valid = attention_in_boxes(maps, words.to(x0.device), boxes.to(x0.device), grid)
-                    inside[k].append((shares.mean(0)[valid].sum().item(), int(valid.sum())))
-    per_time = []
-    for k, t in enumerate(times):
-        true = torch.cat(losses["true"][k]).double()
-        row: dict[str, Any] = {"t": float(t), "loss": round(true.mean().item(), 6)}
-        if inside[k]:  # where the objects' words are read: the share of their attention inside their boxes
-            row["attention_in_boxes"] = round(sum(v for v, _ in inside[k]) / sum(n for _, n in inside[k]), 4)
-        for v in VARIANTS:
-            other = torch.cat(losses[v][k]).double()
-            row[v] = {"margin": round(((other - true).mean() / true.mean()).item(), 5),
-                      "wins": round((other > true).double().mean().item(), 4)}
-        per_time.append(row)
+                    inside[name][k].append((shares.mean(0)[valid].sum().item(), int(valid.sum())))
+    per_time = [_row(t, k, losses, inside) for k, t in enumerate(times)]
     report = {"scenes": len(kept), "seed": seed, "per_time": per_time,
               "order_margin": round(sum(r["swapped"]["margin"] for r in per_time) / len(per_time), 5),
               "content_margin": round(sum(r["recoloured"]["margin"] for r in per_time) / len(per_time), 5)}
     if all("attention_in_boxes" in r for r in per_time):
         report["attention_in_boxes"] = round(sum(r["attention_in_boxes"] for r in per_time) / len(per_time), 4)
+        report["attention_in_boxes_swapped"] = round(
+            sum(r["swapped"]["attention_in_boxes"] for r in per_time) / len(per_time), 4)
     return report | {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _row(t: float, k: int, losses: dict, inside: dict) -> dict[str, Any]:
+    true = torch.cat(losses["true"][k]).double()
+    row: dict[str, Any] = {"t": float(t), "loss": round(true.mean().item(), 6)}
+    for v in VARIANTS:
+        other = torch.cat(losses[v][k]).double()
+        row[v] = {"margin": round(((other - true).mean() / true.mean()).item(), 5),
+                  "wins": round((other > true).double().mean().item(), 4)}
+    for name in GROUNDED:
+        if inside[name][k]:
+            share = round(sum(v for v, _ in inside[name][k]) / sum(n for _, n in inside[name][k]), 4)
+            (row if name == "true" else row[name])["attention_in_boxes"] = share
+    return row
