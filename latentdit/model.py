@@ -126,7 +126,6 @@ class Attention(nn.Module):
         y = attend(q, k, v, attn_mask) if maps is None else self._attend_keeping_map(q, k, v, attn_mask, maps)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
 
-
     @staticmethod
     def _attend_keeping_map(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor]) -> Tensor:
         scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (N, heads, T, S)
