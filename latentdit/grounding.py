@@ -128,5 +128,5 @@ def grounding_loss(maps: list[Tensor], token_regions: Tensor, boxes: Tensor, hw:
     shares, valid = attention_in_boxes(maps, token_regions, boxes, hw)
     valid = valid & keep[:, None]
     if not valid.any():
-        return maps[0].new_zeros(()).float()
+        return shares.new_zeros(())
     return (1 - shares[:, valid]).mean()

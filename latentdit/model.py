@@ -73,21 +73,26 @@ class HeadNorm(nn.Module):
 EXPLICIT_ATTENTION_MAX = 512 * 512  # query x key tokens below which CPU uses the explicit product
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor] | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) with an optional (N, 1, 1, S) key mask.
 
     Accelerators use ``scaled_dot_product_attention``. On CPU in bf16, for the short sequences of
     latent DiTs, SDPA's flash kernel has a backward several times slower than its forward
     (docs/architecture.md#performance-notes); the explicit product is faster there, so it is used
-    up to EXPLICIT_ATTENTION_MAX. In fp32 SDPA is the faster of the two.
+    up to EXPLICIT_ATTENTION_MAX. In fp32 SDPA is the faster of the two. ``maps``: when given, the
+    weights are computed explicitly in fp32 and their mean over heads, (N, T, S), is appended to it.
     """
-    explicit = q.device.type == "cpu" and q.dtype == torch.bfloat16
-    if not explicit or q.shape[-2] * k.shape[-2] > EXPLICIT_ATTENTION_MAX:
+    explicit = maps is not None or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    if not explicit or (maps is None and q.shape[-2] * k.shape[-2] > EXPLICIT_ATTENTION_MAX):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, heads, T, S)
+    scores = q @ k.transpose(-2, -1)  # (N, heads, T, S)
+    scores = (scores if maps is None else scores.float()) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    weights = scores.softmax(dim=-1)
+    if maps is not None:
+        maps.append(weights.mean(1))  # (N, T, S)
+    return weights.to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -123,17 +128,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, heads, T, head_dim)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
-        y = attend(q, k, v, attn_mask) if maps is None else self._attend_keeping_map(q, k, v, attn_mask, maps)
+        y = attend(q, k, v, attn_mask, maps)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
-
-    @staticmethod
-    def _attend_keeping_map(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor]) -> Tensor:
-        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (N, heads, T, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
-        maps.append(weights.mean(1))  # (N, T, S)
-        return weights.to(v.dtype) @ v
 
 
 class MLP(nn.Module):
