@@ -175,6 +175,10 @@ class ModelConfig:
     # learned position per token) before any image block attends to them; 0 = none. Zero-initialised,
     # so a model grown from one without them starts as that model (``--init_from``).
     text_refiner: int = 0
+    # A layout planner (model.LayoutPlanner): predicts from the text where each word's object goes and
+    # biases cross-attention toward it, by a per-head gain that starts at zero (a model grown with it
+    # starts as the base). Trained on grounding boxes: shards preprocessed with --grounding.
+    layout_planner: bool = False
 
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +198,8 @@ class ModelConfig:
         if self.text_refiner < 0 or (self.text_refiner and self.text_dim == 0):
             raise ValueError("text_refiner counts blocks over the text tokens: it needs text_dim > 0 "
                              f"and cannot be negative (got {self.text_refiner})")
+        if self.layout_planner and self.text_dim == 0:
+            raise ValueError("layout_planner reads the text tokens: it needs text_dim > 0")
         if self.control is not None and self.control_factor ** 2 != self.extra_in_channels:
             raise ValueError(f"a control model carries its map as factor**2 extra channels (pixel unshuffle: "
                              f"16 for latents at 1/4 of the image side), got extra_in_channels "

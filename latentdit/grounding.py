@@ -16,6 +16,7 @@ where the red circle is.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -130,3 +131,45 @@ def grounding_loss(maps: list[Tensor], token_regions: Tensor, boxes: Tensor, hw:
     if not valid.any():
         return shares.new_zeros(())
     return (1 - shares[:, valid]).mean()
+
+
+def layout_targets(token_regions: Tensor, boxes: Tensor, grid: int) -> Tensor:
+    """(B, L, grid*grid + 1) what the layout planner should say of each text token: a word of a
+    region is spread evenly over the cells of its boxes, any other word is "nowhere in particular"
+    (the last class)."""
+    b, length = token_regions.shape
+    regions = max(int(token_regions.max()), 1)
+    where = box_masks(boxes.float(), regions, grid, grid).float()  # (B, R, G*G)
+    where = torch.cat([where.new_zeros(b, 1, grid * grid), where], 1)  # region 0 has no cells
+    cells = where.gather(1, token_regions.long()[..., None].expand(-1, -1, grid * grid))  # (B, L, G*G)
+    total = cells.sum(-1, keepdim=True)
+    placed = cells / total.clamp_min(1)
+    return torch.cat([placed, (total == 0).float()], -1)
+
+
+def layout_loss(logits: Tensor, token_regions: Tensor, boxes: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """Cross-entropy of the layout planner's logits (B, L, G*G + 1) against ``layout_targets``,
+    averaged over the real text tokens (mask: (B, L) bool); keep: (B,) bool, the samples that saw
+    their caption (a dropped one's null prompt names nothing, so all its words are "nowhere")."""
+    grid = math.isqrt(logits.shape[-1] - 1)
+    regions = torch.where(keep[:, None], token_regions.long(), 0)
+    target = layout_targets(regions, boxes, grid)
+    real = mask.bool().float()
+    ce = -(target * logits.float().log_softmax(-1)).sum(-1)  # (B, L)
+    return (ce * real).sum() / real.sum().clamp_min(1)
+
+
+def plan_in_boxes(logits: Tensor, token_regions: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (shares (B, R), valid (B, R)): for each region, the layout planner's probability that its
+    words' object is inside its boxes (averaged over its words); valid as in ``attention_in_boxes``.
+    logits: (B, L, G*G + 1) as ``layout_loss`` takes them."""
+    grid = math.isqrt(logits.shape[-1] - 1)
+    regions = max(int(token_regions.max()), 1)
+    which = torch.arange(1, regions + 1, device=token_regions.device)
+    words = (token_regions.long()[:, None, :] == which[None, :, None]).float()  # (B, R, L)
+    where = box_masks(boxes.float(), regions, grid, grid).float()  # (B, R, G*G)
+    probs = logits.float().softmax(-1)[..., :-1]  # (B, L, G*G)
+    per_word = torch.einsum("blc,brc->brl", probs, where)  # (B, R, L)
+    count = words.sum(-1)
+    valid = (count > 0) & (where.sum(-1) > 0)
+    return (per_word * words).sum(-1) / count.clamp_min(1), valid

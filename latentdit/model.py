@@ -73,8 +73,10 @@ class HeadNorm(nn.Module):
 EXPLICIT_ATTENTION_MAX = 512 * 512  # query x key tokens below which CPU uses the explicit product
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor] | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over (N, heads, T, d) with an optional (N, 1, 1, S) key mask.
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tensor] | None = None,
+           bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over (N, heads, T, d) with an optional (N, 1, 1, S) key
+    mask and an optional additive (N, heads, T, S) bias on the logits.
 
     Accelerators use ``scaled_dot_product_attention``. On CPU in bf16, for the short sequences of
     latent DiTs, SDPA's flash kernel has a backward several times slower than its forward
@@ -84,9 +86,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, maps: list[Tens
     """
     explicit = maps is not None or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
     if not explicit or (maps is None and q.shape[-2] * k.shape[-2] > EXPLICIT_ATTENTION_MAX):
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = q @ k.transpose(-2, -1)  # (N, heads, T, S)
     scores = (scores if maps is None else scores.float()) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
@@ -117,8 +124,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                maps: list[Tensor] | None = None) -> Tensor:
-        """maps: when given, the attention weights averaged over heads, (N, T, S), are appended to it."""
+                maps: list[Tensor] | None = None, bias: Tensor | None = None) -> Tensor:
+        """maps: when given, the attention weights averaged over heads, (N, T, S), are appended to it;
+        bias: (N, heads, T, S) added to the attention logits."""
         n, t, d = x.shape
         if self.cross:
             q = self.q(x).view(n, t, self.heads, self.head_dim)
@@ -128,7 +136,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, heads, T, head_dim)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, L)
-        y = attend(q, k, v, attn_mask, maps)
+        y = attend(q, k, v, attn_mask, maps, bias)
         return self.out(y.transpose(1, 2).reshape(n, t, d))
 
 
@@ -152,6 +160,9 @@ class MLP(nn.Module):
         return self.fc2(x)
 
 
+LAYOUT_GAIN_RATE = 10.0  # the layout gains learn this many times faster than other weights
+
+
 class Block(nn.Module):
     """Self-attention, cross-attention to the condition tokens, MLP. With adaLN-single the six
     modulation vectors come from one shared projection of t plus a per-block learned table."""
@@ -168,16 +179,22 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
         self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp, cfg.gelu)
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
+        # how strongly each cross-attention head follows the layout planner's prior (zero: not at all);
+        # used times LAYOUT_GAIN_RATE, so that a fine-tune's few steps can take it to a few units
+        self.layout_gain = nn.Parameter(torch.zeros(cfg.heads)) if cross and cfg.layout_planner else None
 
     def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,
-                hw: tuple[int, int], maps: list[Tensor] | None = None) -> Tensor:
+                hw: tuple[int, int], maps: list[Tensor] | None = None, prior: Tensor | None = None) -> Tensor:
         if self.adaln:
             sh1, sc1, g1, sh2, sc2, g2 = (self.table[None] + mod).chunk(6, dim=1)  # (N, 1, D) each
             x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), sh1, sc1)))
         else:
             x = x + self.attn(self.norm1(x))
         if self.cross is not None:
-            x = x + self.cross(self.norm_x(x), ctx, ctx_mask, maps)
+            bias = None
+            if prior is not None:  # (N, heads, T, L'): each head's gain times the planner's log-prior
+                bias = (LAYOUT_GAIN_RATE * self.layout_gain)[None, :, None, None] * prior[:, None]
+            x = x + self.cross(self.norm_x(x), ctx, ctx_mask, maps, bias)
         if self.adaln:
             return torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2), hw))
         return x + self.mlp(self.norm2(x), hw)
@@ -202,6 +219,44 @@ class TextRefinerBlock(nn.Module):
         return x + self.mlp(self.norm2(x), (0, 0))
 
 
+class LayoutPlanner(nn.Module):
+    """Where each text token's object will be: per token, logits over the cells of the base token
+    grid plus one "nowhere in particular" class (words that name no object, pads, the null prompt).
+
+    Trained on grounding boxes (``grounding.layout_loss``), it turns the sentence into a layout
+    prior: which image tokens should read which words. Order and relation words change where an
+    object goes; a denoising loss hears that only faintly (by the time an object shows, its colour
+    finds its words), a planner trained on where each object was hears nothing else. Its log-prior
+    is added to every cross-attention head's logits, scaled by that head's learned gain."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.grid = max(cfg.base_size // cfg.patch_size, 1)
+        self.context = TextRefinerBlock(cfg)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.head = nn.Linear(cfg.width, self.grid**2 + 1)
+
+    def forward(self, ctx: Tensor, mask: Tensor) -> Tensor:
+        """ctx: (N, L, D) text tokens, mask: (N, L) -> (N, L, grid**2 + 1) logits, "nowhere" last."""
+        return self.head(self.norm(self.context(ctx, mask))).float()
+
+
+def layout_prior(logits: Tensor, h: int, w: int, floor: float = -8.0) -> Tensor:
+    """Planner logits (N, L, G*G + 1) -> (N, h*w, L): log of how much more than evenly each image
+    token of an h x w grid should read each word (0 for "nowhere in particular"), at least
+    ``floor``. A grid other than G x G resamples the cell probabilities."""
+    n, length, cells = logits.shape
+    g = math.isqrt(cells - 1)
+    probs = logits.float().softmax(-1)
+    where, nowhere = probs[..., :-1], probs[..., -1:]
+    if (h, w) != (g, g):
+        where = F.interpolate(where.reshape(n * length, 1, g, g), size=(h, w), mode="bilinear",
+                              align_corners=False).reshape(n, length, h * w)
+        where = where * ((1 - nowhere) / where.sum(-1, keepdim=True).clamp_min(1e-12))
+    q = where + nowhere / (h * w)
+    return (q * (h * w)).clamp_min(1e-12).log().clamp_min(floor).transpose(1, 2)
+
+
 class Denoiser(nn.Module):
     """Latent transformer denoiser. See ``forward`` for the interface."""
 
@@ -219,6 +274,8 @@ class Denoiser(nn.Module):
             if cfg.text_refiner:
                 self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len, d))
                 self.text_refiner = nn.ModuleList(TextRefinerBlock(cfg) for _ in range(cfg.text_refiner))
+            if cfg.layout_planner:
+                self.planner = LayoutPlanner(cfg)
         if cfg.pooled_dim:
             self.pooled_proj = nn.Sequential(nn.Linear(cfg.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
             self.null_pooled = nn.Parameter(torch.zeros(cfg.pooled_dim))
@@ -340,12 +397,14 @@ class Denoiser(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None,
                 pooled: Tensor | None = None, mask_latent: Tensor | None = None,
-                labels: Tensor | None = None, attention_maps: list[Tensor] | None = None) -> Tensor:
+                labels: Tensor | None = None, attention_maps: list[Tensor] | None = None,
+                layouts: list[Tensor] | None = None) -> Tensor:
         """x: (N, C, H, W) noisy latents; t: (N,) in [0, 1]; text: (N, L, D) token embeddings;
         text_mask: (N, L) bool; pooled: (N, D_pooled) or None; mask_latent: (N, extra, H, W)
         extra input channels (inpainting variants); labels: (N,) class ids for class models;
         attention_maps: a list that receives each cross-attention block's head-averaged weights,
-        (N, T, L') over the context tokens (the text tokens are the last L), for grounding losses.
+        (N, T, L') over the context tokens (the text tokens are the last L), for grounding losses;
+        layouts: a list that receives the layout planner's logits (N, L, G*G + 1), for its loss.
         Returns the prediction named by config.prediction, shape of x."""
         cfg, (n, _, hh, ww) = self.config, x.shape
         p = cfg.patch_size
@@ -362,9 +421,24 @@ class Denoiser(nn.Module):
         tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
         c, ctx, ctx_mask = self._condition(t, text, text_mask, pooled, labels)
         mod = self.t_block(c).view(n, 6, -1) if cfg.modulation == "adaln-single" else None  # (N, 6, D)
+        prior = self._layout_prior(ctx, ctx_mask, text, h, w, layouts) if cfg.layout_planner else None
         for block in self.blocks:
-            tokens = block(tokens, mod, ctx, ctx_mask, (h, w), attention_maps)
+            tokens = block(tokens, mod, ctx, ctx_mask, (h, w), attention_maps, prior)
         return self._unpatchify(self._final(tokens, c), h, w)
+
+    def _layout_prior(self, ctx: Tensor, ctx_mask: Tensor, text: Tensor, h: int, w: int,
+                      layouts: list[Tensor] | None) -> Tensor:
+        """(N, h*w, L') log-prior over the context tokens: the planner's over the text tokens (the
+        last L), none over the tokens before them (t and the pooled vector without adaLN)."""
+        length = text.shape[1]
+        # The planner reads the text tokens without training them: its loss would otherwise pull
+        # the projection the denoiser reads toward what a layout needs.
+        logits = self.planner(ctx[:, -length:].detach(), ctx_mask[:, -length:])
+        if layouts is not None:
+            layouts.append(logits)
+        # The planner learns from boxes alone; the denoiser learns how far to follow it (the gains).
+        prior = layout_prior(logits.detach(), h, w)
+        return F.pad(prior, (ctx.shape[1] - length, 0))
 
     def _final(self, x: Tensor, c: Tensor) -> Tensor:
         x = self.final_norm(x)

@@ -20,7 +20,7 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
-from .grounding import grounding_loss
+from .grounding import grounding_loss, layout_loss
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
@@ -63,17 +63,22 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
         extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
     maps: list[Tensor] | None = [] if cfg.grounding_weight else None
-    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra, attention_maps=maps)
+    layouts: list[Tensor] | None = [] if cfg.model.layout_planner else None
+    pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra, attention_maps=maps,
+                 layouts=layouts)
     err = (pred.float() - target).pow(2)
     if cfg.object_weight:
         fade = (1 - t).view(-1, 1, 1, 1) if cfg.object_weight_fade else 1.0
         err = err * object_weights(x0, cfg.object_weight, fade)
+    loss = err.mean()
+    if layouts is not None:
+        loss = loss + cfg.layout_weight * layout_loss(layouts[0], *batch.grounding, mask, ~drop)
     if maps is None:
-        return err.mean()
+        return loss
     p = cfg.model.patch_size
     hw = (x0.shape[-2] // p, x0.shape[-1] // p)
     keep = ~drop & (t >= cfg.grounding_min_t)
-    return err.mean() + cfg.grounding_weight * grounding_loss(maps, *batch.grounding, hw, keep)
+    return loss + cfg.grounding_weight * grounding_loss(maps, *batch.grounding, hw, keep)
 
 
 def object_weights(x0: Tensor, strength: float, fade: Tensor | float = 1.0) -> Tensor:
@@ -242,6 +247,9 @@ def check_data(reader: ShardReader, mcfg: ModelConfig, grounding_weight: float =
     if grounding_weight and not reader.grounding:
         raise ValueError(f"grounding_weight > 0 but the shards in {reader.directory} hold no grounding; "
                          "preprocess with --grounding")
+    if mcfg.layout_planner and not reader.grounding:
+        raise ValueError(f"model.layout_planner learns from grounding boxes, but the shards in "
+                         f"{reader.directory} hold none; preprocess with --grounding")
     if mcfg.control:
         _check_control_data(reader, mcfg)
     elif mcfg.extra_in_channels and not is_inpainting(mcfg):
@@ -293,7 +301,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 # The weights that read the text condition: swapping the text encoder (e.g. for a multilingual one)
 # only needs these relearned; the image pathway stays as it was trained.
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
-    "text": ("text_proj.*", "text_pos", "text_refiner.*", "pooled_proj.*", "null_text", "null_pooled",
+    "text": ("text_proj.*", "text_pos", "text_refiner.*", "planner.*", "pooled_proj.*", "null_text", "null_pooled",
              "blocks.*.cross.kv.*", "blocks.*.cross.k_norm.*"),
 }
 
@@ -335,13 +343,16 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
                 and not (n == "patch.weight" and own[n].shape[1] > w.shape[1])]
     problems += [f"{n} is not in the new model" for n in weights if n not in own]
     grown = model.config.text_refiner > config.model.text_refiner
+    planned = model.config.layout_planner and not config.model.layout_planner
     problems += [f"{n} is missing from it" for n in own if n not in weights
-                 and not (grown and (n == "text_pos" or n.startswith("text_refiner.")))]
+                 and not (grown and (n == "text_pos" or n.startswith("text_refiner.")))
+                 and not (planned and (n.startswith("planner.") or n.endswith(".layout_gain")))]
     if problems:
         theirs = asdict(config.model)
         ours = asdict(model.config)
+        grown_fields = ("extra_in_channels", "control", "text_refiner", "layout_planner")
         hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
-                         if k not in ("extra_in_channels", "control", "text_refiner") and ours.get(k) != v)
+                         if k not in grown_fields and ours.get(k) != v)
         raise ValueError(f"cannot fine-tune from {folder}: its architecture differs ("
                          + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else "")
                          + ")" + (f". Its model config differs in: {hint}" if hint else ""))

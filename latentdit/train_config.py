@@ -49,6 +49,10 @@ class TrainConfig:
     # samples noised to t below this add no grounding loss: there the objects' colours show in the
     # noisy latents, so attention can find each object's words by its colour instead of the caption's order
     grounding_min_t: float = 0.0
+    # the weight of the layout planner's loss (grounding.layout_loss), for models with model.layout_planner;
+    # only the planner learns from it, so the weight sets its share of the clipped gradient norm (its
+    # cross-entropy starts near 4, a denoising loss near 0.05)
+    layout_weight: float = 0.01
     ema_decay: float = 0.999
     ema_warmup: bool = True
     log_every: int = 50

@@ -72,6 +72,23 @@ def test_margins_read_the_caption_and_do_not_depend_on_the_batch(tiny_clip, tiny
     assert other["per_time"][0]["loss"] != big["per_time"][0]["loss"]  # the seed draws other noise
 
 
+def test_a_model_with_a_layout_planner_reports_where_it_plans_each_object(tiny_clip, tiny_vae):
+    import torch
+
+    items = prompt_set("heldout", 30, seed=0)
+    plain = condition_margins(tiny_pipeline(tiny_clip, tiny_vae), items, times=(0.5,), dtype=None)
+    assert "plan_in_boxes" not in plain
+    pipe = tiny_pipeline(tiny_clip, tiny_vae, layout_planner=True)
+    report = condition_margins(pipe, items, times=(0.5,), dtype=None)
+    assert 0 < report["plan_in_boxes"] < 1 and 0 < report["plan_in_boxes_swapped"] < 1
+    assert report["plan_in_boxes"] != report["plan_in_boxes_swapped"]  # the plan reads the caption
+    with torch.no_grad():  # a planner that says "nowhere in particular" for every word plans nothing
+        pipe.model.planner.head.weight.zero_()
+        pipe.model.planner.head.bias.fill_(-30.0)[-1] = 0.0
+    nowhere = condition_margins(pipe, items, times=(0.5,), dtype=None)
+    assert nowhere["plan_in_boxes"] == nowhere["plan_in_boxes_swapped"] == 0.0
+
+
 def test_margins_refuse_what_they_cannot_measure(tiny_clip, tiny_vae):
     pipe = tiny_pipeline(tiny_clip, tiny_vae)
     singles = [it for it in prompt_set("heldout", 20, seed=0) if it["expect"]["scene"] != "relation"]

@@ -277,3 +277,179 @@ def test_samples_below_the_minimum_noise_level_add_no_grounding_loss(grounded_sh
     assert loss(grounding_weight=1.0, grounding_min_t=0.999) == pytest.approx(plain, abs=1e-6)
     with pytest.raises(ValueError, match="grounding_min_t must be in"):
         _train_config(grounded_shards, tmp_path, grounding_min_t=1.0)
+
+
+# -------------------------------------------------------------------------------- the layout planner
+def test_layout_targets_spread_each_regions_words_over_its_boxes():
+    from latentdit.grounding import layout_targets
+
+    regions = torch.tensor([[0, 1, 1, 2, 0]])
+    # region 1: the left column of a 2x2 grid; region 2: the bottom-right cell
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 1.0], [2, 0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0, 0]]])
+    target = layout_targets(regions, boxes, 2)
+    assert target.shape == (1, 5, 5)
+    assert torch.equal(target[0, 1], torch.tensor([0.5, 0, 0.5, 0, 0]))  # cells 0 and 2, row-major
+    assert torch.equal(target[0, 2], target[0, 1])
+    assert torch.equal(target[0, 3], torch.tensor([0, 0, 0, 1.0, 0]))
+    assert torch.equal(target[0, 0], torch.tensor([0, 0, 0, 0, 1.0]))  # no region: "nowhere"
+    assert torch.equal(target[0, 4], target[0, 0])
+
+
+def test_the_layout_loss_is_lowest_for_the_planner_that_says_where_and_skips_dropped_captions():
+    from latentdit.grounding import layout_loss, layout_targets
+
+    regions = torch.tensor([[1, 0, 2]])
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 0.5], [2, 0.5, 0.5, 1.0, 1.0]]])
+    mask, keep = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+    right = layout_targets(regions, boxes, 2).clamp_min(1e-6).log() * 1.0
+    swapped = right[:, [2, 1, 0]]
+    assert layout_loss(right, regions, boxes, mask, keep) < 1e-4
+    assert layout_loss(swapped, regions, boxes, mask, keep) > 5
+    # masked tokens count for nothing; a dropped caption only asks for "nowhere" everywhere
+    assert layout_loss(swapped, regions, boxes, torch.tensor([[False, True, False]]), keep) < 1e-4
+    nowhere = torch.tensor([[[-20.0, -20, -20, -20, 0]] * 3])
+    assert layout_loss(nowhere, regions, boxes, mask, ~keep) < 1e-6
+    assert layout_loss(nowhere, regions, boxes, mask, keep) > 5
+
+
+def test_plan_in_boxes_is_the_planners_probability_inside_each_regions_boxes():
+    from latentdit.grounding import plan_in_boxes
+
+    regions = torch.tensor([[1, 1, 0, 2]])
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 0.5], [2, 0.5, 0.5, 1.0, 1.0]]])
+    logits = torch.full((1, 4, 5), -30.0)
+    logits[0, 0, 0] = 0  # region 1's first word: its own cell
+    logits[0, 1, 3] = 0  # its second word: region 2's cell
+    logits[0, 3, [0, 3]] = 0  # region 2's word: half in its cell, half in region 1's
+    shares, valid = plan_in_boxes(logits, regions, boxes)
+    assert valid.tolist() == [[True, True]]
+    assert shares[0].tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_the_layout_prior_is_zero_for_nowhere_and_log_odds_for_a_place():
+    from latentdit.model import layout_prior
+
+    logits = torch.full((1, 2, 5), -30.0)
+    logits[0, 0, -1] = 0  # token 0: nowhere in particular
+    logits[0, 1, 3] = 0  # token 1: surely the bottom-right cell of a 2x2 grid
+    prior = layout_prior(logits, 2, 2)
+    assert prior.shape == (1, 4, 2)
+    assert prior[0, :, 0].abs().max() < 1e-6
+    assert prior[0, 3, 1].item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
+    assert torch.equal(prior[0, :3, 1], torch.full((3,), -8.0))  # the floor
+    # on a 4x4 grid the place resamples to the bottom-right quarter, and "nowhere" stays zero
+    big = layout_prior(logits, 4, 4)
+    assert big[0, :, 0].abs().max() < 1e-6
+    cells = big[0, :, 1].view(4, 4)
+    assert cells[3, 3] > 1.0 and cells[0, 0] == -8.0 and cells[2:, 2:].min() > cells[:2, :2].max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_bias_matches_between_the_explicit_product_and_sdpa(dtype):
+    import torch.nn.functional as F
+
+    from latentdit.model import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[1, ..., 12:] = False
+    bias = torch.randn(2, 3, 16, 16) * 2
+    got = attend(q, k, v, mask, None, bias)
+    explicit = attend(q, k, v, mask, [], bias)  # the maps force the explicit fp32 product
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                          attn_mask=bias.masked_fill(~mask, float("-inf")))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want, atol=tol) and torch.allclose(explicit.float(), want, atol=tol)
+    assert not torch.allclose(got.float(), attend(q, k, v, mask).float(), atol=tol)  # the bias acts
+
+
+def test_a_model_grown_with_a_planner_starts_as_its_base_and_follows_it_once_its_gains_grow():
+    import dataclasses
+
+    base = Denoiser(_tiny_model_config())
+    with torch.no_grad():  # a trained model's output is not zero, nor are its blocks' gates
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    planned = Denoiser(dataclasses.replace(base.config, layout_planner=True))
+    missing, unexpected = planned.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(n.startswith("planner.") or n.endswith("layout_gain") for n in missing)
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([0.9, 0.5])
+    text, mask, pooled = torch.randn(2, 24, 384), torch.ones(2, 24, dtype=torch.bool), torch.randn(2, 384)
+    layouts: list[torch.Tensor] = []
+    with torch.no_grad():
+        want = base(x, t, text, mask, pooled)
+        assert torch.allclose(planned(x, t, text, mask, pooled, layouts=layouts), want, atol=1e-6)
+        assert layouts[0].shape == (2, 24, (SIZE // 4) ** 2 + 1)
+        for block in planned.blocks:
+            block.layout_gain.fill_(0.1)
+        assert not torch.allclose(planned(x, t, text, mask, pooled), want, atol=1e-3)
+        # a planner that places no word anywhere in particular biases nothing, whatever the gains
+        planned.planner.head.weight.zero_()
+        planned.planner.head.bias.copy_(torch.tensor([-30.0] * (SIZE // 4) ** 2 + [0.0]))
+        assert torch.allclose(planned(x, t, text, mask, pooled), want, atol=1e-5)
+    # the plan's loss trains the planner alone: the text projection the denoiser reads is left as it is
+    layouts.clear()
+    planned(x, t, text, mask, pooled, layouts=layouts)
+    layouts[0].logsumexp(-1).sum().backward()
+    assert planned.text_proj[0].weight.grad is None and planned.planner.head.weight.grad.abs().sum() > 0
+
+
+def test_training_teaches_the_planner_where_each_object_goes(grounded_shards, tmp_path):
+    from latentdit.grounding import layout_loss
+    from latentdit.schedules import NoisePath
+    from latentdit.shards import ShardReader
+    from latentdit.train import diffusion_loss
+
+    reader = ShardReader(grounded_shards)
+    probe = next(reader.batches(32, seed=99))
+    torch.manual_seed(0)
+    cfg = _train_config(grounded_shards, tmp_path, cond_dropout=0.0)
+    cfg.model.layout_planner = True
+    model = Denoiser(cfg.model)
+
+    def planner_loss() -> float:
+        layouts: list[torch.Tensor] = []
+        with torch.no_grad():
+            model(probe.latents, torch.full((32,), 0.5), probe.text.tokens, probe.text.mask, probe.text.pooled,
+                  layouts=layouts)
+        return layout_loss(layouts[0], *probe.grounding, probe.text.mask, torch.ones(32, dtype=torch.bool)).item()
+
+    before = planner_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _, batch in zip(range(40), reader.batches(16, seed=0)):
+        opt.zero_grad()
+        diffusion_loss(model, batch, NoisePath("flow"), cfg, gen).backward()
+        opt.step()
+    after = planner_loss()
+    assert after < 0.6 * before, (before, after)
+    assert any(block.layout_gain.abs().max() > 0 for block in model.blocks)  # the denoiser took up the prior
+
+
+def test_train_with_a_planner_refuses_shards_without_grounding(grounded_shards, tmp_path):
+    from latentdit.checkpoint import load_config
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
+    from latentdit.text import load_text_encoder
+    from latentdit.train import load_init_weights, train
+    from latentdit.vae import load_autoencoder
+
+    result = train(_train_config(grounded_shards, tmp_path / "run"), progress=False)
+    grown = _train_config(grounded_shards, tmp_path / "grown", init_from=result["model"])
+    grown.model.layout_planner = True
+    model = Denoiser(grown.model)
+    load_init_weights(model, result["model"])  # a planner may grow on a model without one
+    assert all(not b.layout_gain.detach().any() for b in model.blocks)
+    trained = train(grown, progress=False)
+    again = Denoiser(grown.model)
+    load_init_weights(again, trained["model"])  # the planner and its gains are saved and read back
+    assert any(b.layout_gain.detach().any() for b in again.blocks)
+    assert load_config(trained["model"]).model.layout_planner
+    plain = tmp_path / "plain"
+    preprocess(shapes_source(8, size=SIZE), plain, autoencoder=load_autoencoder("identity"),
+               text_encoder=load_text_encoder("minilm", max_length=24), n=8, progress=False)
+    no_boxes = _train_config(plain, tmp_path / "run2")
+    no_boxes.model.layout_planner = True
+    with pytest.raises(ValueError, match="layout_planner learns from grounding boxes"):
+        train(no_boxes, progress=False)

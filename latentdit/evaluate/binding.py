@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..grounding import attention_in_boxes, grounding_tensors
+from ..grounding import attention_in_boxes, grounding_tensors, plan_in_boxes
 from ..schedules import add_noise, from_x0_eps
 from .alignment import fix_articles, order_swapped
 
@@ -71,7 +71,9 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     model that reads the words where the order puts them reads less there; one that finds them by
     what is already drawn reads the same. The loss is the training loss: the mean squared error of
     the model's prediction against its target. Scene i's noise is seeded by ``seed`` and i, so it
-    does not depend on the batch size."""
+    does not depend on the batch size. A model with a layout planner adds ``plan_in_boxes`` and
+    ``plan_in_boxes_swapped``: the planner's probability that each object is inside its own box,
+    under the true caption and under the swapped one (where reading the order moves it away)."""
     from ..datasets.shapes import render_scene
     from ..pipeline import autocast
     from ..pixels import from_pil
@@ -93,6 +95,7 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     # where each object's words are read, under the captions that name the same objects:
     # (sum over regions of the share read inside the region's boxes, regions) per chunk and time
     inside: dict[str, list[list[tuple[float, int]]]] = {name: [[] for _ in times] for name in GROUNDED}
+    planned: dict[str, list[tuple[float, int]]] = {name: [] for name in GROUNDED}
     grid = (h // pipe.model.config.patch_size, w // pipe.model.config.patch_size)
     for start in range(0, len(kept), batch_size):
         chunk = kept[start: start + batch_size]
@@ -108,13 +111,18 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
             target = from_x0_eps(x0, eps, tt, pipe.path, prediction)
             for name, c in conds.items():
                 maps: list[torch.Tensor] = []  # kept for every caption, so all run the same arithmetic
+                layouts: list[torch.Tensor] | None = [] if pipe.model.config.layout_planner else None
                 with autocast(pipe.device, dtype):
-                    pred = model(x_t, tt, **c.kwargs(), attention_maps=maps).float()
+                    pred = model(x_t, tt, **c.kwargs(), attention_maps=maps, layouts=layouts).float()
                 losses[name][k].append((pred - target).pow(2).mean(dim=(1, 2, 3)).cpu())
                 words, boxes, grounded = regions.get(name, (None, None, 0))
                 if grounded:
-                    shares, valid = attention_in_boxes(maps, words.to(x0.device), boxes.to(x0.device), grid)
+                    words, boxes = words.to(x0.device), boxes.to(x0.device)
+                    shares, valid = attention_in_boxes(maps, words, boxes, grid)
                     inside[name][k].append((shares.mean(0)[valid].sum().item(), int(valid.sum())))
+                    if layouts and k == 0:  # the plan reads the text alone: one noise level says it
+                        shares, valid = plan_in_boxes(layouts[0], words, boxes)
+                        planned[name].append((shares[valid].sum().item(), int(valid.sum())))
     per_time = [_row(t, k, losses, inside) for k, t in enumerate(times)]
     report = {"scenes": len(kept), "seed": seed, "per_time": per_time,
               "order_margin": round(sum(r["swapped"]["margin"] for r in per_time) / len(per_time), 5),
@@ -123,6 +131,9 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
         report["attention_in_boxes"] = round(sum(r["attention_in_boxes"] for r in per_time) / len(per_time), 4)
         report["attention_in_boxes_swapped"] = round(
             sum(r["swapped"]["attention_in_boxes"] for r in per_time) / len(per_time), 4)
+    for name, key in (("true", "plan_in_boxes"), ("swapped", "plan_in_boxes_swapped")):
+        if planned[name]:
+            report[key] = round(sum(v for v, _ in planned[name]) / sum(n for _, n in planned[name]), 4)
     return report | {"seconds": round(time.perf_counter() - t0, 1)}
 
 
