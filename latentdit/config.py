@@ -176,8 +176,8 @@ class ModelConfig:
     # so a model grown from one without them starts as that model (``--init_from``).
     text_refiner: int = 0
     # A layout planner (model.LayoutPlanner): predicts from the text where each word's object goes and
-    # biases cross-attention toward it, by a per-head gain that starts at zero (a model grown with it
-    # starts as the base). Trained on grounding boxes: shards preprocessed with --grounding.
+    # biases cross-attention toward it, by a learned per-head gain. A new planner places no word, so a
+    # model grown with it starts as the base. Trained on grounding boxes: preprocess with --grounding.
     layout_planner: bool = False
 
     @staticmethod

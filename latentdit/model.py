@@ -179,9 +179,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=not self.adaln, eps=1e-6)
         self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp, cfg.gelu)
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
-        # how strongly each cross-attention head follows the layout planner's prior (zero: not at all);
-        # used times LAYOUT_GAIN_RATE, so that a fine-tune's few steps can take it to a few units
-        self.layout_gain = nn.Parameter(torch.zeros(cfg.heads)) if cross and cfg.layout_planner else None
+        # how strongly each cross-attention head follows the layout planner's prior, used times
+        # LAYOUT_GAIN_RATE: it starts at face value (1), so that the denoising loss sees a plan acted
+        # on from the first step; a new planner plans nothing, so the model starts as it was
+        self.layout_gain = None
+        if cross and cfg.layout_planner:
+            self.layout_gain = nn.Parameter(torch.full((cfg.heads,), 1.0 / LAYOUT_GAIN_RATE))
 
     def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,
                 hw: tuple[int, int], maps: list[Tensor] | None = None, prior: Tensor | None = None) -> Tensor:
@@ -235,6 +238,13 @@ class LayoutPlanner(nn.Module):
         self.context = TextRefinerBlock(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.head = nn.Linear(cfg.width, self.grid**2 + 1)
+
+    def reset_head(self, nowhere: float = 8.0) -> None:
+        """Every word "nowhere in particular" (probability 1 - grid**2 / e**nowhere): a plan that
+        biases no head until the planner has learned one."""
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()[-1] = nowhere
 
     def forward(self, ctx: Tensor, mask: Tensor) -> Tensor:
         """ctx: (N, L, D) text tokens, mask: (N, L) -> (N, L, grid**2 + 1) logits, "nowhere" last."""
@@ -312,6 +322,8 @@ class Denoiser(nn.Module):
         for block in getattr(self, "text_refiner", ()):
             for out in (block.attn.out, block.mlp.fc2):
                 nn.init.zeros_(out.weight)
+        if hasattr(self, "planner"):
+            self.planner.reset_head()
 
     # -- conditioning ------------------------------------------------------------------------
     def null_condition(self, n: int, length: int = 1) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
