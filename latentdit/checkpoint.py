@@ -27,7 +27,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 2  # 2: ModelConfig.cross_norm and .gelu (format 1: normed cross-attention, tanh GELU)
 PACKAGED = {name: Path(__file__).parent / "weights" / name
-            for name in ("shapes", "shapes-multilingual", "shapes-control")}
+            for name in ("shapes", "shapes-layout", "shapes-multilingual", "shapes-control")}
 # Largest image side, as a multiple of the side the model was trained at: positional embeddings
 # and attention cost (quadratic in tokens) are sized for the training canvas; 4x is 16x the tokens.
 MAX_SIZE_MULTIPLE = 4
@@ -239,6 +239,8 @@ def base_folder(directory: Path, config: CheckpointConfig) -> Path | None:
     ours, theirs = to_dict(config.model), to_dict(base_config.model)
     # max_text_len is the one field no weight depends on, unless a text refiner gives each place a weight
     free = set() if ours.get("text_refiner") else {"max_text_len"}
+    # a layout planner grown on the base adds weights and changes none of the base's shapes
+    free |= {"layout_planner"} if ours.get("layout_planner") and not theirs.get("layout_planner") else set()
     differ = sorted(k for k in ours if k not in free and ours[k] != theirs.get(k))
     if differ:
         raise ValueError(f"{directory}: its base {config.base!r} has another architecture "
@@ -400,7 +402,8 @@ def average_models(folders: list[str | Path], out: str | Path, weights: list[flo
 def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     """Write `model` as a delta on `base`: only the weights that differ from the base's, and the
     autoencoder only if it is not the base's. For a fine-tune that changed a few layers (a text
-    encoder swapped with ``train_only: text``) this is a fraction of the size, and loads as the
+    encoder swapped with ``train_only: text``, a layout planner grown and trained with
+    ``train_only: planner.*``) this is a fraction of the size, and loads as the
     whole model with ``from_pretrained`` while the base is installed."""
     mdir = resolve(model)
     mconf = load_config(mdir)
@@ -410,9 +413,11 @@ def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     bdir = base_folder(Path(out), mconf)
     assert bdir is not None
     mine, theirs = load_weights(mdir, dtype=None), load_weights(bdir, dtype=None)
-    if mine.keys() != theirs.keys() or any(v.shape != theirs[k].shape for k, v in mine.items()):
+    grown = {k for k in mine.keys() - theirs.keys() if k.startswith("planner.") or k.endswith(".layout_gain")}
+    if mine.keys() - grown != theirs.keys() or any(v.shape != theirs[k].shape for k, v in mine.items()
+                                                   if k not in grown):
         raise ValueError(f"{mdir}/{WEIGHTS_NAME} and {bdir}/{WEIGHTS_NAME} do not hold the same weights")
-    changed = {k: v for k, v in mine.items() if not torch.equal(v, theirs[k].to(v.dtype))}
+    changed = {k: v for k, v in mine.items() if k in grown or not torch.equal(v, theirs[k].to(v.dtype))}
     if not changed:
         raise ValueError(f"{mdir} holds the same weights as {base!r}; there is no delta to write")
     mconf.base_digest = weights_digest(theirs, skip=changed)

@@ -235,7 +235,10 @@ class LayoutPlanner(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.grid = max(cfg.base_size // cfg.patch_size, 1)
-        self.context = TextRefinerBlock(cfg)
+        # one self-attention over the text tokens (no MLP: a per-token linear head does the rest), so
+        # that a packaged planner costs about a megabyte
+        self.norm_in = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg.width, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.head = nn.Linear(cfg.width, self.grid**2 + 1)
 
@@ -248,7 +251,8 @@ class LayoutPlanner(nn.Module):
 
     def forward(self, ctx: Tensor, mask: Tensor) -> Tensor:
         """ctx: (N, L, D) text tokens, mask: (N, L) -> (N, L, grid**2 + 1) logits, "nowhere" last."""
-        return self.head(self.norm(self.context(ctx, mask))).float()
+        x = ctx + self.attn(self.norm_in(ctx), mask=mask)
+        return self.head(self.norm(x)).float()
 
 
 def layout_prior(logits: Tensor, h: int, w: int, floor: float = -8.0) -> Tensor:

@@ -458,3 +458,28 @@ def test_train_with_a_planner_refuses_shards_without_grounding(grounded_shards, 
     no_boxes.model.layout_planner = True
     with pytest.raises(ValueError, match="layout_planner learns from grounding boxes"):
         train(no_boxes, progress=False)
+
+
+def test_a_planner_grown_and_trained_alone_ships_as_a_small_delta_on_its_base(grounded_shards, tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from latentdit.checkpoint import write_delta
+    from latentdit.pipeline import Text2Image
+    from latentdit.train import train
+
+    base = train(_train_config(grounded_shards, tmp_path / "base"), progress=False)["model"]
+    grown = _train_config(grounded_shards, tmp_path / "grown", init_from=base, train_only=("planner.*",), steps=3)
+    grown.model.layout_planner = True
+    whole = train(grown, progress=False)["model"]
+    before, after = load_file(Path(base) / "model.safetensors"), load_file(Path(whole) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base's weights are kept exactly
+    delta = write_delta(whole, str(Path(base).resolve()), tmp_path / "delta")
+    held = set(load_file(delta / "model.safetensors"))
+    assert held == set(after) - set(before) and any(k.startswith("planner.") for k in held)
+    kw = dict(seed=1, steps=2, output_type="latent", progress=False)
+    split = Text2Image.from_pretrained(delta)
+    assert split.model.config.layout_planner
+    assert torch.equal(Text2Image.from_pretrained(whole)("a red circle left of a blue square", **kw),
+                       split("a red circle left of a blue square", **kw))

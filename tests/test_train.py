@@ -553,6 +553,28 @@ def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tm
         Text2Image.from_pretrained(delta)
 
 
+def test_layout_recipe_script_runs_every_stage(tmp_path):
+    """recipes/shapes_layout.sh at toy sizes on the packaged base: grounded shards, the planner
+    trained alone, a delta holding only the planner and its gains, and alignment."""
+    from latentdit.checkpoint import load_config, load_weights
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
+           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", str(root / "recipes" / "shapes_layout.sh")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
+    assert stages == [f"[recipe] {s}" for s in ("preprocess", "planner", "export", "delta", "eval")]
+    model = tmp_path / "run" / "model"
+    config = load_config(model)
+    assert config.base == "shapes" and config.model.layout_planner
+    held = set(load_weights(model))
+    assert held and all(k.startswith("planner.") or k.endswith(".layout_gain") for k in held)
+    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["prompts"] == 2
+
+
 def test_multilingual_recipe_script_runs_every_stage(tmp_path):
     """recipes/multilingual.sh at toy sizes on the packaged base: bilingual shards, a text-only
     fine-tune, a delta that loads on the base, and alignment in both languages."""
