@@ -180,10 +180,21 @@ def _train_config(shards, out, **over):
                         **over})
 
 
-def test_the_grounding_loss_teaches_attention_where_each_object_is(grounded_shards, tmp_path):
+def _train_steps(model, cfg, reader, steps: int) -> None:
+    """Adam on the training loss, batches of 16 from the shards' seeded stream."""
     from latentdit.schedules import NoisePath
-    from latentdit.shards import ShardReader
     from latentdit.train import diffusion_loss
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _, batch in zip(range(steps), reader.batches(16, seed=0)):
+        opt.zero_grad()
+        diffusion_loss(model, batch, NoisePath("flow"), cfg, gen).backward()
+        opt.step()
+
+
+def test_the_grounding_loss_teaches_attention_where_each_object_is(grounded_shards, tmp_path):
+    from latentdit.shards import ShardReader
 
     reader = ShardReader(grounded_shards)
     probe = next(reader.batches(32, seed=99))
@@ -192,12 +203,7 @@ def test_the_grounding_loss_teaches_attention_where_each_object_is(grounded_shar
         torch.manual_seed(0)
         cfg = _train_config(grounded_shards, tmp_path, grounding_weight=weight, cond_dropout=0.0)
         model = Denoiser(cfg.model)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(0)
-        for _, batch in zip(range(40), reader.batches(16, seed=0)):
-            opt.zero_grad()
-            diffusion_loss(model, batch, NoisePath("flow"), cfg, gen).backward()
-            opt.step()
+        _train_steps(model, cfg, reader, 40)
         maps: list[torch.Tensor] = []
         with torch.no_grad():
             x = probe.latents + 0.5 * torch.randn_like(probe.latents)
@@ -400,9 +406,7 @@ def test_a_model_grown_with_a_planner_starts_as_its_base_and_follows_what_it_lea
 def test_training_teaches_the_planner_where_each_object_goes(grounded_shards, tmp_path):
     from latentdit.grounding import layout_loss
     from latentdit.model import LAYOUT_GAIN_RATE
-    from latentdit.schedules import NoisePath
     from latentdit.shards import ShardReader
-    from latentdit.train import diffusion_loss
 
     reader = ShardReader(grounded_shards)
     probe = next(reader.batches(32, seed=99))
@@ -419,12 +423,7 @@ def test_training_teaches_the_planner_where_each_object_goes(grounded_shards, tm
         return layout_loss(layouts[0], *probe.grounding, probe.text.mask, torch.ones(32, dtype=torch.bool)).item()
 
     before = planner_loss()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _, batch in zip(range(40), reader.batches(16, seed=0)):
-        opt.zero_grad()
-        diffusion_loss(model, batch, NoisePath("flow"), cfg, gen).backward()
-        opt.step()
+    _train_steps(model, cfg, reader, 40)
     after = planner_loss()
     assert after < 0.6 * before, (before, after)
     start = 1.0 / LAYOUT_GAIN_RATE  # the denoiser learns how far to follow the plan

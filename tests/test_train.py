@@ -553,20 +553,26 @@ def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tm
         Text2Image.from_pretrained(delta)
 
 
+def _delta_recipe_stages(root: Path, name: str, tmp_path: Path) -> list[str]:
+    """Run a recipe that makes a delta on the packaged base at toy sizes; -> its stages in order."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
+           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", str(root / "recipes" / name)], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return [line.split(":")[0].removeprefix("[recipe] ") for line in r.stdout.splitlines()
+            if line.startswith("[recipe]")]
+
+
 def test_layout_recipe_script_runs_every_stage(tmp_path):
     """recipes/shapes_layout.sh at toy sizes on the packaged base: grounded shards, the planner
     trained alone, a delta holding only the planner and its gains, and alignment."""
     from latentdit.checkpoint import load_config, load_weights
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
-           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(["bash", str(root / "recipes" / "shapes_layout.sh")], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
-    assert stages == [f"[recipe] {s}" for s in ("preprocess", "planner", "export", "delta", "eval")]
+    stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path)
+    assert stages == ["preprocess", "planner", "export", "delta", "eval"]
     model = tmp_path / "run" / "model"
     config = load_config(model)
     assert config.base == "shapes" and config.model.layout_planner
@@ -581,14 +587,8 @@ def test_multilingual_recipe_script_runs_every_stage(tmp_path):
     from latentdit.checkpoint import load_config, load_weights
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
-           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(["bash", str(root / "recipes" / "multilingual.sh")], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
-    assert stages == [f"[recipe] {s}" for s in ("preprocess", "finetune", "export", "delta", "eval-en", "eval-zh")]
+    stages = _delta_recipe_stages(root, "multilingual.sh", tmp_path)
+    assert stages == ["preprocess", "finetune", "export", "delta", "eval-en", "eval-zh"]
     model = tmp_path / "run" / "model"
     config = load_config(model)
     assert config.base == "shapes" and config.text_encoder["name"] == "multilingual-e5"
