@@ -236,15 +236,15 @@ class LayoutPlanner(nn.Module):
         super().__init__()
         self.grid = max(cfg.base_size // cfg.patch_size, 1)
         # one self-attention over the text tokens (no MLP: a per-token linear head does the rest), so
-        # that a packaged planner costs about a megabyte
+        # that a planner shipped as a delta stays small
         self.norm_in = nn.LayerNorm(cfg.width, eps=1e-6)
         self.attn = Attention(cfg.width, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.head = nn.Linear(cfg.width, self.grid**2 + 1)
 
     def reset_head(self, nowhere: float = 8.0) -> None:
-        """Every word "nowhere in particular" (probability 1 - grid**2 / e**nowhere): a plan that
-        biases no head until the planner has learned one."""
+        """Every word "nowhere in particular" (probability e**nowhere / (grid**2 + e**nowhere)): a
+        plan that biases no head until the planner has learned one."""
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias.zero_()[-1] = nowhere
