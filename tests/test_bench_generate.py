@@ -52,5 +52,8 @@ def test_compare_rows_times_both_ways_on_the_packaged_model(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["row_threads"] == 2 and res["busy"] is False
     assert res["bf16_s"] > 0 and res["bf16_one_call_s"] > 0
-    assert res["rows_speedup"] == pytest.approx(res["bf16_one_call_s"] / res["bf16_s"], rel=0.01)
+    # the times are printed to the millisecond and the speedup is taken before rounding: at one step
+    # (tens of milliseconds) the printed times' rounding alone moves their ratio by over 1%
+    rounding = 0.0005 / res["bf16_one_call_s"] + 0.0005 / res["bf16_s"]
+    assert res["rows_speedup"] == pytest.approx(res["bf16_one_call_s"] / res["bf16_s"], rel=rounding + 0.002)
     assert "the same as one call with 2 OpenMP threads" in r.stdout
