@@ -413,7 +413,9 @@ def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     bdir = base_folder(Path(out), mconf)
     assert bdir is not None
     mine, theirs = load_weights(mdir, dtype=None), load_weights(bdir, dtype=None)
-    grown = {k for k in mine.keys() - theirs.keys() if k.startswith("planner.") or k.endswith(".layout_gain")}
+    from .model import is_planner_weight
+
+    grown = {k for k in mine.keys() - theirs.keys() if is_planner_weight(k)}
     if mine.keys() - grown != theirs.keys() or any(v.shape != theirs[k].shape for k, v in mine.items()
                                                    if k not in grown):
         raise ValueError(f"{mdir}/{WEIGHTS_NAME} and {bdir}/{WEIGHTS_NAME} do not hold the same weights")

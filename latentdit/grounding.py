@@ -106,17 +106,25 @@ def attention_in_boxes(maps: list[Tensor], token_regions: Tensor, boxes: Tensor,
 
     maps: per cross-attention layer, (B, h*w, L') head-averaged attention of each image token over
     the context (the text tokens are its last L); token_regions: (B, L) region ids; boxes: (B, K, 5)."""
-    regions, length = max(int(token_regions.max()), 1), token_regions.shape[1]
-    which = torch.arange(1, regions + 1, device=token_regions.device)
-    words = (token_regions.long()[:, None, :] == which[None, :, None]).float()  # (B, R, L)
-    where = box_masks(boxes.float(), regions, *hw).float()  # (B, R, T)
-    valid = (words.sum(-1) > 0) & (where.sum(-1) > 0)  # (B, R)
+    length = token_regions.shape[1]
+    words, where, valid = _region_words_and_cells(token_regions, boxes, hw)
     shares = []
     for attn in maps:
         # (B, R, T): how much each image token reads the region's words
         read = torch.einsum("btl,brl->brt", attn[..., -length:].float(), words)
         shares.append((read * where).sum(-1) / read.sum(-1).clamp_min(1e-8))
     return torch.stack(shares), valid
+
+
+def _region_words_and_cells(token_regions: Tensor, boxes: Tensor,
+                            hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (words (B, R, L), cells (B, R, h*w), valid (B, R)): each region's text tokens and the
+    grid cells of its boxes as 0/1 floats, and the regions that have both."""
+    regions = max(int(token_regions.max()), 1)
+    which = torch.arange(1, regions + 1, device=token_regions.device)
+    words = (token_regions.long()[:, None, :] == which[None, :, None]).float()
+    cells = box_masks(boxes.float(), regions, *hw).float()
+    return words, cells, (words.sum(-1) > 0) & (cells.sum(-1) > 0)
 
 
 def grounding_loss(maps: list[Tensor], token_regions: Tensor, boxes: Tensor, hw: tuple[int, int],
@@ -164,12 +172,7 @@ def plan_in_boxes(logits: Tensor, token_regions: Tensor, boxes: Tensor) -> tuple
     words' object is inside its boxes (averaged over its words); valid as in ``attention_in_boxes``.
     logits: (B, L, G*G + 1) as ``layout_loss`` takes them."""
     grid = math.isqrt(logits.shape[-1] - 1)
-    regions = max(int(token_regions.max()), 1)
-    which = torch.arange(1, regions + 1, device=token_regions.device)
-    words = (token_regions.long()[:, None, :] == which[None, :, None]).float()  # (B, R, L)
-    where = box_masks(boxes.float(), regions, grid, grid).float()  # (B, R, G*G)
+    words, where, valid = _region_words_and_cells(token_regions, boxes, (grid, grid))
     probs = logits.float().softmax(-1)[..., :-1]  # (B, L, G*G)
     per_word = torch.einsum("blc,brc->brl", probs, where)  # (B, R, L)
-    count = words.sum(-1)
-    valid = (count > 0) & (where.sum(-1) > 0)
-    return (per_word * words).sum(-1) / count.clamp_min(1), valid
+    return (per_word * words).sum(-1) / words.sum(-1).clamp_min(1), valid

@@ -255,6 +255,11 @@ class LayoutPlanner(nn.Module):
         return self.head(self.norm(x)).float()
 
 
+def is_planner_weight(name: str) -> bool:
+    """The weights a layout planner adds to a model without one (the planner and the gains)."""
+    return name.startswith("planner.") or name.endswith(".layout_gain")
+
+
 def layout_prior(logits: Tensor, h: int, w: int, floor: float = -8.0) -> Tensor:
     """Planner logits (N, L, G*G + 1) -> (N, h*w, L): log of how much more than evenly each image
     token of an h x w grid should read each word (0 for "nowhere in particular"), at least

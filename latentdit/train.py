@@ -22,7 +22,7 @@ from .config import ModelConfig, to_dict
 from .control import training_control
 from .grounding import grounding_loss, layout_loss
 from .inpainting import is_inpainting, training_mask_latent
-from .model import Denoiser
+from .model import Denoiser, is_planner_weight
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
 from .shards import Batch, ShardReader
 from .train_config import TrainConfig
@@ -346,7 +346,7 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
     planned = model.config.layout_planner and not config.model.layout_planner
     problems += [f"{n} is missing from it" for n in own if n not in weights
                  and not (grown and (n == "text_pos" or n.startswith("text_refiner.")))
-                 and not (planned and (n.startswith("planner.") or n.endswith(".layout_gain")))]
+                 and not (planned and is_planner_weight(n))]
     if problems:
         theirs = asdict(config.model)
         ours = asdict(model.config)

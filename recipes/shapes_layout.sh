@@ -3,8 +3,8 @@
 # it (--model.layout_planner true) and trained alone (--train_only 'planner.*') on scenes with
 # grounding boxes. Every other weight stays the base's, so the result ships as a small delta.
 # grounded shards -> planner training -> fp16 export -> delta on the base -> held-out alignment.
-#   bash recipes/shapes_layout.sh   # RUN=runs/layout N=40000 STEPS=1000 by default (about 9 minutes
-#                                   # of training on two threads, 7 of preprocessing on one core)
+#   bash recipes/shapes_layout.sh   # RUN=runs/layout N=40000 STEPS=1000 by default (about 10 minutes
+#                                   # of training on two threads, 5 of preprocessing on one core)
 # Each stage prints its wall-clock time ([recipe] lines); every stage resumes if run again.
 set -euo pipefail
 RUN=${RUN:-runs/layout}
