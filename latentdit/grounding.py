@@ -86,11 +86,12 @@ def grounding_tensors(captions: list[str], attributes: list[Any], encoder: TextE
 
 def box_masks(boxes: Tensor, regions: int, h: int, w: int) -> Tensor:
     """(B, regions, h*w) bool: the image tokens of an h x w grid whose centre lies in a box of
-    region 1..regions (a box smaller than one token still covers the token under its centre)."""
+    region 1..regions, edges included on both sides, so that mirrored boxes cover mirrored tokens
+    (a box smaller than one token still covers the token under its centre)."""
     rid, x0, y0, x1, y1 = (boxes[..., j, None] for j in range(5))  # (B, K, 1) each
     cols, rows = torch.arange(w, device=boxes.device), torch.arange(h, device=boxes.device)
-    in_x = (((cols + 0.5) / w >= x0) & ((cols + 0.5) / w < x1)) | (cols == ((x0 + x1) / 2 * w).floor())
-    in_y = (((rows + 0.5) / h >= y0) & ((rows + 0.5) / h < y1)) | (rows == ((y0 + y1) / 2 * h).floor())
+    in_x = (((cols + 0.5) / w >= x0) & ((cols + 0.5) / w <= x1)) | (cols == ((x0 + x1) / 2 * w).floor())
+    in_y = (((rows + 0.5) / h >= y0) & ((rows + 0.5) / h <= y1)) | (rows == ((y0 + y1) / 2 * h).floor())
     inside = in_y[..., :, None] & in_x[..., None, :]  # (B, K, h, w)
     inside = inside.flatten(2)  # (B, K, h*w)
     which = torch.arange(1, regions + 1, device=boxes.device)
@@ -165,6 +166,15 @@ def layout_loss(logits: Tensor, token_regions: Tensor, boxes: Tensor, mask: Tens
     real = mask.bool().float()
     ce = -(target * logits.float().log_softmax(-1)).sum(-1)  # (B, L)
     return (ce * real).sum() / real.sum().clamp_min(1)
+
+
+def placed_targets(token_regions: Tensor, boxes: Tensor, mask: Tensor, keep: Tensor, grid: int) -> Tensor:
+    """(P, grid*grid): the layout target of every real text token that names a placed object, in
+    the samples that saw their caption (``layout_loss``'s arguments): what the planner's
+    reference (``LayoutPlanner.observe``) averages."""
+    target = layout_targets(token_regions, boxes, grid)
+    placed = mask.bool() & keep[:, None] & (target[..., -1] == 0)
+    return target[..., :-1][placed]
 
 
 def plan_in_boxes(logits: Tensor, token_regions: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

@@ -161,6 +161,11 @@ class MLP(nn.Module):
 
 
 LAYOUT_GAIN_RATE = 10.0  # the layout gains learn this many times faster than other weights
+# how much of the layout planner's reference one training batch replaces (a running mean)
+REFERENCE_MOMENTUM = 0.01
+# a cell where placed objects were (almost) never seen counts as seen this share of evenly, so that
+# the prior's ratio against the reference stays bounded there
+USUAL_FLOOR = 0.05
 
 
 class Block(nn.Module):
@@ -241,6 +246,23 @@ class LayoutPlanner(nn.Module):
         self.attn = Attention(cfg.width, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.head = nn.Linear(cfg.width, self.grid**2 + 1)
+        # where a placed word's object is when its caption says no more: the running mean of the
+        # cells of every placed word seen in training (``observe``), a statistic of the data that no
+        # gradient moves. The prior says how much more than this a token should read a word, so
+        # that a plan that only repeats where objects usually are biases nothing.
+        self.register_buffer("reference", torch.full((self.grid**2,), 1.0 / self.grid**2))
+
+    @torch.no_grad()
+    def observe(self, cells: Tensor) -> None:
+        """Fold one batch's placed words into the reference: cells (P, grid**2), each row where one
+        placed word's object is (``grounding.placed_targets``)."""
+        if len(cells):
+            self.reference.lerp_(cells.float().mean(0).to(self.reference), REFERENCE_MOMENTUM)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a planner saved before it had a reference plans against an even spread, as it did then
+        state_dict.setdefault(prefix + "reference", torch.full_like(self.reference, 1.0 / self.grid**2))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_head(self, nowhere: float = 8.0) -> None:
         """Every word "nowhere in particular" (probability e**nowhere / (grid**2 + e**nowhere)): a
@@ -260,20 +282,29 @@ def is_planner_weight(name: str) -> bool:
     return name.startswith("planner.") or name.endswith(".layout_gain")
 
 
-def layout_prior(logits: Tensor, h: int, w: int, floor: float = -8.0) -> Tensor:
-    """Planner logits (N, L, G*G + 1) -> (N, h*w, L): log of how much more than evenly each image
+def layout_prior(logits: Tensor, h: int, w: int, reference: Tensor | None = None,
+                 floor: float = -8.0) -> Tensor:
+    """Planner logits (N, L, G*G + 1) -> (N, h*w, L): log of how much more than usual each image
     token of an h x w grid should read each word (0 for "nowhere in particular"), at least
-    ``floor``. A grid other than G x G resamples the cell probabilities."""
+    ``floor``. Usual is the reference plan (G*G,) probabilities (``LayoutPlanner.reference``):
+    where a placed word's object is when its caption says no more, so that a word whose plan only
+    repeats it (an object with no stated place, a counted one) is biased nowhere; without one,
+    an even spread. A grid other than G x G resamples the cell probabilities."""
     n, length, cells = logits.shape
     g = math.isqrt(cells - 1)
     probs = logits.float().softmax(-1)
     where, nowhere = probs[..., :-1], probs[..., -1:]
+    usual = (reference.float() / reference.float().sum() if reference is not None
+             else where.new_full((g * g,), 1.0 / (g * g)))
     if (h, w) != (g, g):
         where = F.interpolate(where.reshape(n * length, 1, g, g), size=(h, w), mode="bilinear",
                               align_corners=False).reshape(n, length, h * w)
         where = where * ((1 - nowhere) / where.sum(-1, keepdim=True).clamp_min(1e-12))
-    q = where + nowhere / (h * w)
-    return (q * (h * w)).clamp_min(1e-12).log().clamp_min(floor).transpose(1, 2)
+        usual = F.interpolate(usual.reshape(1, 1, g, g), size=(h, w), mode="bilinear",
+                              align_corners=False).reshape(h * w)
+        usual = usual / usual.sum()
+    ratio = nowhere + where / usual.clamp_min(USUAL_FLOOR / (h * w))
+    return ratio.clamp_min(1e-12).log().clamp_min(floor).transpose(1, 2)
 
 
 class Denoiser(nn.Module):
@@ -458,7 +489,7 @@ class Denoiser(nn.Module):
         if layouts is not None:
             layouts.append(logits)
         # The planner learns from boxes alone; the denoiser learns how far to follow it (the gains).
-        prior = layout_prior(logits.detach(), h, w)
+        prior = layout_prior(logits.detach(), h, w, self.planner.reference)
         return F.pad(prior, (ctx.shape[1] - length, 0))
 
     def _final(self, x: Tensor, c: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
 from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
-from .grounding import grounding_loss, layout_loss
+from .grounding import grounding_loss, layout_loss, placed_targets
 from .inpainting import is_inpainting, training_mask_latent
 from .model import Denoiser, is_planner_weight
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
@@ -73,6 +73,8 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     loss = err.mean()
     if layouts is not None:
         loss = loss + cfg.layout_weight * layout_loss(layouts[0], *batch.grounding, mask, ~drop)
+        planner = _unwrap(model).planner
+        planner.observe(placed_targets(*batch.grounding, mask, ~drop, planner.grid))
     if maps is None:
         return loss
     p = cfg.model.patch_size
@@ -126,6 +128,8 @@ def update_ema(ema: dict[str, Tensor], model: Denoiser, decay: float, ok: Tensor
     """EMA matched by parameter name, so a reordered or wrapped model cannot misalign it; one
     multi-tensor kernel per step instead of one per parameter. ``ok`` (a bool tensor): update
     only if it is True, decided on the device without a host sync (a skipped step keeps the EMA)."""
+    for name, stat in model.named_buffers():  # running statistics (the planner's reference): kept as they are
+        ema[name].copy_(stat)
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # frozen: EMA == weight
     targets = [ema[name] for name, _ in trained]
     params = [p.detach().float() for _, p in trained]
@@ -274,7 +278,7 @@ def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
     if cfg.train_only:
         freeze_except(model, cfg.train_only)
     model.to(acc.device).train()
-    ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    ema = {n: p.detach().float().clone() for n, p in [*model.named_parameters(), *model.named_buffers()]}
     opt = make_optimizer(model, cfg)
     # Drawn on the device: the stream differs from the CPU's, but is as reproducible and resumable.
     gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)

@@ -86,6 +86,14 @@ def test_box_masks_cover_the_tokens_whose_centres_are_inside():
     assert torch.nonzero(masks[0, 1]).flatten().tolist() == [10]  # smaller than a token: the one under its centre
 
 
+def test_mirrored_boxes_cover_mirrored_tokens():
+    # a box from the left margin to a token centre and its mirror image from that centre to the
+    # right margin: with the right edge left open, the mirrored box lost its edge token
+    boxes = torch.tensor([[[1, 0.0625, 0.0625, 0.375, 0.375], [2, 0.625, 0.625, 0.9375, 0.9375]]])
+    masks = box_masks(boxes, 2, 8, 8).view(2, 8, 8)
+    assert masks[0].sum() == 9 and torch.equal(masks[1], masks[0].flip(0, 1))
+
+
 def test_the_loss_is_the_share_of_attention_read_outside_the_box():
     regions = torch.tensor([[0, 1, 1, 2]])  # tokens 1-2 name region 1, token 3 region 2
     boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 1.0], [2, 0.5, 0.0, 1.0, 1.0]]])  # left half, right half
@@ -350,6 +358,75 @@ def test_the_layout_prior_is_zero_for_nowhere_and_log_odds_for_a_place():
     assert cells[3, 3] > 1.0 and cells[0, 0] == -8.0 and cells[2:, 2:].min() > cells[:2, :2].max()
 
 
+def test_the_layout_prior_is_taken_against_the_reference_plan():
+    from latentdit.model import layout_prior
+
+    g = 4
+    reference = torch.full((g * g,), 1.0)
+    reference[[5, 6, 9, 10]] = 20.0  # placed objects usually sit in the middle four cells
+    reference = reference / reference.sum()
+    logits = torch.full((1, 3, g * g + 1), -30.0)
+    logits[0, 0, :-1] = reference.log()  # token 0's plan says no more than the usual
+    logits[0, 1, 5] = 0.0  # token 1: surely cell 5, one of the usual four
+    logits[0, 2, -1] = 0.0  # token 2: nowhere in particular
+    prior = layout_prior(logits, g, g, reference)
+    assert prior[0, :, 0].abs().max() < 1e-5 and prior[0, :, 2].abs().max() < 1e-5
+    assert prior[0, 5, 1].item() == pytest.approx(-reference[5].log().item(), abs=1e-4)
+    assert prior[0, 5, 1] < layout_prior(logits, g, g)[0, 5, 1]  # less than against an even spread
+    # without a reference (or with an even one) the prior is against an even spread
+    even = layout_prior(logits, g, g, torch.full((g * g,), 1.0 / g**2))
+    assert torch.allclose(even, layout_prior(logits, g, g), atol=1e-5)
+    # a cell where the reference never saw an object keeps the ratio bounded
+    rare = torch.full((g * g,), 1.0 / (g * g - 1))
+    rare[0] = 0.0
+    sure0 = torch.full((1, 1, g * g + 1), -30.0)
+    sure0[0, 0, 0] = 0.0
+    assert torch.isfinite(layout_prior(sure0, g, g, rare)).all() and layout_prior(sure0, g, g, rare).max() < 8
+    # on a finer grid the reference resamples with the plan: a plan that repeats it still biases nothing
+    assert layout_prior(logits, 2 * g, 2 * g, reference)[0, :, 0].abs().max() < 0.05
+
+
+def test_the_reference_is_the_running_mean_of_where_placed_words_are():
+    import dataclasses
+
+    from latentdit.grounding import placed_targets
+
+    regions = torch.tensor([[1, 0, 2], [0, 1, 0]])
+    boxes = torch.tensor([[[1, 0.0, 0.0, 0.5, 0.5], [2, 0.5, 0.5, 1.0, 1.0]],
+                          [[1, 0.0, 0.5, 1.0, 1.0], [0, 0, 0, 0, 0]]])
+    mask, keep = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    cells = placed_targets(regions, boxes, mask, keep, 2)  # placed words: cell 0; cell 3; cells 2 and 3
+    assert cells.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0.5, 0.5]]
+    assert placed_targets(regions, boxes, mask, torch.tensor([True, False]), 2).shape == (2, 4)  # dropped
+    assert placed_targets(regions, boxes, torch.tensor([[True, True, False]] * 2), keep, 2).shape == (2, 4)
+    planner = Denoiser(dataclasses.replace(_tiny_model_config(), layout_planner=True)).planner
+    grid = planner.grid
+    assert torch.equal(planner.reference, torch.full((grid**2,), 1.0 / grid**2))  # even until it has seen any
+    seen = torch.zeros(3, grid**2)
+    seen[[0, 1, 2], [0, 1, 0]] = 1.0  # two words in cell 0, one in cell 1
+    for _ in range(2000):
+        planner.observe(seen)
+        planner.observe(seen[:0])  # a batch with no placed word changes nothing
+    assert planner.reference[:2].tolist() == pytest.approx([2 / 3, 1 / 3], abs=1e-4)
+    assert "reference" not in dict(planner.named_parameters())  # no optimiser step moves it
+
+
+def test_a_planner_saved_without_a_reference_loads_and_plans_against_an_even_spread():
+    import dataclasses
+
+    model = Denoiser(dataclasses.replace(_tiny_model_config(), layout_planner=True))
+    model.planner.observe(torch.eye(model.planner.grid ** 2)[:1])
+    old = {k: v for k, v in model.state_dict().items() if k != "planner.reference"}
+    again = Denoiser(model.config)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.planner.reference, model.planner.reference)
+    again.load_state_dict(old)  # strict: the missing reference is filled in, nothing else may be
+    g2 = again.planner.grid ** 2
+    assert torch.equal(again.planner.reference, torch.full((g2,), 1.0 / g2))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        again.load_state_dict({k: v for k, v in old.items() if k != "planner.head.bias"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_bias_matches_between_the_explicit_product_and_sdpa(dtype):
     import torch.nn.functional as F
@@ -372,6 +449,8 @@ def test_attention_bias_matches_between_the_explicit_product_and_sdpa(dtype):
 
 def test_a_model_grown_with_a_planner_starts_as_its_base_and_follows_what_it_learns_to_plan():
     import dataclasses
+
+    from latentdit.model import LAYOUT_GAIN_RATE
 
     base = Denoiser(_tiny_model_config())
     with torch.no_grad():  # a trained model's output is not zero, nor are its blocks' gates
@@ -396,6 +475,14 @@ def test_a_model_grown_with_a_planner_starts_as_its_base_and_follows_what_it_lea
         planned.planner.head.weight.zero_()
         planned.planner.head.bias.copy_(torch.tensor([-30.0] * (SIZE // 4) ** 2 + [0.0]))
         assert torch.allclose(planned(x, t, text, mask, pooled), want, atol=1e-5)
+        # a plan is taken against the planner's reference, where placed objects usually are
+        for block in planned.blocks:
+            block.layout_gain.fill_(1.0 / LAYOUT_GAIN_RATE)
+        planned.planner.head.weight.normal_()
+        even = planned(x, t, text, mask, pooled)
+        usual = torch.rand((SIZE // 4) ** 2) ** 4 + 0.01
+        planned.planner.reference.copy_(usual / usual.sum())
+        assert not torch.allclose(planned(x, t, text, mask, pooled), even, atol=1e-3)
     # the plan's loss trains the planner alone: the text projection the denoiser reads is left as it is
     layouts.clear()
     planned(x, t, text, mask, pooled, layouts=layouts)
@@ -426,6 +513,8 @@ def test_training_teaches_the_planner_where_each_object_goes(grounded_shards, tm
     _train_steps(model, cfg, reader, 40)
     after = planner_loss()
     assert after < 0.6 * before, (before, after)
+    even = torch.full_like(model.planner.reference, 1.0 / model.planner.grid ** 2)
+    assert (model.planner.reference - even).abs().max() > 1e-3  # the reference saw where the boxes are
     start = 1.0 / LAYOUT_GAIN_RATE  # the denoiser learns how far to follow the plan
     assert any((block.layout_gain.detach() - start).abs().max() > 1e-3 for block in model.blocks)
 
@@ -449,6 +538,8 @@ def test_train_with_a_planner_refuses_shards_without_grounding(grounded_shards, 
     again = Denoiser(grown.model)
     load_init_weights(again, trained["model"])  # the planner and its gains are saved and read back
     assert not torch.equal(again.planner.head.weight, model.planner.head.weight)
+    g2 = again.planner.grid ** 2  # the exported reference is the one training kept, not an even one
+    assert (again.planner.reference - 1.0 / g2).abs().max() > 1e-4
     assert load_config(trained["model"]).model.layout_planner
     plain = tmp_path / "plain"
     preprocess(shapes_source(8, size=SIZE), plain, autoencoder=load_autoencoder("identity"),
