@@ -240,7 +240,8 @@ def base_folder(directory: Path, config: CheckpointConfig) -> Path | None:
     # max_text_len is the one field no weight depends on, unless a text refiner gives each place a weight
     free = set() if ours.get("text_refiner") else {"max_text_len"}
     # a layout planner grown on the base adds weights and changes none of the base's shapes
-    free |= {"layout_planner"} if ours.get("layout_planner") and not theirs.get("layout_planner") else set()
+    if ours.get("layout_planner") and not theirs.get("layout_planner"):
+        free |= {"layout_planner", "layout_gain"}
     differ = sorted(k for k in ours if k not in free and ours[k] != theirs.get(k))
     if differ:
         raise ValueError(f"{directory}: its base {config.base!r} has another architecture "

@@ -179,6 +179,10 @@ class ModelConfig:
     # biases cross-attention toward it, by a learned per-head gain. A new planner places no word, so a
     # model grown with it starts as the base. Trained on grounding boxes: preprocess with --grounding.
     layout_planner: bool = False
+    # What the planner's per-head gains start at (1: the plan at face value). A planner trained alone
+    # (--train_only 'planner.*') keeps them there: the planner learns from boxes alone, so this sets
+    # only how far the denoiser follows it.
+    layout_gain: float = 1.0
 
     @staticmethod
     def upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +204,8 @@ class ModelConfig:
                              f"and cannot be negative (got {self.text_refiner})")
         if self.layout_planner and self.text_dim == 0:
             raise ValueError("layout_planner reads the text tokens: it needs text_dim > 0")
+        if not self.layout_gain >= 0:
+            raise ValueError(f"layout_gain scales the layout planner's bias: it must be >= 0, got {self.layout_gain}")
         if self.control is not None and self.control_factor ** 2 != self.extra_in_channels:
             raise ValueError(f"a control model carries its map as factor**2 extra channels (pixel unshuffle: "
                              f"16 for latents at 1/4 of the image side), got extra_in_channels "

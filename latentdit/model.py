@@ -185,11 +185,12 @@ class Block(nn.Module):
         self.mlp = MLP(d, cfg.mlp_ratio, cfg.mlp, cfg.gelu)
         self.table = nn.Parameter(torch.zeros(6, d)) if self.adaln else None
         # how strongly each cross-attention head follows the layout planner's prior, used times
-        # LAYOUT_GAIN_RATE: it starts at face value (1), so that the denoising loss sees a plan acted
-        # on from the first step; a new planner plans nothing, so the model starts as it was
+        # LAYOUT_GAIN_RATE: it starts at cfg.layout_gain (face value by default), so that the denoising
+        # loss sees a plan acted on from the first step; a new planner plans nothing, so the model
+        # starts as it was
         self.layout_gain = None
         if cross and cfg.layout_planner:
-            self.layout_gain = nn.Parameter(torch.full((cfg.heads,), 1.0 / LAYOUT_GAIN_RATE))
+            self.layout_gain = nn.Parameter(torch.full((cfg.heads,), cfg.layout_gain / LAYOUT_GAIN_RATE))
 
     def forward(self, x: Tensor, mod: Tensor | None, ctx: Tensor | None, ctx_mask: Tensor | None,
                 hw: tuple[int, int], maps: list[Tensor] | None = None, prior: Tensor | None = None) -> Tensor:

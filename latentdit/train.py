@@ -350,11 +350,12 @@ def load_init_weights(model: Denoiser, folder: str) -> None:
     planned = model.config.layout_planner and not config.model.layout_planner
     problems += [f"{n} is missing from it" for n in own if n not in weights
                  and not (grown and (n == "text_pos" or n.startswith("text_refiner.")))
-                 and not (planned and is_planner_weight(n))]
+                 and not (planned and is_planner_weight(n))
+                 and n != "planner.reference"]  # saved before planners had one: an even spread, as then
     if problems:
         theirs = asdict(config.model)
         ours = asdict(model.config)
-        grown_fields = ("extra_in_channels", "control", "text_refiner", "layout_planner")
+        grown_fields = ("extra_in_channels", "control", "text_refiner", "layout_planner", "layout_gain")
         hint = ", ".join(f"--model.{k} {json.dumps(v)}" for k, v in theirs.items()
                          if k not in grown_fields and ours.get(k) != v)
         raise ValueError(f"cannot fine-tune from {folder}: its architecture differs ("

@@ -11,6 +11,7 @@ RUN=${RUN:-runs/layout}
 N=${N:-40000}
 SEED=${SEED:-12}  # scenes the base never trained on
 STEPS=${STEPS:-1000}
+GAIN=${GAIN:-1.5}  # how far the denoiser follows the plan (the gains stay where they start)
 BASE=${BASE:-shapes}
 AE=${AE:-latentdit/weights/shapes/vae}  # the base's autoencoder
 EVAL_N=${EVAL_N:-256}
@@ -22,8 +23,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 stage preprocess latentdit preprocess --source shapes --grounding --n "$N" --seed "$SEED" --out "$RUN/shards" \
   --autoencoder "$AE" --max-length 24 --shard-size 2048 --batch-size 128 --no-progress
 stage planner latentdit train --preset shapes-small --init_from "$BASE" --model.layout_planner true \
-  --train_only 'planner.*' --layout_weight 1 --data "$RUN/shards" --out "$RUN/train" --steps "$STEPS" \
-  --optim.lr 1e-3 --optim.warmup_steps 50 --resume latest --no-progress
+  --model.layout_gain "$GAIN" --train_only 'planner.*' --layout_weight 1 --data "$RUN/shards" \
+  --out "$RUN/train" --steps "$STEPS" --optim.lr 1e-3 --optim.warmup_steps 50 --resume latest --no-progress
 stage export latentdit export --run "$RUN/train" --out "$RUN/whole" --fp16
 [ -d "$DEST" ] || stage delta latentdit delta "$RUN/whole" --base "$BASE" --out "$DEST"
 stage eval latentdit eval alignment --model "$DEST" --split heldout --n "$EVAL_N" --samples 4 --out "$RUN/eval"

@@ -3,6 +3,8 @@ cross-attention loss that trains on them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -411,6 +413,18 @@ def test_the_reference_is_the_running_mean_of_where_placed_words_are():
     assert "reference" not in dict(planner.named_parameters())  # no optimiser step moves it
 
 
+def test_layout_gain_sets_where_the_gains_start():
+    import dataclasses
+
+    cfg = dataclasses.replace(_tiny_model_config(), layout_planner=True, layout_gain=1.5)
+    from latentdit.model import LAYOUT_GAIN_RATE
+
+    model = Denoiser(cfg)
+    assert all(torch.allclose(b.layout_gain * LAYOUT_GAIN_RATE, torch.full((cfg.heads,), 1.5)) for b in model.blocks)
+    with pytest.raises(ValueError, match="layout_gain"):
+        dataclasses.replace(cfg, layout_gain=-1.0)
+
+
 def test_a_planner_saved_without_a_reference_loads_and_plans_against_an_even_spread():
     import dataclasses
 
@@ -540,6 +554,15 @@ def test_train_with_a_planner_refuses_shards_without_grounding(grounded_shards, 
     assert not torch.equal(again.planner.head.weight, model.planner.head.weight)
     g2 = again.planner.grid ** 2  # the exported reference is the one training kept, not an even one
     assert (again.planner.reference - 1.0 / g2).abs().max() > 1e-4
+    # a planner saved before planners had a reference still starts a fine-tune, with an even one
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(trained["model"]) / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "planner.reference"}, weights)
+    fresh = Denoiser(grown.model)
+    load_init_weights(fresh, trained["model"])
+    assert torch.equal(fresh.planner.head.weight, again.planner.head.weight)
+    assert torch.equal(fresh.planner.reference, torch.full((g2,), 1.0 / g2))
     assert load_config(trained["model"]).model.layout_planner
     plain = tmp_path / "plain"
     preprocess(shapes_source(8, size=SIZE), plain, autoencoder=load_autoencoder("identity"),

@@ -136,13 +136,17 @@ def test_the_multilingual_model_follows_colours_in_both_languages(multilingual, 
 
 def test_the_layout_model_is_a_planner_grown_on_shapes_within_the_weights_budget():
     from latentdit.checkpoint import load_config, load_weights
+    from latentdit.model import LAYOUT_GAIN_RATE
 
     folder = PACKAGED["shapes-layout"]
     config = load_config(folder)
     assert config.base == "shapes" and config.base_digest and config.model.layout_planner
     assert not (folder / "vae").exists()
-    held = set(load_weights(folder))
+    held = load_weights(folder)
     assert held and all(k.startswith("planner.") or k.endswith(".layout_gain") for k in held)
+    gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
+    assert config.model.layout_gain == 1.5  # the recipe's, where the packaged gains stayed
+    assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
     weights = PACKAGED["shapes"].parent
     assert sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) <= 50 * 2**20
 

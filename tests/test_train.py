@@ -576,8 +576,14 @@ def test_layout_recipe_script_runs_every_stage(tmp_path):
     model = tmp_path / "run" / "model"
     config = load_config(model)
     assert config.base == "shapes" and config.model.layout_planner
-    held = set(load_weights(model))
+    held = load_weights(model)
     assert held and all(k.startswith("planner.") or k.endswith(".layout_gain") for k in held)
+    # the gains stay where the recipe starts them (the planner learns from boxes alone)
+    from latentdit.model import LAYOUT_GAIN_RATE
+
+    gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
+    assert config.model.layout_gain == 1.5 and gains
+    assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
     assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["prompts"] == 2
 
 
