@@ -251,7 +251,11 @@ class LayoutPlanner(nn.Module):
         # cells of every placed word seen in training (``observe``), a statistic of the data that no
         # gradient moves. The prior says how much more than this a token should read a word, so
         # that a plan that only repeats where objects usually are biases nothing.
-        self.register_buffer("reference", torch.full((self.grid**2,), 1.0 / self.grid**2))
+        self.register_buffer("reference", self.even())
+
+    def even(self) -> Tensor:
+        """An even spread over the cells: the reference before any training batch was seen."""
+        return torch.full((self.grid**2,), 1.0 / self.grid**2)
 
     @torch.no_grad()
     def observe(self, cells: Tensor) -> None:
@@ -262,7 +266,7 @@ class LayoutPlanner(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a planner saved before it had a reference plans against an even spread, as it did then
-        state_dict.setdefault(prefix + "reference", torch.full_like(self.reference, 1.0 / self.grid**2))
+        state_dict.setdefault(prefix + "reference", self.even().to(self.reference))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_head(self, nowhere: float = 8.0) -> None:
