@@ -22,6 +22,11 @@ posterior means over `scale_batches` training batches (SD's recipe for 0.18215; 
 subtracted with `center_latents`, as SD3/Flux do). Both go into the exported config, so
 `latentdit.vae` hands the denoiser latents of mean ~0 and std ~1.
 
+`init_from` starts from a trained autoencoder instead of random weights; with `decoder_only` only
+its decoder trains, on the frozen encoder's posterior means, and the export keeps its latent
+statistics: a denoiser trained in its latent space reads the result unchanged, and decodes
+sharper (SD's fine-tuned VAE decoders are made so).
+
 Speeds, widths and the quality each preset reaches: docs/training.md ("The autoencoder").
 """
 
@@ -87,8 +92,12 @@ def norm_groups(widths: tuple[int, ...], most: int = 32) -> int:
 
 
 def build_autoencoder(cfg: AEConfig) -> torch.nn.Module:
-    """A randomly initialised AutoencoderKL, seeded by cfg.seed without touching the global RNG."""
+    """A randomly initialised AutoencoderKL, seeded by cfg.seed without touching the global RNG;
+    with ``cfg.init_from``, that autoencoder's weights (the architecture must match)."""
     from diffusers import AutoencoderKL
+
+    if cfg.init_from:
+        return _initial_autoencoder(cfg)
 
     n = len(cfg.block_out_channels)
     with torch.random.fork_rng(devices=[]):
@@ -101,6 +110,57 @@ def build_autoencoder(cfg: AEConfig) -> torch.nn.Module:
     with torch.no_grad():  # see _INIT_LOGVAR
         vae.quant_conv.bias[cfg.latent_channels:] = _INIT_LOGVAR
     return vae
+
+
+def autoencoder_folder(name: str) -> str:
+    """The folder of the autoencoder ``name`` names: an ``AutoencoderKL.save_pretrained`` folder,
+    or a model (folder or packaged name) whose autoencoder to take."""
+    from .checkpoint import base_folder, component_path, load_config, resolve
+
+    path = Path(name)
+    if (path / "config.json").is_file():
+        try:
+            own = json.loads((path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"init_from {name!r}: {path / 'config.json'} is not readable JSON") from None
+        if isinstance(own, dict) and "_class_name" in own:  # diffusers writes it, latentdit models do not
+            return str(path)
+    folder = resolve(name)
+    config = load_config(folder)
+    desc = component_path(folder, config.autoencoder, base_folder(folder, config))
+    if not desc or desc.get("kind") != "kl" or not desc.get("path"):
+        raise ValueError(f"init_from {name!r}: its model has no trained (kind 'kl') autoencoder to start from")
+    return str(desc["path"])
+
+
+_ARCHITECTURE = ("latent_channels", "block_out_channels", "layers_per_block", "image_size")
+
+
+def _initial_autoencoder(cfg: AEConfig) -> torch.nn.Module:
+    """init_from's AutoencoderKL in float32, after checking it has the architecture cfg describes."""
+    from .vae import load_autoencoder
+
+    folder = autoencoder_folder(cfg.init_from)
+    vae = load_autoencoder("kl", folder).vae.float()
+    theirs = {**vae.config, "image_size": vae.config.sample_size}
+    theirs = {k: tuple(theirs[k]) if isinstance(theirs[k], list) else theirs[k] for k in _ARCHITECTURE}
+    differ = [f"{k} {theirs[k]!r} (config {getattr(cfg, k)!r})" for k in _ARCHITECTURE if theirs[k] != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"init_from {cfg.init_from!r} ({folder}) has {', '.join(differ)}: set the "
+                         "config's fields to match it")
+    return vae
+
+
+def trained_parameters(vae: torch.nn.Module, cfg: AEConfig) -> list[torch.nn.Parameter]:
+    """What the optimiser moves: everything, or with ``decoder_only`` the decoder and its input
+    convolution (the rest is frozen)."""
+    if not cfg.decoder_only:
+        return list(vae.parameters())
+    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    keep = {id(p) for p in decoder}
+    for p in vae.parameters():
+        p.requires_grad_(id(p) in keep)
+    return decoder
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -118,16 +178,26 @@ def ae_losses(vae: torch.nn.Module, x: Tensor, cfg: AEConfig,
     `kl_weight` keeps LDM's meaning. The posterior is read in float32 even under bf16."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+    if cfg.decoder_only:  # the frozen encoder's posterior means in float32, as a denoiser was trained on
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        with autocast_for(x.device, cfg.mixed_precision):
+            recon = vae.decode(z).sample.float()
+        return _reconstruction_error(recon, x, cfg), x.new_zeros(())
     with autocast_for(x.device, cfg.mixed_precision):
         moments = vae.encode(x).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(moments.float())
         recon = vae.decode(posterior.sample(generator=generator)).sample.float()  # (N, 3, H, W)
+    kl = posterior.kl().mean() / x[0].numel()
+    return _reconstruction_error(recon, x, cfg), kl
+
+
+def _reconstruction_error(recon: Tensor, x: Tensor, cfg: AEConfig) -> Tensor:
     error = recon - x
     error = error.abs() if cfg.loss == "l1" else error.square()
     if cfg.object_weight:
         error = error * (1 + cfg.object_weight * object_mask(x))
-    kl = posterior.kl().mean() / x[0].numel()
-    return error.mean(), kl
+    return error.mean()
 
 
 def object_mask(x: Tensor, threshold: float = 0.1) -> Tensor:
@@ -154,7 +224,7 @@ def train_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, cfg:
     rec, kl = ae_losses(vae, x, cfg, _noise(cfg, step, x.device))
     loss = rec + cfg.kl_weight * kl
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), rec.detach(), kl.detach()
@@ -275,6 +345,7 @@ def export_autoencoder(vae: torch.nn.Module, directory: Path, shift: float | Non
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
+        _drop_source_path(tmp / "config.json")
         _readable(tmp)
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
@@ -286,6 +357,14 @@ def export_autoencoder(vae: torch.nn.Module, directory: Path, shift: float | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _drop_source_path(config: Path) -> None:
+    """A model loaded from a folder (``init_from``) saves that folder's path in its config: this
+    machine's, meaningless elsewhere, so it is left out."""
+    data = json.loads(config.read_text())
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _readable(folder: Path) -> None:
@@ -339,7 +418,7 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
     out.mkdir(parents=True, exist_ok=True)
     source, vae = make_source(config), build_autoencoder(config).to(device).train()
     # beta2 0.99: the second moment adapts within ~100 steps, which matters in runs of a few thousand
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(trained_parameters(vae, config), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     found = load_checkpoint(out, vae, opt, config) if resume else None
     step, seconds = found or (0, 0.0)
     heldout = from_pil(source.heldout).to(device)
@@ -376,11 +455,13 @@ def _finish(out: Path, vae: torch.nn.Module, source: ImageSource, heldout: Tenso
     """Latent statistics, export, reconstruction grid and metrics.json."""
     vae.eval()
     mean, std = latent_statistics(vae, source, cfg, device)
-    shift = mean if cfg.center_latents else None
-    export_autoencoder(vae, out / EXPORT_DIR, shift, 1.0 / std)
+    shift, scale = mean if cfg.center_latents else None, 1.0 / std
+    if cfg.decoder_only:  # the latent space is init_from's, and so are its statistics, to the bit
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    export_autoencoder(vae, out / EXPORT_DIR, shift, scale)
     recons = reconstruct(vae, heldout)
     reconstruction_grid(heldout.cpu(), recons.cpu()).save(out / "reconstructions.png")
-    metrics = {"psnr": float(psnr(recons, heldout).mean()), "scaling_factor": 1.0 / std,
+    metrics = {"psnr": float(psnr(recons, heldout).mean()), "scaling_factor": scale,
                "shift_factor": shift, "latent_mean": mean, "latent_std": std, **metrics,
                "autoencoder": str(out / EXPORT_DIR), "config": to_dict(cfg)}
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())

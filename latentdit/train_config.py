@@ -183,6 +183,12 @@ class AEConfig:
     scale_batches: int = 16  # latent statistics: a mean from 32 images was off by 0.2 std
     center_latents: bool = True
     data: str = "shapes"
+    # start from this autoencoder (its folder, or a model folder or packaged name whose autoencoder
+    # to take) instead of random weights; the architecture fields above must match it
+    init_from: str | None = None
+    # train the decoder only: the encoder, and so the latent space a denoiser was trained in, stays
+    # exactly as init_from's (its latent statistics are kept), so the denoiser reads it unchanged
+    decoder_only: bool = False
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -213,6 +219,9 @@ class AEConfig:
             raise ValueError("need lr > 0, warmup_steps >= 0, kl_weight >= 0 and grad_clip > 0")
         if self.object_weight < 0:
             raise ValueError(f"object_weight must be >= 0, got {self.object_weight}")
+        if self.decoder_only and not self.init_from:
+            raise ValueError("decoder_only trains the decoder of an existing autoencoder: name it "
+                             "with init_from (an autoencoder folder, or a model folder or name)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.loss not in ("l1", "l2") or self.mixed_precision not in ("no", "bf16"):

@@ -155,6 +155,70 @@ def test_resume_skips_a_damaged_checkpoint_and_reads_the_old_single_file(tmp_pat
     assert not (old / "checkpoint.safetensors").exists() and (old / "checkpoints" / "step-0000012").is_dir()
 
 
+# ----------------------------------------------------------------------------- decoder fine-tune
+
+
+def test_decoder_only_fine_tune_keeps_the_latent_space(run, tmp_path):
+    """init_from + decoder_only: every encoder weight and the latent statistics stay init_from's
+    to the bit (a denoiser trained on its latents reads them unchanged); every decoder weight moves."""
+    from diffusers import AutoencoderKL
+
+    out, _ = run
+    cfg = tiny(steps=6, eval_every=6, init_from=str(out / "autoencoder"), decoder_only=True, object_weight=4.0,
+               seed=3)  # other batches: statistics measured again would differ
+    metrics = train_autoencoder(cfg, tmp_path / "d", progress=False)
+    before = AutoencoderKL.from_pretrained(out / "autoencoder")
+    after = AutoencoderKL.from_pretrained(tmp_path / "d" / "autoencoder")
+    old, new = before.state_dict(), after.state_dict()
+    assert old.keys() == new.keys()
+    for name in old:
+        if name.startswith(("decoder.", "post_quant_conv.")):
+            assert not torch.equal(old[name], new[name]), f"{name} did not train"
+        else:
+            assert torch.equal(old[name], new[name]), f"{name} changed"
+    assert after.config.scaling_factor == before.config.scaling_factor == metrics["scaling_factor"]
+    assert after.config.shift_factor == before.config.shift_factor == metrics["shift_factor"]
+    assert all(row["kl"] == 0 for row in metrics["log"])  # no encoder term to train
+    saved = json.loads((tmp_path / "d" / "autoencoder" / "config.json").read_text())
+    assert "_name_or_path" not in saved  # where init_from lay on this machine is not part of the model
+
+
+def test_decoder_only_resumes_exactly(run, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = run
+    cfg = tiny(steps=6, mixed_precision="no", eval_every=100, checkpoint_every=100,
+               init_from=str(out / "autoencoder"), decoder_only=True)
+    train_autoencoder(cfg, tmp_path / "a", progress=False, stop_after=3)
+    train_autoencoder(cfg, tmp_path / "a", progress=False)
+    train_autoencoder(cfg, tmp_path / "b", progress=False)
+    a, b = (load_file(tmp_path / r / "checkpoints" / "step-0000006" / "model.safetensors") for r in "ab")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="different run"):  # a full run must not resume a decoder one
+        train_autoencoder(dataclasses.replace(cfg, decoder_only=False), tmp_path / "a", progress=False)
+
+
+def test_init_from_names_a_model_or_its_autoencoder(run, tmp_path):
+    from latentdit.checkpoint import resolve
+    from latentdit.train_ae import autoencoder_folder
+
+    out, _ = run
+    assert autoencoder_folder(str(out / "autoencoder")) == str(out / "autoencoder")
+    packaged = resolve("shapes") / "vae"
+    assert autoencoder_folder("shapes") == str(packaged)
+    assert autoencoder_folder("shapes-layout") == str(packaged)  # a delta: its base's autoencoder
+    with pytest.raises(ValueError, match="decoder_only trains the decoder of an existing autoencoder"):
+        tiny(decoder_only=True)
+    with pytest.raises(ValueError, match=r"block_out_channels \(8, 16, 32\) \(config \(16, 32, 64\)\)"):
+        train_autoencoder(tiny(block_out_channels=(16, 32, 64), init_from=str(out / "autoencoder")),
+                          tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="config.json is missing"):  # neither an autoencoder nor a model
+        autoencoder_folder(str(tmp_path))
+    with pytest.raises(ValueError, match="image_size 32"):
+        train_autoencoder(tiny(image_size=64, init_from=str(out / "autoencoder")), tmp_path / "y", progress=False)
+
+
 # ----------------------------------------------------------------------------- config and helpers
 
 
