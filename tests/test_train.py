@@ -378,7 +378,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     for evaluation, each stage reports its time, and a second run resumes instead of redoing."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "64", "AE_STEPS": "2",
-           "STEPS": "2", "CYCLES": "2:48:0 2:40:1+2:1.5", "EVAL_N": "2",
+           "STEPS": "2", "CYCLES": "2:48:0 2:40:1+2:1.5", "DECODER_STEPS": "2", "EVAL_N": "2",
            "DEST": str(tmp_path / "model"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
@@ -387,7 +387,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
     assert stages == [f"[recipe] {s}" for s in ("autoencoder", "preprocess", "denoiser", "export", "preprocess2",
                                                 "cycle2", "export2", "preprocess3-1", "preprocess3-2", "cycle3",
-                                                "export3", "eval")]
+                                                "export3", "decoder", "swap-decoder", "eval")]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["prompts"] == 2 and report["samples_per_prompt"] == 4
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -406,6 +406,13 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
         assert run_config(f"train{tag}")["object_weight"] == 1.5
         assert run_config(f"train{tag}")["init_from"] == str(tmp_path / "run" / "cycle2")
     assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
+    # the model's autoencoder: the recipe's encoder (which made every shard) and the fine-tuned decoder
+    packaged, first, tuned = (load_file(p / "diffusion_pytorch_model.safetensors") for p in
+                              (tmp_path / "model" / "vae", tmp_path / "run" / "ae" / "autoencoder",
+                               tmp_path / "run" / "decoder" / "autoencoder"))
+    assert all(torch.equal(packaged[k], (tuned if k.startswith(("decoder.", "post_quant_conv.")) else first)[k])
+               for k in packaged)
+    assert not torch.equal(packaged["decoder.conv_out.weight"], first["decoder.conv_out.weight"])
     def captions(tag):
         shard = tmp_path / "run" / f"shards{tag}" / "shard-00000.jsonl"
         return [json.loads(line)["caption"] for line in shard.open()]
