@@ -151,16 +151,14 @@ def _initial_autoencoder(cfg: AEConfig) -> torch.nn.Module:
     return vae
 
 
-def trained_parameters(vae: torch.nn.Module, cfg: AEConfig) -> list[torch.nn.Parameter]:
+def _trained_parameters(vae: torch.nn.Module, cfg: AEConfig) -> list[torch.nn.Parameter]:
     """What the optimiser moves: everything, or with ``decoder_only`` the decoder and its input
     convolution (the rest is frozen)."""
     if not cfg.decoder_only:
         return list(vae.parameters())
-    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    keep = {id(p) for p in decoder}
-    for p in vae.parameters():
-        p.requires_grad_(id(p) in keep)
-    return decoder
+    vae.requires_grad_(False)
+    trained = torch.nn.ModuleList([vae.post_quant_conv, vae.decoder]).requires_grad_(True)
+    return list(trained.parameters())
 
 
 # ----------------------------------------------------------------------------- loss and step
@@ -224,7 +222,7 @@ def train_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, cfg:
     rec, kl = ae_losses(vae, x, cfg, _noise(cfg, step, x.device))
     loss = rec + cfg.kl_weight * kl
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)  # frozen weights have no gradient
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), rec.detach(), kl.detach()
@@ -418,7 +416,7 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
     out.mkdir(parents=True, exist_ok=True)
     source, vae = make_source(config), build_autoencoder(config).to(device).train()
     # beta2 0.99: the second moment adapts within ~100 steps, which matters in runs of a few thousand
-    opt = torch.optim.AdamW(trained_parameters(vae, config), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(_trained_parameters(vae, config), lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     found = load_checkpoint(out, vae, opt, config) if resume else None
     step, seconds = found or (0, 0.0)
     heldout = from_pil(source.heldout).to(device)
