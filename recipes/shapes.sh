@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce the packaged `shapes` model on a 2-core CPU: autoencoder -> shards -> denoiser ->
 # later cosine cycles, each fine-tuning the previous cycle's export on fresh scenes -> export
-# (fp16, to $RUN/model) -> the autoencoder's decoder fine-tuned on the same latents and swapped
-# into the model -> alignment on the held-out split.
+# (fp16, to $RUN/model) -> the autoencoder's decoder fine-tuned on the same latents (in cycles, each
+# from the last) and swapped into the model -> alignment on the held-out split.
 # CYCLES lists the later cycles as STEPS:SCENES:SEED[:OBJECT_WEIGHT]; CYCLES="" stops after the first.
+# DECODER_CYCLES lists the decoder's cycles as STEPS:LR:SEED.
 # SEED as A+B runs one fine-tune per seed side by side and averages them (latentdit average).
 #   bash recipes/shapes.sh            # RUN=runs/shapes N=30000 by default
 #   DEST=latentdit/weights/shapes bash recipes/shapes.sh   # replace the packaged model on purpose
@@ -15,7 +16,7 @@ N=${N:-30000}
 AE_STEPS=${AE_STEPS:-3600}
 STEPS=${STEPS:-2700}
 CYCLES=${CYCLES-2600:40000:0 1500:40000:1:1.5 1800:40000:2 1200:40000:3 1200:40000:4+5 1200:40000:6+7}  # the packaged chain
-DECODER_STEPS=${DECODER_STEPS:-6000}
+DECODER_CYCLES=${DECODER_CYCLES:-6000:5e-4:7 6000:2.5e-4:8}
 EVAL_N=${EVAL_N:-64}
 DEST=${DEST:-$RUN/model}  # never the packaged weights unless asked for
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -76,9 +77,14 @@ for spec in $CYCLES; do
   stage "export$k" export_cycle "$(model_of $k)" "${tags[@]}"
 done
 # A sharper decoder on the same latents: the encoder (so every shard above) stays as it is.
-stage decoder latentdit train-ae --preset shapes-fast --init_from "$RUN/ae/autoencoder" --decoder_only true \
-  --object_weight 8 --steps "$DECODER_STEPS" --batch_size 16 --lr 5e-4 --seed 7 --out "$RUN/decoder" --no-progress
-swap_decoder() { rm -rf "$DEST/vae.new" && cp -r "$RUN/decoder/autoencoder" "$DEST/vae.new" && rm -rf "$DEST/vae" \
+decoder="$RUN/ae/autoencoder"; d=0
+for cycle in $DECODER_CYCLES; do
+  IFS=: read -r steps lr seed <<< "$cycle"; d=$((d + 1))
+  stage "decoder$d" latentdit train-ae --preset shapes-fast --init_from "$decoder" --decoder_only true \
+    --object_weight 8 --steps "$steps" --batch_size 16 --lr "$lr" --seed "$seed" --out "$RUN/decoder$d" --no-progress
+  decoder="$RUN/decoder$d/autoencoder"
+done
+swap_decoder() { rm -rf "$DEST/vae.new" && cp -r "$decoder" "$DEST/vae.new" && rm -rf "$DEST/vae" \
   && mv "$DEST/vae.new" "$DEST/vae"; }
 stage swap-decoder swap_decoder
 stage eval latentdit eval alignment --model "$DEST" --split heldout --n "$EVAL_N" --samples 4 --out "$RUN/eval"
