@@ -378,7 +378,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     for evaluation, each stage reports its time, and a second run resumes instead of redoing."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "64", "AE_STEPS": "2",
-           "STEPS": "2", "CYCLES": "2:48:0 2:40:1+2:1.5", "DECODER_STEPS": "2", "EVAL_N": "2",
+           "STEPS": "2", "CYCLES": "2:48:0 2:40:1+2:1.5", "DECODER_CYCLES": "2:5e-4:7 2:2.5e-4:8", "EVAL_N": "2",
            "DEST": str(tmp_path / "model"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / "shapes.sh")], capture_output=True, text=True,
@@ -387,7 +387,7 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
     stages = [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("[recipe]")]
     assert stages == [f"[recipe] {s}" for s in ("autoencoder", "preprocess", "denoiser", "export", "preprocess2",
                                                 "cycle2", "export2", "preprocess3-1", "preprocess3-2", "cycle3",
-                                                "export3", "decoder", "swap-decoder", "eval")]
+                                                "export3", "decoder1", "decoder2", "swap-decoder", "eval")]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["prompts"] == 2 and report["samples_per_prompt"] == 4
     trained = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -406,10 +406,16 @@ def test_shapes_recipe_script_runs_every_stage(tmp_path):
         assert run_config(f"train{tag}")["object_weight"] == 1.5
         assert run_config(f"train{tag}")["init_from"] == str(tmp_path / "run" / "cycle2")
     assert all((tmp_path / "run" / f"cycle{k}" / "config.json").exists() for k in (1, 2))
-    # the model's autoencoder: the recipe's encoder (which made every shard) and the fine-tuned decoder
+    # the model's autoencoder: the recipe's encoder (which made every shard) and the decoder of the
+    # last decoder cycle, which went on from the first's
     packaged, first, tuned = (load_file(p / "diffusion_pytorch_model.safetensors") for p in
                               (tmp_path / "model" / "vae", tmp_path / "run" / "ae" / "autoencoder",
-                               tmp_path / "run" / "decoder" / "autoencoder"))
+                               tmp_path / "run" / "decoder2" / "autoencoder"))
+    decoder_run = [json.loads((tmp_path / "run" / f"decoder{d}" / "checkpoints" / "step-0000002" / "state.json")
+                              .read_text())["config"] for d in (1, 2)]
+    assert [(c["init_from"], c["lr"], c["seed"]) for c in decoder_run] == [
+        (str(tmp_path / "run" / "ae" / "autoencoder"), 5e-4, 7),
+        (str(tmp_path / "run" / "decoder1" / "autoencoder"), 2.5e-4, 8)]
     assert all(torch.equal(packaged[k], (tuned if k.startswith(("decoder.", "post_quant_conv.")) else first)[k])
                for k in packaged)
     assert not torch.equal(packaged["decoder.conv_out.weight"], first["decoder.conv_out.weight"])
@@ -560,10 +566,11 @@ def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tm
         Text2Image.from_pretrained(delta)
 
 
-def _delta_recipe_stages(root: Path, name: str, tmp_path: Path) -> list[str]:
-    """Run a recipe that makes a delta on the packaged base at toy sizes; -> its stages in order."""
+def _delta_recipe_stages(root: Path, name: str, tmp_path: Path, **sizes: str) -> list[str]:
+    """Run a recipe that makes a delta on the packaged base at toy sizes (more in ``sizes``);
+    -> its stages in order."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN": str(tmp_path / "run"), "N": "32", "STEPS": "2",
-           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"),
+           "EVAL_N": "2", "AE": str(root / "latentdit" / "weights" / "shapes" / "vae"), **sizes,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run(["bash", str(root / "recipes" / name)], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
@@ -574,12 +581,19 @@ def _delta_recipe_stages(root: Path, name: str, tmp_path: Path) -> list[str]:
 
 def test_layout_recipe_script_runs_every_stage(tmp_path):
     """recipes/shapes_layout.sh at toy sizes on the packaged base: grounded shards, the planner
-    trained alone, a delta holding only the planner and its gains, and alignment."""
+    trained alone in two cycles (the second from the first's export), a delta holding only the
+    planner and its gains, and alignment."""
     from latentdit.checkpoint import load_config, load_weights
 
     root = Path(__file__).resolve().parents[1]
-    stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path)
-    assert stages == ["preprocess", "planner", "export", "delta", "eval"]
+    stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path, LATER="2:5e-4")
+    assert stages == ["preprocess", "planner", "export", "planner2", "export2", "delta", "eval"]
+    second = json.loads((tmp_path / "run" / "train2" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert second["config"]["init_from"] == str(tmp_path / "run" / "whole")
+    assert second["config"]["optim"]["lr"] == 5e-4
+    # the delta holds the second cycle's planner
+    assert torch.equal(load_weights(tmp_path / "run" / "model")["planner.head.weight"],
+                       load_weights(tmp_path / "run" / "whole2")["planner.head.weight"])
     model = tmp_path / "run" / "model"
     config = load_config(model)
     assert config.base == "shapes" and config.model.layout_planner
