@@ -4,7 +4,7 @@
 # grounding boxes. Every other weight stays the base's, so the result ships as a small delta.
 # grounded shards -> planner training -> fp16 export -> later planner cycles, each going on from
 # the last's export on the same scenes -> delta on the base -> held-out alignment.
-#   bash recipes/shapes_layout.sh   # RUN=runs/layout N=40000 STEPS=1000 LATER="1000:5e-4 1000:5e-4"
+#   bash recipes/shapes_layout.sh   # RUN=runs/layout N=40000 STEPS=1000 LATER="1000:5e-4 1000:5e-4 1000:5e-4"
 #                                   # (training: about 10 minutes of two threads for the first
 #                                   # cycle, 26 of one core for each later one; preprocessing: 5
 #                                   # minutes of one core)
@@ -14,7 +14,7 @@ RUN=${RUN:-runs/layout}
 N=${N:-40000}
 SEED=${SEED:-12}  # scenes the base never trained on
 STEPS=${STEPS:-1000}  # the first cycle, at lr 1e-3
-LATER=${LATER-1000:5e-4 1000:5e-4}  # the later cycles as STEPS:LR; LATER="" stops after the first
+LATER=${LATER-1000:5e-4 1000:5e-4 1000:5e-4}  # the later cycles as STEPS:LR; LATER="" stops after the first
 GAIN=${GAIN:-1.5}  # how far the denoiser follows the plan (the gains stay where they start)
 BASE=${BASE:-shapes}
 AE=${AE:-latentdit/weights/shapes/vae}  # the base's autoencoder
