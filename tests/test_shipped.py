@@ -169,9 +169,9 @@ def test_the_layout_model_plans_each_object_where_the_caption_order_puts_it():
 
 
 # Measured on these prompts (docs/testing.md, packaged-model figures): the mean spread (highest
-# minus lowest bias over the cells) of a placed word's prior is 7.6 when the caption states where
-# the object is, 2.2 when it does not, and 1.9 for counted objects; against an even spread, as
-# before the planner had a reference, all three were 9.5-10.2.
+# minus lowest bias over the cells) of a placed word's prior when the caption states where the
+# object is; unplaced and counted objects spread far less, and all three spread alike against an
+# even spread, as before the planner had a reference.
 SPREAD_STATED = 7.6
 
 
