@@ -63,7 +63,7 @@ def diffusion_loss(model: torch.nn.Module, batch: Batch, path: NoisePath, cfg: T
     if cfg.model.num_classes:  # class dropout: the null class (the embedding's last row) for CFG
         extra["labels"] = torch.where(drop, cfg.model.num_classes, batch.labels)
     maps: list[Tensor] | None = [] if cfg.grounding_weight else None
-    layouts: list[Tensor] | None = [] if cfg.model.layout_planner else None
+    layouts: list[Tensor] | None = [] if planner_learns(_unwrap(model)) else None
     pred = model(add_noise(x0, eps, t, path), t, text, mask, pooled, **extra, attention_maps=maps,
                  layouts=layouts)
     err = (pred.float() - target).pow(2)
@@ -233,8 +233,18 @@ def _periodic(cfg, acc, model, ema, opt, state, reader, last) -> None:
         write_preview(cfg, ema, reader, Path(cfg.out) / "previews" / f"step-{state.step:07d}.png")
 
 
-def check_data(reader: ShardReader, mcfg: ModelConfig, grounding_weight: float = 0.0) -> None:
-    """The shards must carry what the model consumes, at the sizes it expects."""
+def planner_learns(model: torch.nn.Module) -> bool:
+    """Whether the model has a layout planner that trains: its weights, and with them the reference
+    it keeps of where placed words are. A planner ``train_only`` froze whole stays as it was, and
+    needs no grounding boxes."""
+    planner = getattr(model, "planner", None)
+    return planner is not None and any(p.requires_grad for p in planner.parameters())
+
+
+def check_data(reader: ShardReader, mcfg: ModelConfig, grounding_weight: float = 0.0,
+               planner_trains: bool | None = None) -> None:
+    """The shards must carry what the model consumes, at the sizes it expects. `planner_trains`
+    (default: whether the model has a planner) says whether a layout planner needs boxes."""
     m = reader.manifest
     for key in ("text_dim", "pooled_dim"):
         want = getattr(mcfg, key)
@@ -251,7 +261,7 @@ def check_data(reader: ShardReader, mcfg: ModelConfig, grounding_weight: float =
     if grounding_weight and not reader.grounding:
         raise ValueError(f"grounding_weight > 0 but the shards in {reader.directory} hold no grounding; "
                          "preprocess with --grounding")
-    if mcfg.layout_planner and not reader.grounding:
+    if (mcfg.layout_planner if planner_trains is None else planner_trains) and not reader.grounding:
         raise ValueError(f"model.layout_planner learns from grounding boxes, but the shards in "
                          f"{reader.directory} hold none; preprocess with --grounding")
     if mcfg.control:
@@ -270,13 +280,13 @@ def _check_control_data(reader: ShardReader, mcfg: ModelConfig) -> None:
 
 
 def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
-    check_data(reader, cfg.model, cfg.grounding_weight)
     torch.manual_seed(cfg.seed)
     model = Denoiser(cfg.model)
     if cfg.init_from:
         load_init_weights(model, cfg.init_from)
     if cfg.train_only:
         freeze_except(model, cfg.train_only)
+    check_data(reader, cfg.model, cfg.grounding_weight, planner_trains=planner_learns(model))
     model.to(acc.device).train()
     ema = {n: p.detach().float().clone() for n, p in [*model.named_parameters(), *model.named_buffers()]}
     opt = make_optimizer(model, cfg)

@@ -573,6 +573,34 @@ def test_train_with_a_planner_refuses_shards_without_grounding(grounded_shards, 
         train(no_boxes, progress=False)
 
 
+def test_a_frozen_planner_stays_as_it_was_while_the_denoiser_trains_without_boxes(grounded_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from latentdit.data import preprocess
+    from latentdit.sources import shapes_source
+    from latentdit.text import load_text_encoder
+    from latentdit.train import train
+    from latentdit.vae import load_autoencoder
+
+    base = train(_train_config(grounded_shards, tmp_path / "base"), progress=False)["model"]
+    grown = _train_config(grounded_shards, tmp_path / "grown", init_from=base, train_only=("planner.*",), steps=3)
+    grown.model.layout_planner = True
+    planned = train(grown, progress=False)["model"]
+    plain = tmp_path / "plain"
+    preprocess(shapes_source(16, size=SIZE, scene_weights=(0, 0, 1)), plain, autoencoder=load_autoencoder("identity"),
+               text_encoder=load_text_encoder("minilm", max_length=24), n=16, progress=False)
+    before = load_file(Path(planned) / "model.safetensors")
+    for shards in (grounded_shards, plain):  # with boxes it could learn from, and with none
+        tuned = _train_config(shards, tmp_path / f"tuned-{shards.name}", init_from=planned,
+                              train_only=("blocks.*.bias",), steps=3)
+        tuned.model.layout_planner = True
+        after = load_file(Path(train(tuned, progress=False)["model"]) / "model.safetensors")
+        planner = [k for k in before if k.startswith("planner.")]
+        assert "planner.reference" in planner and all(torch.equal(before[k], after[k]) for k in planner)
+        tuned_biases = [k for k in before if k.startswith("blocks.") and k.endswith(".bias")]
+        assert any(not torch.equal(before[k], after[k]) for k in tuned_biases)
+
+
 def test_a_planner_grown_and_trained_alone_ships_as_a_small_delta_on_its_base(grounded_shards, tmp_path):
     from pathlib import Path
 
