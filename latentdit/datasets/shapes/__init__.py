@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from ._captions import LANGUAGES, _describe, caption_for, caption_regions
-from ._draw import _sample_attributes, render_scene, shape_coverage
+from ._draw import COUNT_LAYOUTS, _sample_attributes, render_scene, shape_coverage
 from ._vocab import (
     BACKGROUNDS,
     COLORS,
@@ -70,19 +70,23 @@ class ShapesDataset:
 
     `length` only sets `len()` (an epoch for samplers); any index >= 0 works. `lang` is the caption
     language: "en", "zh", or "en+zh" (each sample's language drawn with even odds); the scenes do
-    not depend on it."""
+    not depend on it. `count_layout` "distinct" keeps two or three copies out of the corner layout
+    that four large copies always take (`_count_scene`); "any" is the world as specified."""
 
     def __init__(self, size: int = 64, split: Split = "train", seed: int = 0, length: int = 1_000_000,
                  scenes: tuple[str, ...] = ("single", "relation", "count"),
-                 scene_weights: tuple[float, ...] | None = None, lang: str = "en") -> None:
+                 scene_weights: tuple[float, ...] | None = None, lang: str = "en",
+                 count_layout: str = "any") -> None:
         _check_size(size)
         check_choice("caption language", lang, (*LANGUAGES, "en+zh"))
+        check_choice("count layout", count_layout, COUNT_LAYOUTS)
         check_choice("split", split, ("train", "heldout"))
         _check_scenes(tuple(scenes), scene_weights)
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         self.size, self.split, self.seed, self.length = size, split, seed, length
         self.scenes, self.scene_weights, self.lang = tuple(scenes), scene_weights, lang
+        self.count_layout = count_layout
 
     def __len__(self) -> int:
         return self.length
@@ -100,7 +104,7 @@ class ShapesDataset:
             raise IndexError(f"ShapesDataset index must be >= 0, got {index}")
         rng = random.Random(f"shapes/{stream}/{self.seed}/{self.split}/{index}")
         scene = rng.choices(self.scenes, weights=self.scene_weights)[0]
-        attributes = _sample_attributes(rng, scene, self.split, self.size)
+        attributes = _sample_attributes(rng, scene, self.split, self.size, self.count_layout)
         caption, stated = _describe(attributes, rng, self._lang_of(index, stream))
         return attributes, caption, stated
 

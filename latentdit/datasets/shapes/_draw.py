@@ -200,23 +200,35 @@ def _relation_scene(rng: random.Random, kind: Split, background: str, size: int)
     return objs, relation
 
 
-def _count_scene(rng: random.Random, kind: Split, background: str, size: int) -> tuple[list[dict], None]:
+def _count_scene(rng: random.Random, kind: Split, background: str, size: int,
+                 count_layout: str = "any") -> tuple[list[dict], None]:
+    """2-4 copies of one object at non-overlapping cells. With ``count_layout="distinct"`` fewer
+    than four copies never sit in corners only: four large copies fit nowhere else, so the corner
+    layout then means four and nothing less (with "any", three copies fill three corners in about
+    half of the large scenes, one empty corner away from four)."""
     pair, size_name, n = rng.choice(_pair_pool(kind, background)), rng.choice(tuple(SIZES)), rng.randint(2, 4)
+    distinct = count_layout == "distinct" and n < len(_CORNERS)
     for _ in range(_TRIES):
         cells = sorted(rng.sample(tuple(POSITIONS), n), key=POSITIONS.__getitem__)
+        if distinct and set(cells) <= set(_CORNERS):
+            continue
         objs = [_object(pair, size_name, c, _place(rng, c, size_name, size), size) for c in cells]
         if _all_apart(objs, size):
             return objs, None
-    cells = sorted(rng.sample(_CORNERS, n), key=POSITIONS.__getitem__)
+    cells = _SPREAD_CELLS[n] if distinct else sorted(rng.sample(_CORNERS, n), key=POSITIONS.__getitem__)
     return [_object(pair, size_name, c, _place(None, c, size_name, size), size) for c in cells], None
 
 
 _SCENE_SAMPLERS = {"single": _single_scene, "relation": _relation_scene, "count": _count_scene}
+COUNT_LAYOUTS = ("any", "distinct")
 
 
-def _sample_attributes(rng: random.Random, scene: str, kind: Split, size: int) -> dict:
+def _sample_attributes(rng: random.Random, scene: str, kind: Split, size: int, count_layout: str = "any") -> dict:
     background = rng.choice(tuple(BACKGROUNDS))
-    objects, relation = _SCENE_SAMPLERS[scene](rng, kind, background, size)
+    if scene == "count":
+        objects, relation = _count_scene(rng, kind, background, size, count_layout)
+    else:
+        objects, relation = _SCENE_SAMPLERS[scene](rng, kind, background, size)
     return {"scene": scene, "canvas": size, "background": background, "objects": objects,
             "relation": relation, "count": len(objects)}
 
