@@ -581,31 +581,47 @@ def _delta_recipe_stages(root: Path, name: str, tmp_path: Path, **sizes: str) ->
 
 def test_layout_recipe_script_runs_every_stage(tmp_path):
     """recipes/shapes_layout.sh at toy sizes on the packaged base: grounded shards, the planner
-    trained alone in two cycles (the second from the first's export), a delta holding only the
-    planner and its gains, and alignment."""
+    trained alone in two cycles (the second from the first's export), the denoiser's counting
+    fine-tune on distinct count layouts under it, a delta holding the planner, its gains and the
+    fine-tuned denoiser weights, and alignment."""
+    import fnmatch
+
     from latentdit.checkpoint import load_config, load_weights
 
     root = Path(__file__).resolve().parents[1]
-    stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path, LATER="2:5e-4")
-    assert stages == ["preprocess", "planner", "export", "planner2", "export2", "delta", "eval"]
-    second = json.loads((tmp_path / "run" / "train2" / "checkpoints" / "step-0000002" / "state.json").read_text())
-    assert second["config"]["init_from"] == str(tmp_path / "run" / "whole")
-    assert second["config"]["optim"]["lr"] == 5e-4
-    # the delta holds the second cycle's planner
-    assert torch.equal(load_weights(tmp_path / "run" / "model")["planner.head.weight"],
-                       load_weights(tmp_path / "run" / "whole2")["planner.head.weight"])
-    model = tmp_path / "run" / "model"
-    config = load_config(model)
-    assert config.base == "shapes" and config.model.layout_planner
-    held = load_weights(model)
-    assert held and all(k.startswith("planner.") or k.endswith(".layout_gain") for k in held)
+    stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path, LATER="2:5e-4", COUNT="2")
+    assert stages == ["preprocess", "planner", "export", "planner2", "export2", "preprocess-count", "counting",
+                      "export-count", "delta", "eval"]
+    run = tmp_path / "run"
+
+    def config(train: str) -> dict:
+        return json.loads((run / train / "checkpoints" / "step-0000002" / "state.json").read_text())["config"]
+
+    assert config("train2")["init_from"] == str(run / "whole") and config("train2")["optim"]["lr"] == 5e-4
+    counting = config("train-count")
+    assert counting["init_from"] == str(run / "whole2")
+    assert counting["train_only"] and not any("planner" in p for p in counting["train_only"])
+    rows = [json.loads(line) for f in sorted((run / "count-shards").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+    corners = {"top left", "top right", "bottom left", "bottom right"}
+    assert not any(r["attributes"]["scene"] == "count" and len(r["attributes"]["objects"]) < 4
+                   and {o["cell"] for o in r["attributes"]["objects"]} <= corners for r in rows)
+    model = run / "model"
+    config_ = load_config(model)
+    assert config_.base == "shapes" and config_.model.layout_planner
+    held, planned, tuned = load_weights(model), load_weights(run / "whole2"), load_weights(run / "whole-count")
+    planner = [k for k in held if k.startswith("planner.") or k.endswith(".layout_gain")]
+    denoiser = [k for k in held if k not in planner]
+    assert planner and all(torch.equal(held[k], planned[k]) for k in planner)  # the counting run kept it
+    assert denoiser and all(any(fnmatch.fnmatchcase(k, p) for p in counting["train_only"]) for k in denoiser)
+    assert all(torch.equal(held[k], tuned[k]) for k in denoiser)
     # the gains stay where the recipe starts them (the planner learns from boxes alone)
     from latentdit.model import LAYOUT_GAIN_RATE
 
     gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
-    assert config.model.layout_gain == 1.5 and gains
+    assert config_.model.layout_gain == 1.5 and gains
     assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
-    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["prompts"] == 2
+    assert json.loads((run / "eval" / "report.json").read_text())["prompts"] == 2
 
 
 def test_multilingual_recipe_script_runs_every_stage(tmp_path):
