@@ -219,7 +219,7 @@ def _count_scene(rng: random.Random, kind: Split, background: str, size: int,
     return [_object(pair, size_name, c, _place(None, c, size_name, size), size) for c in cells], None
 
 
-_SCENE_SAMPLERS = {"single": _single_scene, "relation": _relation_scene, "count": _count_scene}
+_SCENE_SAMPLERS = {"single": _single_scene, "relation": _relation_scene}  # count scenes also take a layout
 COUNT_LAYOUTS = ("any", "distinct")
 
 
