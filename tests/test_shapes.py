@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from tiny import CORNERS, in_corners_only
 
 from latentdit.datasets.shapes import (
     BACKGROUNDS,
@@ -131,7 +132,6 @@ def test_count_scenes_hold_two_to_four_identical_non_overlapping_objects():
 
 
 def test_a_distinct_count_layout_leaves_the_four_corners_to_four_copies():
-    corners = {"top left", "top right", "bottom left", "bottom right"}
     default, distinct = (ShapesDataset(seed=5, scenes=("count",), count_layout=k) for k in ("any", "distinct"))
     cornered = {"any": 0, "distinct": 0}
     for i in range(400):
@@ -139,10 +139,9 @@ def test_a_distinct_count_layout_leaves_the_four_corners_to_four_copies():
         for kind, attributes in (("any", plain), ("distinct", moved)):
             objects = attributes["objects"]
             assert all(_disjoint(a, b) for k, a in enumerate(objects) for b in objects[k + 1:]), objects
-            if len(objects) < 4 and {o["cell"] for o in objects} <= corners:
-                cornered[kind] += 1
+            cornered[kind] += in_corners_only(objects)
         if len(moved["objects"]) == 4 and moved["objects"][0]["size"] == "large":
-            assert {o["cell"] for o in moved["objects"]} == corners  # four large copies fit only there
+            assert {o["cell"] for o in moved["objects"]} == CORNERS  # four large copies fit only there
     assert cornered["distinct"] == 0 and cornered["any"] > 40  # the rule is what changed the layouts
     assert ShapesDataset(seed=5, scenes=("single",), count_layout="distinct").draw(3) == \
         ShapesDataset(seed=5, scenes=("single",)).draw(3)  # other scenes are the same draws

@@ -141,14 +141,14 @@ def test_the_layout_model_is_a_planner_grown_on_shapes_within_the_weights_budget
     import fnmatch
 
     from latentdit.checkpoint import load_config, load_weights
-    from latentdit.model import LAYOUT_GAIN_RATE
+    from latentdit.model import LAYOUT_GAIN_RATE, is_planner_weight
 
     folder = PACKAGED["shapes-layout"]
     config = load_config(folder)
     assert config.base == "shapes" and config.base_digest and config.model.layout_planner
     assert not (folder / "vae").exists()
     held = load_weights(folder)
-    planner = [k for k in held if k.startswith("planner.") or k.endswith(".layout_gain")]
+    planner = [k for k in held if is_planner_weight(k)]
     # the rest is the counting fine-tune's small part of the denoiser (recipes/shapes_layout.sh)
     tuned = ("blocks.*.mlp.dw.*", "blocks.*.bias", "blocks.*.table", "blocks.*.norm_x.weight")
     denoiser = [k for k in held if k not in planner]

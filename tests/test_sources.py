@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import NoText
+from tiny import NoText, in_corners_only
 
 from latentdit.data import preprocess
 from latentdit.datasets.archives import expand_braces, expand_paths
@@ -311,15 +311,13 @@ def test_preprocess_draws_the_distinct_count_layout_when_asked(tmp_path, capsys,
     from latentdit.cli import main
 
     monkeypatch.setattr("latentdit.text.load_text_encoder", lambda *a, **k: NoText())
-    corners = {"top left", "top right", "bottom left", "bottom right"}
     cornered = {}
     for layout in ("any", "distinct"):
         out = tmp_path / layout
         assert main(["preprocess", "--source", "shapes", "--n", "60", "--size", "16", "--scene-weights", "0", "0", "1",
                      "--seed", "3", "--count-layout", layout, "--out", str(out), "--no-progress"]) == 0
         rows = [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
-        cornered[layout] = sum(len(objs) < 4 and {o["cell"] for o in objs} <= corners
-                               for objs in (r["attributes"]["objects"] for r in rows))
+        cornered[layout] = sum(in_corners_only(r["attributes"]["objects"]) for r in rows)
     assert cornered["distinct"] == 0 < cornered["any"]
     with pytest.raises(ValueError, match="count layout applies to the shapes source only"):
         open_source(str(tmp_path), count_layout="distinct")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny import in_corners_only
 
 from latentdit.config import to_dict
 from latentdit.train import train
@@ -587,6 +588,7 @@ def test_layout_recipe_script_runs_every_stage(tmp_path):
     import fnmatch
 
     from latentdit.checkpoint import load_config, load_weights
+    from latentdit.model import LAYOUT_GAIN_RATE, is_planner_weight
 
     root = Path(__file__).resolve().parents[1]
     stages = _delta_recipe_stages(root, "shapes_layout.sh", tmp_path, LATER="2:5e-4", COUNT="2")
@@ -594,32 +596,28 @@ def test_layout_recipe_script_runs_every_stage(tmp_path):
                       "export-count", "delta", "eval"]
     run = tmp_path / "run"
 
-    def config(train: str) -> dict:
+    def train_config(train: str) -> dict:
         return json.loads((run / train / "checkpoints" / "step-0000002" / "state.json").read_text())["config"]
 
-    assert config("train2")["init_from"] == str(run / "whole") and config("train2")["optim"]["lr"] == 5e-4
-    counting = config("train-count")
+    second, counting = train_config("train2"), train_config("train-count")
+    assert second["init_from"] == str(run / "whole") and second["optim"]["lr"] == 5e-4
     assert counting["init_from"] == str(run / "whole2")
     assert counting["train_only"] and not any("planner" in p for p in counting["train_only"])
     rows = [json.loads(line) for f in sorted((run / "count-shards").glob("*.jsonl"))
             for line in f.read_text().splitlines()]
-    corners = {"top left", "top right", "bottom left", "bottom right"}
-    assert not any(r["attributes"]["scene"] == "count" and len(r["attributes"]["objects"]) < 4
-                   and {o["cell"] for o in r["attributes"]["objects"]} <= corners for r in rows)
+    assert not any(r["attributes"]["scene"] == "count" and in_corners_only(r["attributes"]["objects"]) for r in rows)
     model = run / "model"
-    config_ = load_config(model)
-    assert config_.base == "shapes" and config_.model.layout_planner
+    config = load_config(model)
+    assert config.base == "shapes" and config.model.layout_planner
     held, planned, tuned = load_weights(model), load_weights(run / "whole2"), load_weights(run / "whole-count")
-    planner = [k for k in held if k.startswith("planner.") or k.endswith(".layout_gain")]
+    planner = [k for k in held if is_planner_weight(k)]
     denoiser = [k for k in held if k not in planner]
     assert planner and all(torch.equal(held[k], planned[k]) for k in planner)  # the counting run kept it
     assert denoiser and all(any(fnmatch.fnmatchcase(k, p) for p in counting["train_only"]) for k in denoiser)
     assert all(torch.equal(held[k], tuned[k]) for k in denoiser)
     # the gains stay where the recipe starts them (the planner learns from boxes alone)
-    from latentdit.model import LAYOUT_GAIN_RATE
-
     gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
-    assert config_.model.layout_gain == 1.5 and gains
+    assert config.model.layout_gain == 1.5 and gains
     assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
     assert json.loads((run / "eval" / "report.json").read_text())["prompts"] == 2
 

