@@ -109,14 +109,63 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, config: CheckpointConfig,
-                    *, dtype: torch.dtype | None = None, extra_dirs: dict[str, Path] | None = None) -> Path:
+                    *, dtype: torch.dtype | None = None, extra_dirs: dict[str, Path] | None = None,
+                    low_rank: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model folder atomically: everything goes to a sibling temp folder, then one rename.
 
     ``extra_dirs`` copies folders in (e.g. ``{"vae": ae_dir}``) so the folder is self-contained.
+    ``low_rank``: updates stored as factors beside the weights they change (``merge_low_rank``).
     """
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-             for k, v in model.state_dict().items()}
+    state = {**model.state_dict(), **check_low_rank(model.state_dict(), low_rank or {}, "low_rank")}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
     return _save_state(state, directory, config, extra_dirs)
+
+
+# A weight ``W`` may come with a low-rank update, stored as ``W.lora_A`` (rank, in) and ``W.lora_B``
+# (out, rank), its scale folded into B: the model's weight is ``W + B @ A``. A fine-tune that trained
+# adapters (``train --lora_rank``) is stored so; as a delta it holds the factors, not whole matrices.
+LOW_RANK = (".lora_A", ".lora_B")
+
+
+def is_low_rank_factor(name: str) -> bool:
+    return name.endswith(LOW_RANK)
+
+
+def check_low_rank(weights: dict[str, torch.Tensor], factors: dict[str, torch.Tensor],
+                   where: str | Path) -> dict[str, torch.Tensor]:
+    """``factors`` (the low-rank keys of a file), checked against the ``weights`` they update:
+    both halves present, floating, and shaped to give that weight's shape. A ValueError names the
+    first problem and ``where`` the file."""
+    for name in factors:
+        if not is_low_rank_factor(name):
+            raise ValueError(f"{where}: {name} is not a low-rank factor (names end in .lora_A or .lora_B)")
+        weight = name.rsplit(".", 1)[0]
+        a, b = factors.get(weight + ".lora_A"), factors.get(weight + ".lora_B")
+        if a is None or b is None:
+            raise ValueError(f"{where}: {name} comes without its other half ({weight}.lora_A and .lora_B go together)")
+        w = weights.get(weight)
+        if w is None:
+            raise ValueError(f"{where}: {name} updates {weight}, which the model does not have")
+        if not (a.is_floating_point() and b.is_floating_point()) or a.dim() != 2 or b.dim() != 2 \
+                or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ValueError(f"{where}: the factors of {weight} are {tuple(b.shape)} @ {tuple(a.shape)}, "
+                             f"which does not make its shape {tuple(w.shape)}")
+    return factors
+
+
+def merge_low_rank(state: dict[str, torch.Tensor], where: str | Path = "weights") -> dict[str, torch.Tensor]:
+    """``state`` with every stored low-rank update added into its weight (in float32, then cast to
+    the weight's dtype) and the factors dropped; a state without factors comes back as it is."""
+    factors = {k: v for k, v in state.items() if is_low_rank_factor(k)}
+    if not factors:
+        return state
+    merged = {k: v for k, v in state.items() if k not in factors}
+    check_low_rank(merged, factors, where)
+    for name in {k.rsplit(".", 1)[0] for k in factors}:
+        w = merged[name]
+        update = factors[name + ".lora_B"].float() @ factors[name + ".lora_A"].float()
+        merged[name] = (w.float() + update).to(w.dtype)
+    return merged
 
 
 def _save_state(state: dict[str, torch.Tensor], directory: str | Path, config: CheckpointConfig,
@@ -261,18 +310,21 @@ def weights_digest(state: dict[str, torch.Tensor], skip: Any = ()) -> str:
 
 
 def load_state(directory: Path, config: CheckpointConfig) -> dict[str, torch.Tensor]:
-    """Every weight of a model folder in float32; a delta's over its base's, once the base is
-    found to hold the weights the delta was made on."""
+    """Every weight of a model folder in float32, low-rank updates merged in; a delta's over its
+    base's, once the base is found to hold the weights the delta was made on."""
     state = load_weights(directory)
+    where = Path(directory) / WEIGHTS_NAME
     base = base_folder(directory, config)
     if base is None:
-        return state
+        return merge_low_rank(state, where)
     theirs = load_weights(base, dtype=None)
     if config.base_digest and weights_digest(theirs, skip=state) != config.base_digest:
         raise ValueError(f"{directory} is a delta on {config.base!r}, but {base} now holds other weights "
                          "than those it was made on; remake it on this base (latentdit delta) or "
                          "install the base it was made on")
-    return {**{k: v.float() if v.is_floating_point() else v for k, v in theirs.items()}, **state}
+    # merged once the delta's weights are in: an update applies to whichever weight the model ends up with
+    return merge_low_rank({**{k: v.float() if v.is_floating_point() else v for k, v in theirs.items()}, **state},
+                          where)
 
 
 def load_denoiser(name_or_path: str | Path, device: str | torch.device = "cpu"):
@@ -381,6 +433,10 @@ def average_models(folders: list[str | Path], out: str | Path, weights: list[flo
                                  "only models trained in one latent space can be averaged")
         extra[ae_dir] = dirs[0] / ae_dir
     states = [load_weights(d, dtype=None) for d in dirs]
+    if any(is_low_rank_factor(k) for s in states for k in s) and configs[0].base:
+        raise ValueError("these deltas hold low-rank updates of their base's weights, and the average of "
+                         "the factors is not the average of the updates; average the whole models instead")
+    states = [merge_low_rank(s, d / WEIGHTS_NAME) for d, s in zip(dirs, states)]  # average the updates
     for d, s in zip(dirs[1:], states[1:]):
         if s.keys() != states[0].keys() or any(s[k].shape != v.shape for k, v in states[0].items()):
             raise ValueError(f"{d}/{WEIGHTS_NAME} does not hold the same weights as {dirs[0]}/{WEIGHTS_NAME}")
@@ -404,7 +460,8 @@ def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     """Write `model` as a delta on `base`: only the weights that differ from the base's, and the
     autoencoder only if it is not the base's. For a fine-tune that changed a few layers (a text
     encoder swapped with ``train_only: text``, a layout planner grown and trained with
-    ``train_only: planner.*``) this is a fraction of the size, and loads as the
+    ``train_only: planner.*``, adapters trained with ``lora_rank``, stored as their factors)
+    this is a fraction of the size, and loads as the
     whole model with ``from_pretrained`` while the base is installed."""
     mdir = resolve(model)
     mconf = load_config(mdir)
@@ -416,7 +473,7 @@ def write_delta(model: str | Path, base: str, out: str | Path) -> Path:
     mine, theirs = load_weights(mdir, dtype=None), load_weights(bdir, dtype=None)
     from .model import is_planner_weight
 
-    grown = {k for k in mine.keys() - theirs.keys() if is_planner_weight(k)}
+    grown = {k for k in mine.keys() - theirs.keys() if is_planner_weight(k) or is_low_rank_factor(k)}
     if mine.keys() - grown != theirs.keys() or any(v.shape != theirs[k].shape for k, v in mine.items()
                                                    if k not in grown):
         raise ValueError(f"{mdir}/{WEIGHTS_NAME} and {bdir}/{WEIGHTS_NAME} do not hold the same weights")

@@ -142,6 +142,23 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, m.base)
 
 
+def as_stored(state: dict[str, Tensor], scales: dict[str, float]) -> dict[str, Tensor]:
+    """A state dict of an adapted model (``{module}.base.weight``, ``{module}.lora_A``, ...) under
+    the plain model's names, each adapter's update as stored low-rank factors beside its weight
+    (``{module}.weight.lora_A`` and ``.lora_B``, the scale folded into B; ``checkpoint.merge_low_rank``
+    adds them in). ``scales``: each adapted module's scale, by module name."""
+    out = {}
+    for key, v in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module in scales and leaf in ("lora_A", "lora_B"):
+            out[f"{module}.weight.{leaf}"] = v * scales[module] if leaf == "lora_B" else v
+        elif module.endswith(".base") and module[: -len(".base")] in scales:
+            out[f"{module[: -len('.base')]}.{leaf}"] = v
+        else:
+            out[key] = v
+    return out
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``{module}.lora_A`` / ``{module}.lora_B`` of every adapter, detached on the CPU."""
     return {f"{n}.{k}": getattr(m, k).detach().cpu() for n, m in adapters_of(model).items()
@@ -290,7 +307,7 @@ def is_adapter(directory: str | Path) -> bool:
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ATTENTION_TARGETS", "MLP_TARGETS", "TARGET_SETS", "AdapterFile",
-    "LoRAConfig", "LoRALinear", "add_lora", "adapters_of", "base_fingerprint", "is_adapter", "load_adapter",
-    "lora_state_dict", "merge_lora", "read_adapter", "remove_lora", "save_adapter", "target_names",
-    "unmerge_lora",
+    "LoRAConfig", "LoRALinear", "add_lora", "adapters_of", "as_stored", "base_fingerprint", "is_adapter",
+    "load_adapter", "lora_state_dict", "merge_lora", "read_adapter", "remove_lora", "save_adapter",
+    "target_names", "unmerge_lora",
 ]

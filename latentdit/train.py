@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointConfig, atomic_write_bytes, save_pretrained
+from .checkpoint import CheckpointConfig, atomic_write_bytes, is_low_rank_factor, merge_low_rank, save_pretrained
 from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
@@ -286,6 +286,8 @@ def _setup(cfg: TrainConfig, reader: ShardReader, acc, resume: str | None):
         load_init_weights(model, cfg.init_from)
     if cfg.train_only:
         freeze_except(model, cfg.train_only)
+    if cfg.lora_rank:
+        add_adapters(model, cfg)
     check_data(reader, cfg.model, cfg.grounding_weight, planner_trains=planner_learns(model))
     model.to(acc.device).train()
     ema = {n: p.detach().float().clone() for n, p in [*model.named_parameters(), *model.named_buffers()]}
@@ -338,6 +340,23 @@ def freeze_except(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str
     return [n for n in names if n in chosen]
 
 
+def add_adapters(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Low-rank adapters (``lora.py``) of rank ``cfg.lora_rank`` on the ``cfg.lora_targets`` layers
+    of the denoiser (a layout planner's are left alone: it learns from boxes, not from the denoising
+    loss); every other weight is frozen, except those ``train_only`` named, which train beside them."""
+    from .lora import TARGET_SETS, LoRAConfig, add_lora, target_names
+
+    keep = [p for p in model.parameters() if p.requires_grad] if cfg.train_only else []
+    suffixes = tuple(t for name in cfg.lora_targets for t in TARGET_SETS.get(name, (name,)))
+    layers = tuple(n for n in target_names(model, suffixes) if not is_planner_weight(n + ".weight"))
+    if not layers:
+        raise ValueError(f"lora_targets {list(cfg.lora_targets)} name only layout planner layers; "
+                         "adapters go on the denoiser's layers")
+    add_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or float(cfg.lora_rank), targets=layers))
+    for p in keep:
+        p.requires_grad_(True)
+
+
 def load_init_weights(model: Denoiser, folder: str) -> None:
     """Fine-tuning start: copy every weight by name; a wider input conv keeps the new channels at
     zero (the inpainting variant starts as the base model), and text-refiner blocks the base does
@@ -386,9 +405,23 @@ def _batches(reader: ShardReader, cfg: TrainConfig, acc, step: int) -> Iterator[
 
 
 # -- previews, export ----------------------------------------------------------------------------
-def ema_model(cfg: TrainConfig, ema: dict[str, Tensor]) -> Denoiser:
+def ema_weights(cfg: TrainConfig, ema: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The EMA under the plain model's names; a run with adapters adds their updates as low-rank
+    factors beside the base weights (``checkpoint.merge_low_rank``)."""
+    if not cfg.lora_rank:
+        return ema
+    from .lora import as_stored
+
+    scale = (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
+    return as_stored(ema, dict.fromkeys({k.rsplit(".", 1)[0] for k in ema if k.endswith(".lora_A")}, scale))
+
+
+def ema_model(cfg: TrainConfig, ema: dict[str, Tensor], merge: bool = True) -> Denoiser:
+    """The EMA weights as a plain denoiser: adapters' updates added in, or (``merge=False``) left out."""
+    weights = ema_weights(cfg, ema)
+    weights = merge_low_rank(weights) if merge else {k: v for k, v in weights.items() if not is_low_rank_factor(k)}
     model = Denoiser(cfg.model)
-    missing = model.load_state_dict(ema, strict=False).missing_keys
+    missing = model.load_state_dict(weights, strict=False).missing_keys
     buffers = [k for k in missing if k in dict(model.named_parameters())]
     if buffers:
         raise ValueError(f"EMA is missing parameters {buffers[:3]}")
@@ -437,7 +470,7 @@ def _ae_args(reader: ShardReader) -> dict[str, Any]:
 def export(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: Path,
            dtype: torch.dtype | None = None) -> Path:
     """EMA weights -> a ``from_pretrained`` folder, with the autoencoder copied in so the folder
-    works on its own."""
+    works on its own. Adapters' updates are stored as their low-rank factors."""
     ae = dict(reader.manifest["autoencoder"])
     extra = {}
     if ae.get("kind") == "kl" and ae.get("path") and Path(ae["path"]).is_dir():
@@ -448,7 +481,9 @@ def export(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: P
     config = CheckpointConfig(model=cfg.model, diffusion=cfg.diffusion, sampling=cfg.sampling,
                               text_encoder=text, autoencoder=ae,
                               extra={"train": {"steps": cfg.steps, "data": cfg.data}, **classes})
-    return save_pretrained(ema_model(cfg, ema), out, config, dtype=dtype, extra_dirs=extra)
+    factors = {k: v for k, v in ema_weights(cfg, ema).items() if is_low_rank_factor(k)}
+    return save_pretrained(ema_model(cfg, ema, merge=False), out, config, dtype=dtype, extra_dirs=extra,
+                           low_rank=factors)
 
 
 def _finish(cfg, acc, model, ema, reader, state, log) -> dict[str, Any]:

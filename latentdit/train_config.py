@@ -65,6 +65,13 @@ class TrainConfig:
     # fine-tune only the parameters these name patterns match (fnmatch; "text" = every weight that
     # reads the text condition); empty: all of them
     train_only: tuple[str, ...] = ()
+    # > 0: fine-tune low-rank adapters of this rank on the lora_targets layers (the base weights stay
+    # frozen; train_only may name more weights to train beside them); the exported model stores each
+    # update as two factors, so a delta of it is small. Needs init_from.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the update's scale is lora_alpha / lora_rank; 0: the rank (scale 1)
+    # module-name suffixes of the adapted linear layers, or a set: "attention", "attention+mlp"
+    lora_targets: tuple[str, ...] = ("attention",)
     model: ModelConfig = field(default_factory=lambda: model_preset("small"))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -86,6 +93,14 @@ class TrainConfig:
         if self.train_only and not self.init_from:
             raise ValueError("train_only keeps every other weight as it is, so it needs init_from "
                              "(the model whose weights it keeps)")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be a whole number >= 0 (0: no adapters), got {self.lora_rank!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha >= 0):
+            raise ValueError(f"lora_alpha must be >= 0 (0: the rank), got {self.lora_alpha}")
+        if self.lora_rank and not self.init_from:
+            raise ValueError("lora_rank adapts a trained model's layers, so it needs init_from (that model)")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("lora_targets must name at least one layer (or 'attention', 'attention+mlp')")
 
 
 # Objectives: (diffusion fields, model fields). "tld" is the original Transformer Latent Diffusion

@@ -240,3 +240,55 @@ def test_average_command_writes_a_loadable_model_and_refuses_in_one_line(tmp_pat
     assert main(["average", str(a), "--out", str(tmp_path / "one")]) == 2
     err = capsys.readouterr().err.strip()
     assert "at least two" in err and len(err.splitlines()) == 1 and not (tmp_path / "one").exists()
+
+
+# ----------------------------------------------------------------------------- low-rank updates
+
+
+def _factors(model: Denoiser, name: str = "blocks.0.attn.qkv.weight", rank: int = 2, seed: int = 5):
+    out_f, in_f = model.state_dict()[name].shape
+    g = torch.Generator().manual_seed(seed)
+    return {f"{name}.lora_A": torch.randn(rank, in_f, generator=g),
+            f"{name}.lora_B": torch.randn(out_f, rank, generator=g)}
+
+
+def test_a_stored_low_rank_update_loads_added_to_its_weight(tmp_path):
+    model = _model()
+    factors = _factors(model)
+    save_pretrained(model, tmp_path / "m", _config(model), low_rank=factors)
+    loaded = load_denoiser(tmp_path / "m")[0].state_dict()
+    w = model.state_dict()["blocks.0.attn.qkv.weight"]
+    update = factors["blocks.0.attn.qkv.weight.lora_B"] @ factors["blocks.0.attn.qkv.weight.lora_A"]
+    assert torch.allclose(loaded["blocks.0.attn.qkv.weight"], w + update, atol=1e-5)
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items() if k != "blocks.0.attn.qkv.weight")
+    # the soup of a model with an update and one without averages the updated weight
+    other = _model()
+    save_pretrained(other, tmp_path / "o", _config(other))
+    soup = load_denoiser(ckpt.average_models([tmp_path / "m", tmp_path / "o"], tmp_path / "soup"))[0].state_dict()
+    mean = (w + update + other.state_dict()["blocks.0.attn.qkv.weight"]) / 2
+    assert torch.allclose(soup["blocks.0.attn.qkv.weight"], mean, atol=1e-5)
+    # deltas holding factors: the mean of factors is not the mean of updates, so they are refused
+    cfg = _config(model)
+    cfg.base, cfg.base_digest = "shapes", "1" * 64
+    for name in ("d1", "d2"):
+        ckpt._save_state(factors, tmp_path / name, cfg)
+    with pytest.raises(ValueError, match="average the whole models instead"):
+        ckpt.average_models([tmp_path / "d1", tmp_path / "d2"], tmp_path / "out")
+
+
+def test_malformed_low_rank_factors_are_refused_by_name(tmp_path):
+    model = _model()
+    good = _factors(model)
+    cases = {
+        "without its other half": {"blocks.0.attn.qkv.weight.lora_A": good["blocks.0.attn.qkv.weight.lora_A"]},
+        "does not make its shape": {**good, "blocks.0.attn.qkv.weight.lora_A": torch.randn(2, 7)},
+        "which the model does not have": {f"nope.weight.{k.rsplit('.', 1)[1]}": v for k, v in good.items()},
+    }
+    for message, factors in cases.items():
+        with pytest.raises(ValueError, match=message):
+            save_pretrained(model, tmp_path / "m", _config(model), low_rank=factors)
+        assert not (tmp_path / "m").exists()
+        # the same damage in a file on disk: named when it loads
+        ckpt._save_state({**model.state_dict(), **factors}, tmp_path / "disk", _config(model))
+        with pytest.raises(ValueError, match=f"model.safetensors: .*{message}"):
+            load_denoiser(tmp_path / "disk")

@@ -599,6 +599,13 @@ def test_a_frozen_planner_stays_as_it_was_while_the_denoiser_trains_without_boxe
         assert "planner.reference" in planner and all(torch.equal(before[k], after[k]) for k in planner)
         tuned_biases = [k for k in before if k.startswith("blocks.") and k.endswith(".bias")]
         assert any(not torch.equal(before[k], after[k]) for k in tuned_biases)
+    # low-rank adapters go on the denoiser's attention, not the planner's (which has its own)
+    adapted = _train_config(plain, tmp_path / "adapted", init_from=planned, lora_rank=2, steps=3)
+    adapted.model.layout_planner = True
+    after = load_file(Path(train(adapted, progress=False)["model"]) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    factors = {k for k in after if k not in before}
+    assert "blocks.0.attn.qkv.weight.lora_B" in factors and not any(k.startswith("planner.") for k in factors)
 
 
 def test_a_planner_grown_and_trained_alone_ships_as_a_small_delta_on_its_base(grounded_shards, tmp_path):

@@ -532,6 +532,59 @@ def test_train_only_text_relearns_just_the_text_reading_weights_and_ships_as_a_d
         _config(shards, tmp_path / "bad", steps=2, train_only=("text",))
 
 
+def test_lora_fine_tune_stores_its_updates_as_factors_and_resumes_exactly(shards, tmp_path):
+    """lora_rank: the base weights stay init_from's (but those train_only names, which train beside
+    the adapters); the export stores each update as two factors beside its weight and loads as
+    W + B @ A; a delta of it holds only the factors and the tuned weights; resume is exact."""
+    import fnmatch
+
+    from latentdit.checkpoint import load_denoiser, write_delta
+    from latentdit.lora import ATTENTION_TARGETS
+    from latentdit.pipeline import Text2Image
+
+    base = train(_config(shards, tmp_path / "base", steps=2), progress=False)["model"]
+    kw = dict(steps=4, init_from=base, lora_rank=2, lora_alpha=4.0, train_only=("blocks.*.bias",),
+              mixed_precision="no", checkpoint_every=100)
+    result = train(_config(shards, tmp_path / "ft", **kw), progress=False)["model"]
+    before = load_file(Path(base) / "model.safetensors")
+    after = load_file(Path(result) / "model.safetensors")
+    factors = {k for k in after if k.endswith((".lora_A", ".lora_B"))}
+    depth = 1 + max(int(k.split(".")[1]) for k in before if k.startswith("blocks."))
+    assert factors == {f"blocks.{i}.{t}.weight.lora_{x}" for i in range(depth) for t in ATTENTION_TARGETS
+                       for x in "AB"}
+    assert set(after) - factors == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    tuned = {k for k in before if fnmatch.fnmatchcase(k, "blocks.*.bias")}
+    assert changed and changed <= tuned and "blocks.0.attn.qkv.bias" in changed  # an adapted layer's bias too
+    a, b = after["blocks.0.attn.qkv.weight.lora_A"], after["blocks.0.attn.qkv.weight.lora_B"]
+    assert a.shape == (2, before["blocks.0.attn.qkv.weight"].shape[1]) and b.abs().sum() > 0
+    loaded = load_denoiser(result)[0].state_dict()["blocks.0.attn.qkv.weight"]
+    assert torch.allclose(loaded, after["blocks.0.attn.qkv.weight"] + b @ a, atol=1e-6)
+    assert not torch.allclose(loaded, after["blocks.0.attn.qkv.weight"], atol=1e-6)
+
+    delta = write_delta(result, str(Path(base).resolve()), tmp_path / "delta")
+    assert set(load_file(delta / "model.safetensors")) == factors | changed
+    gen = dict(seed=1, steps=2, output_type="latent", progress=False)
+    whole, split = Text2Image.from_pretrained(result), Text2Image.from_pretrained(delta)
+    assert torch.equal(whole("a red circle", **gen), split("a red circle", **gen))
+    again = train(_config(shards, tmp_path / "again", steps=2, init_from=str(delta), train_only=("final.*",)),
+                  progress=False)["model"]  # fine-tuning from it starts at the merged weights
+    assert set(load_file(Path(again) / "model.safetensors")) == set(before)
+
+    part = tmp_path / "part"
+    train(_config(shards, part, **kw), progress=False, stop_after=2)
+    train(_config(shards, part, **kw), resume="latest", progress=False)
+    resumed = load_file(part / "model" / "model.safetensors")
+    assert set(resumed) == set(after) and all(torch.equal(resumed[k], after[k]) for k in after)
+    with pytest.raises(ValueError, match="lora_rank .* needs init_from"):
+        _config(shards, tmp_path / "bad", lora_rank=2)
+    with pytest.raises(ValueError, match="lora_rank must be"):
+        _config(shards, tmp_path / "bad", init_from=base, lora_rank=-1)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        train(_config(shards, tmp_path / "bad", steps=2, init_from=base, lora_rank=2, lora_targets=("nope",)),
+              progress=False)
+
+
 def test_a_delta_on_another_architecture_or_a_missing_base_is_refused(shards, tmp_path):
     from latentdit.checkpoint import write_delta
     from latentdit.pipeline import Text2Image
