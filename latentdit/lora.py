@@ -95,8 +95,12 @@ class LoRALinear(nn.Module):
 
 def target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """Names of the ``nn.Linear`` modules whose name ends with one of ``targets``; every target
-    must match at least one layer (a typo or another architecture is an error, not a no-op)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    must match at least one layer (a typo or another architecture is an error, not a no-op). A
+    layout planner's layers are never targets: it learns from grounding boxes, not from the
+    denoising loss an adapter trains on."""
+    from .model import is_planner_weight
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_planner_weight(n + ".")]
     found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
     if unmatched:

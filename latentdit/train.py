@@ -344,15 +344,11 @@ def add_adapters(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Low-rank adapters (``lora.py``) of rank ``cfg.lora_rank`` on the ``cfg.lora_targets`` layers
     of the denoiser (a layout planner's are left alone: it learns from boxes, not from the denoising
     loss); every other weight is frozen, except those ``train_only`` named, which train beside them."""
-    from .lora import TARGET_SETS, LoRAConfig, add_lora, target_names
+    from .lora import TARGET_SETS, LoRAConfig, add_lora
 
     keep = [p for p in model.parameters() if p.requires_grad] if cfg.train_only else []
-    suffixes = tuple(t for name in cfg.lora_targets for t in TARGET_SETS.get(name, (name,)))
-    layers = tuple(n for n in target_names(model, suffixes) if not is_planner_weight(n + ".weight"))
-    if not layers:
-        raise ValueError(f"lora_targets {list(cfg.lora_targets)} name only layout planner layers; "
-                         "adapters go on the denoiser's layers")
-    add_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or float(cfg.lora_rank), targets=layers))
+    targets = tuple(t for name in cfg.lora_targets for t in TARGET_SETS.get(name, (name,)))
+    add_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or float(cfg.lora_rank), targets=targets))
     for p in keep:
         p.requires_grad_(True)
 

@@ -62,6 +62,15 @@ def test_a_fresh_adapter_leaves_the_output_exactly_unchanged():
     assert torch.equal(before, after)
 
 
+def test_a_layout_planners_attention_is_never_adapted():
+    model = _model(layout_planner=True)
+    assert isinstance(model.get_submodule("planner.attn.qkv"), torch.nn.Linear)
+    wrapped = add_lora(model, LoRAConfig(rank=2))
+    assert len(wrapped) == 2 * 5 and not any(n.startswith("planner.") for n in wrapped)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        add_lora(_model(layout_planner=True), LoRAConfig(rank=2, targets=("planner.attn.qkv",)))
+
+
 def test_only_the_adapter_weights_train():
     model = _model()
     add_lora(model, LoRAConfig(rank=2, targets=("attn.qkv", *MLP_TARGETS)))
