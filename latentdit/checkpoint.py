@@ -116,7 +116,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, config: Check
     ``extra_dirs`` copies folders in (e.g. ``{"vae": ae_dir}``) so the folder is self-contained.
     ``low_rank``: updates stored as factors beside the weights they change (``merge_low_rank``).
     """
-    state = {**model.state_dict(), **check_low_rank(model.state_dict(), low_rank or {}, "low_rank")}
+    weights = model.state_dict()
+    state = {**weights, **check_low_rank(weights, low_rank or {}, "low_rank")}
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
     return _save_state(state, directory, config, extra_dirs)
 

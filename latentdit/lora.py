@@ -146,17 +146,18 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, m.base)
 
 
-def as_stored(state: dict[str, Tensor], scales: dict[str, float]) -> dict[str, Tensor]:
+def as_stored(state: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
     """A state dict of an adapted model (``{module}.base.weight``, ``{module}.lora_A``, ...) under
     the plain model's names, each adapter's update as stored low-rank factors beside its weight
-    (``{module}.weight.lora_A`` and ``.lora_B``, the scale folded into B; ``checkpoint.merge_low_rank``
-    adds them in). ``scales``: each adapted module's scale, by module name."""
+    (``{module}.weight.lora_A`` and ``.lora_B``, ``scale`` folded into B; ``checkpoint.merge_low_rank``
+    adds them in)."""
+    adapted = {k.rsplit(".", 1)[0] for k in state if k.endswith(".lora_A")}
     out = {}
     for key, v in state.items():
         module, _, leaf = key.rpartition(".")
-        if module in scales and leaf in ("lora_A", "lora_B"):
-            out[f"{module}.weight.{leaf}"] = v * scales[module] if leaf == "lora_B" else v
-        elif module.endswith(".base") and module[: -len(".base")] in scales:
+        if module in adapted and leaf in ("lora_A", "lora_B"):
+            out[f"{module}.weight.{leaf}"] = v * scale if leaf == "lora_B" else v
+        elif module.endswith(".base") and module[: -len(".base")] in adapted:
             out[f"{module[: -len('.base')]}.{leaf}"] = v
         else:
             out[key] = v

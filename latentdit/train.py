@@ -408,8 +408,7 @@ def ema_weights(cfg: TrainConfig, ema: dict[str, Tensor]) -> dict[str, Tensor]:
         return ema
     from .lora import as_stored
 
-    scale = (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
-    return as_stored(ema, dict.fromkeys({k.rsplit(".", 1)[0] for k in ema if k.endswith(".lora_A")}, scale))
+    return as_stored(ema, (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank)
 
 
 def ema_model(cfg: TrainConfig, ema: dict[str, Tensor], merge: bool = True) -> Denoiser:
