@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .checkpoint import WEIGHT_DTYPES, atomic_save_tensors, atomic_write_bytes
 from .config import ModelConfig, from_dict
 from .lines import read_json
+from .model import is_planner_weight
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -98,8 +99,6 @@ def target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
     must match at least one layer (a typo or another architecture is an error, not a no-op). A
     layout planner's layers are never targets: it learns from grounding boxes, not from the
     denoising loss an adapter trains on."""
-    from .model import is_planner_weight
-
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_planner_weight(n + ".")]
     found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
