@@ -22,6 +22,7 @@ from .config import ModelConfig, to_dict
 from .control import training_control
 from .grounding import grounding_loss, layout_loss, placed_targets
 from .inpainting import is_inpainting, training_mask_latent
+from .lora import TARGET_SETS, LoRAConfig, add_lora, as_stored
 from .model import Denoiser, is_planner_weight
 from .schedules import NoisePath, add_noise, from_x0_eps, sample_time
 from .shards import Batch, ShardReader
@@ -344,8 +345,6 @@ def add_adapters(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Low-rank adapters (``lora.py``) of rank ``cfg.lora_rank`` on the ``cfg.lora_targets`` layers
     of the denoiser (a layout planner's are left alone: it learns from boxes, not from the denoising
     loss); every other weight is frozen, except those ``train_only`` named, which train beside them."""
-    from .lora import TARGET_SETS, LoRAConfig, add_lora
-
     keep = [p for p in model.parameters() if p.requires_grad] if cfg.train_only else []
     targets = tuple(t for name in cfg.lora_targets for t in TARGET_SETS.get(name, (name,)))
     add_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or float(cfg.lora_rank), targets=targets))
@@ -406,8 +405,6 @@ def ema_weights(cfg: TrainConfig, ema: dict[str, Tensor]) -> dict[str, Tensor]:
     factors beside the base weights (``checkpoint.merge_low_rank``)."""
     if not cfg.lora_rank:
         return ema
-    from .lora import as_stored
-
     return as_stored(ema, (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank)
 
 
