@@ -6,6 +6,7 @@ fp32, measured in the same run. Ends with one JSON line of every figure.
     python benchmarks/bench_generate.py                # the packaged shapes model
     python benchmarks/bench_generate.py --model DIR
     python benchmarks/bench_generate.py --guidance-interval 0.25 1   # also: guide only for t in [0.25, 1]
+    python benchmarks/bench_generate.py --model shapes-layout --count-contrast 0   # also: without its count contrast
     python benchmarks/bench_generate.py --compare-rows [--busy]   # rows split across threads vs one call
 
 ``--contended`` times generation on a busy machine against an idle one, in the same run: each
@@ -39,10 +40,11 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SP
                ROW_THREADS_ENV)
 
 
-def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None) -> float:
+def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None,
+              count_contrast: float | None = None) -> float:
     t0 = time.perf_counter()
     pipe(PROMPTS, steps=steps, guidance_scale=4.5, seed=seed, dtype=dtype, progress=False,
-         guidance_interval=interval)
+         guidance_interval=interval, count_contrast=count_contrast)
     return time.perf_counter() - t0
 
 
@@ -60,7 +62,7 @@ def plain(args: argparse.Namespace) -> None:
     pipe = Text2Image.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    bf16_runs, interval_runs, one_call_runs = [], [], []
+    bf16_runs, interval_runs, one_call_runs, contrast_runs = [], [], [], []
     time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
     burners = start_burners(os.cpu_count() or 1) if args.busy else []
     try:
@@ -68,6 +70,8 @@ def plain(args: argparse.Namespace) -> None:
             bf16_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
             if interval:
                 interval_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, interval))
+            if args.count_contrast is not None:
+                contrast_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, count_contrast=args.count_contrast))
             if args.compare_rows:
                 with one_call():
                     one_call_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
@@ -93,6 +97,12 @@ def plain(args: argparse.Namespace) -> None:
                        interval_ratio=round(limited / bf16, 3))
         print(f"guidance only for t in [{interval[0]}, {interval[1]}]: bf16 {limited:.2f} s "
               f"({limited / bf16:.2f}x the default's time)")
+    if contrast_runs:
+        other = statistics.median(contrast_runs)
+        figures.update(count_contrast=args.count_contrast, model_count_contrast=pipe.sampling.count_contrast,
+                       bf16_count_contrast_s=round(other, 3), count_contrast_ratio=round(other / bf16, 3))
+        print(f"count contrast {args.count_contrast} (the model's: {pipe.sampling.count_contrast}): bf16 "
+              f"{other:.2f} s ({other / bf16:.2f}x the default's time)")
     print(json.dumps(figures))
 
 
@@ -213,6 +223,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="also time guidance limited to LO <= t <= HI, interleaved with the model default")
+    ap.add_argument("--count-contrast", type=float, default=None, metavar="S",
+                    help="also time count contrast S (latentdit.counts), interleaved with the model default")
     ap.add_argument("--compare-rows", action="store_true",
                     help="also time sampling as one call (rows not split across threads), interleaved")
     ap.add_argument("--busy", action="store_true",

@@ -14,6 +14,7 @@ from .cli_base import (
     COMMANDS,
     SAMPLER_NAMES,
     HelpFormatter,
+    add_count_contrast_arg,
     add_device_arg,
     add_guidance_interval_arg,
     autocast_dtype,
@@ -93,6 +94,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; default: the model's (4.5 for shapes)")
     add_guidance_interval_arg(p)
+    add_count_contrast_arg(p)
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                    help="default: the model's (dpmpp_2m for shapes)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -134,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = (_random_tiny_pipeline(args.device) if args.random_tiny
             else load_pipeline(args.model, args.device, args.adapter))
     kw = dict(steps=args.steps, guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
-              sampler=args.sampler,
+              sampler=args.sampler, count_contrast=args.count_contrast,
               num_images_per_prompt=args.num_images, height=args.height, width=args.width,
               dtype=autocast_dtype(args.fp32))
     if items is None:

@@ -141,6 +141,13 @@ def add_guidance_interval_arg(p: argparse.ArgumentParser) -> None:
                         "sampling config")
 
 
+def add_count_contrast_arg(p: argparse.ArgumentParser) -> None:
+    """``--count-contrast S`` of the commands that sample from a prompt as ``pipe(...)`` does."""
+    p.add_argument("--count-contrast", type=float, default=None, metavar="S",
+                   help="guide prompts that name a count away from the count one higher, at scale S "
+                        "(0: off); default: the model's sampling config")
+
+
 def autocast_dtype(fp32: bool):
     """The sampling dtype of ``--fp32``: None (no autocast) or bf16."""
     import torch

@@ -8,7 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_base import SAMPLER_NAMES, add_device_arg, add_guidance_interval_arg, command, read_prompt_file
+from .cli_base import (
+    SAMPLER_NAMES,
+    add_count_contrast_arg,
+    add_device_arg,
+    add_guidance_interval_arg,
+    command,
+    read_prompt_file,
+)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +41,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default: the model's sampling config")
     add_guidance_interval_arg(p)
+    add_count_contrast_arg(p)
     p.add_argument("--relation-prompts", action="store_true",
                    help="alignment: only the prompts that state a relation between two objects named by colour "
                         "and shape (English)")
@@ -92,6 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return _print(score_references(items, pipe, out_dir=args.out))
     report = run_alignment(pipe, items, samples=args.samples, steps=args.steps,
                            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
+                           count_contrast=args.count_contrast,
                            sampler=args.sampler, seed=args.seed, out_dir=args.out)
     return _print(report)
 
@@ -116,7 +125,7 @@ def run_binding(args: argparse.Namespace) -> int:
 
 def _print(report: dict) -> int:
     keys = ("overall", "image_accuracy", "per_category", "heldout_pairs", "relation_layout", "prompts",
-            "samples_per_prompt", "negative_prompts", "reference", "seconds")
+            "samples_per_prompt", "negative_prompts", "count_contrast", "reference", "seconds")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     return 0
 

@@ -286,15 +286,26 @@ class SamplingConfig:
     # Guidance only while lo <= t <= hi (limited-interval guidance, arXiv:2404.07724); elsewhere one
     # conditional pass, half the batch. (0, 1): every step.
     guidance_interval: tuple[float, ...] = (0.0, 1.0)
+    # Prompts naming a count are also guided away from themselves with the count one higher, at
+    # this scale, on the guided steps (latentdit.counts). 0: off.
+    count_contrast: float = 0.0
 
     def __post_init__(self) -> None:
         self.guidance_interval = check_guidance_interval(self.guidance_interval)
+        self.count_contrast = check_count_contrast(self.count_contrast)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+
+
+def check_count_contrast(value: Any) -> float:
+    """A finite scale >= 0 (0: no count contrast)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"count_contrast must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -22,8 +22,9 @@ from torch import Tensor
 
 from .checkpoint import CheckpointConfig, base_folder, check_image_size, component_path, load_denoiser
 from .condition import Condition
-from .config import SamplingConfig, check_guidance_interval
+from .config import SamplingConfig, check_count_contrast, check_guidance_interval
 from .control import MapInput, control_input
+from .counts import CountContrast, contrast_prompts
 from .device import resolve_device
 from .inpainting import is_inpainting, masked_condition
 from .lora import load_adapter, remove_lora
@@ -114,7 +115,7 @@ class Text2Image:
     def prepare(self, steps: int | None = None, *, sampler: str | None = None,
                 guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
                 grid: str | None = None, shift: float | None = None, eta: float | None = None,
-                strength: float = 1.0) -> SamplingPlan:
+                strength: float = 1.0, count_contrast: float | None = None) -> SamplingPlan:
         """Step 1: every option left None replaced by the sampling config's, checked, and the time
         grid. ``strength`` < 1 starts the grid at ``t = strength`` and runs
         ``max(1, round(steps * strength))`` of the ``steps`` (diffusers' img2img count)."""
@@ -131,7 +132,9 @@ class Text2Image:
         return SamplingPlan(steps=steps, ts=self.grid(steps, grid, shift, t_start=strength), sampler=name,
                             options={"eta": self.sampling.eta if eta is None else eta} if name == "ddim" else {},
                             guidance_scale=check_finite(g, "guidance scale"),
-                            guidance_interval=check_guidance_interval(interval))
+                            guidance_interval=check_guidance_interval(interval),
+                            count_contrast=check_count_contrast(
+                                self.sampling.count_contrast if count_contrast is None else count_contrast))
 
 
     def grid(self, steps: int, grid: str | None = None, shift: float | None = None,
@@ -160,6 +163,20 @@ class Text2Image:
         if negative:
             return cond, rows.map(lambda v: v[n:])
         return cond, self.null_condition(cond)
+
+    def encode_with_contrast(self, prompts: Sequence[str | int], negative: Sequence[str] | None,
+                             scale: float) -> tuple[Condition, Condition, CountContrast | None]:
+        """``encode``, plus the count contrast of the prompts that name a count when ``scale`` > 0
+        (``latentdit.counts``), encoded in the same call so that every row has one token length.
+        Without a count, or at scale 0, exactly ``encode``'s rows and None."""
+        rows, higher = ([], []) if scale == 0 or self.model.config.num_classes else contrast_prompts(prompts)
+        if not rows:
+            return *self.encode(prompts, negative), None
+        n = len(prompts)
+        cond, uncond = self.encode([*prompts, *higher], None if negative is None else
+                                   [*negative, *(negative[i] for i in rows)])
+        contrast = CountContrast(torch.tensor(rows, device=self.device), cond.map(lambda v: v[n:]), scale)
+        return cond.map(lambda v: v[:n]), uncond.map(lambda v: v[:n]), contrast
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Scaled latents of (N, 3, H, W) images in [-1, 1], after checking the size suits the model."""
@@ -207,12 +224,17 @@ class Text2Image:
     # -- step 4: the guided denoiser ---------------------------------------------------
     def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
                  dtype: torch.dtype | None = torch.bfloat16, mask_latent: Tensor | None = None,
-                 guidance_interval: tuple[float, float] = (0.0, 1.0)) -> Callable[[Tensor, Tensor], Tensor]:
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), *,
+                 contrast: CountContrast | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1 and
         ``guidance_interval[0] <= t <= guidance_interval[1]`` (one conditional pass elsewhere).
-        ``mask_latent``: an inpainting variant's extra input channels, one row per image."""
+        ``mask_latent``: an inpainting variant's extra input channels, one row per image.
+        ``contrast``: on the guided steps, its rows are also guided away from its condition
+        (``latentdit.counts``), with one more model row each."""
         guidance_scale = check_finite(guidance_scale, "guidance scale")
         guided = uncond is not None and guidance_scale != 1.0
+        if contrast is not None and (not guided or contrast.scale == 0 or not len(contrast.rows)):
+            contrast = None
         lo, hi = check_guidance_interval(guidance_interval)
         both = Condition.cat(cond, uncond) if guided else cond
         prediction = self.model.config.prediction
@@ -236,10 +258,17 @@ class Text2Image:
             t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # one time for every row
             if not guided or not lo <= float(t.reshape(-1)[0]) <= hi:
                 return run(x, t, cond, extra)
-            doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
-            x0 = run(torch.cat([x, x]), torch.cat([t, t]), both, doubled)
-            x0_c, x0_u = x0.chunk(2)
-            return x0_u + guidance_scale * (x0_c - x0_u)
+            if contrast is None:
+                doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
+                x0 = run(torch.cat([x, x]), torch.cat([t, t]), both, doubled)
+                x0_c, x0_u = x0.chunk(2)
+                return x0_u + guidance_scale * (x0_c - x0_u)
+            r, n = contrast.rows, x.shape[0]
+            tripled = {k: torch.cat([v, v, v[r]]) for k, v in extra.items()}
+            x0 = run(torch.cat([x, x, x[r]]), torch.cat([t, t, t[r]]), Condition.cat(both, contrast.cond), tripled)
+            x0_c, x0_u, x0_k = x0[:n], x0[n:2 * n], x0[2 * n:]
+            out = x0_u + guidance_scale * (x0_c - x0_u)
+            return out.index_add(0, r, contrast.scale * (x0_c[r] - x0_k))
 
         return denoise
 
@@ -323,25 +352,29 @@ class Text2Image:
                  output_type: OutputType = "pil", progress: bool = True, shift: float | None = None,
                  grid: str | None = None, eta: float | None = None,
                  guidance_interval: tuple[float, float] | None = None, control: MapInput | None = None,
-                 control_scale: float = 1.0) -> list[Image.Image] | Tensor:
+                 control_scale: float = 1.0, count_contrast: float | None = None) -> list[Image.Image] | Tensor:
         """Generate ``num_images_per_prompt`` images per prompt. ``seed``: an int (image i uses
         seed + i) or one seed per image. ``output_type``: "pil", "tensor" ([-1, 1]) or "latent".
         ``guidance_interval``: guide only for t in [lo, hi] (default: the sampling config's).
         ``control``: a control model's map (a file, a PIL image with white objects, or (H, W) /
-        (N, 1, H, W) values in [0, 1]; ``latentdit.control``), weakened by ``control_scale``."""
+        (N, 1, H, W) values in [0, 1]; ``latentdit.control``), weakened by ``control_scale``.
+        ``count_contrast``: how far prompts naming a count are guided away from their count one
+        higher (``latentdit.counts``; default: the sampling config's)."""
         prompts = prompt_list(prompts)
         k = check_positive(num_images_per_prompt, "num_images_per_prompt")
         plan = self.prepare(steps, sampler=sampler, guidance_scale=guidance_scale,
-                            guidance_interval=guidance_interval, grid=grid, shift=shift, eta=eta)
+                            guidance_interval=guidance_interval, grid=grid, shift=shift, eta=eta,
+                            count_contrast=count_contrast)
         check_output_type(output_type)
         seeds = seed_list(seed, len(prompts) * k)
-        cond, uncond = self.encode(prompts, negative_list(negative_prompt, len(prompts)))
+        cond, uncond, contrast = self.encode_with_contrast(prompts, negative_list(negative_prompt, len(prompts)),
+                                                           plan.count_contrast)
         x = self.noise(seeds, self.latent_shape(height, width))
         extra = control_input(self.model.config, control, len(seeds), x.shape[-2:], control_scale, self.device)
         if is_inpainting(self.model.config):  # generating from nothing: everything is to be painted
             extra = masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
         denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), plan.guidance_scale, dtype, extra,
-                                plan.guidance_interval)
+                                plan.guidance_interval, contrast=None if contrast is None else contrast.expand(k))
         return self.decode(self.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
 
 

@@ -27,6 +27,7 @@ class SamplingPlan:
     options: dict[str, float]  # extra keyword arguments of the sampler (DDIM's eta)
     guidance_scale: float
     guidance_interval: tuple[float, float]
+    count_contrast: float = 0.0  # latentdit.counts; only text-to-image sampling (``pipe(...)``) applies it
 
     @property
     def t_start(self) -> float:

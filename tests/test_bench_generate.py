@@ -57,3 +57,15 @@ def test_compare_rows_times_both_ways_on_the_packaged_model(tmp_path):
     rounding = 0.0005 / res["bf16_one_call_s"] + 0.0005 / res["bf16_s"]
     assert res["rows_speedup"] == pytest.approx(res["bf16_one_call_s"] / res["bf16_s"], rel=rounding + 0.002)
     assert "the same as one call with 2 OpenMP threads" in r.stdout
+
+
+def test_count_contrast_is_timed_against_the_models_default(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(BENCH), "--model", "shapes-layout", "--steps", "2", "--repeats", "1",
+                        "--count-contrast", "0"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["count_contrast"] == 0.0 and res["model_count_contrast"] == 1.5
+    assert res["bf16_count_contrast_s"] > 0
+    assert res["count_contrast_ratio"] == pytest.approx(res["bf16_count_contrast_s"] / res["bf16_s"], rel=0.05)
+    assert "count contrast 0.0 (the model's: 1.5)" in r.stdout

@@ -11,7 +11,7 @@ LAYERS = {
     "model": 1, "samplers": 1, "text": 1, "vae": 1, "condition": 1, "rows": 1,
     "checkpoint": 2, "lora": 2, "data": 2, "caption_cache": 2, "grounding": 2, "samples": 2, "datasets": 2,
     "shards": 2, "sources": 2,
-    "pipeline": 3, "plan": 3, "concept": 3, "inpainting": 3,
+    "pipeline": 3, "plan": 3, "counts": 3, "concept": 3, "inpainting": 3,
     "train": 3, "train_state": 3, "train_log": 3, "train_ae": 3,
     "edit": 4, "evaluate": 4,
     "cli": 5, "cli_base": 5, "cli_train": 5, "cli_eval": 5, "cli_edit": 5, "server": 5, "ui": 5, "serve": 5,

@@ -50,6 +50,7 @@ def test_health_and_model_info_report_the_model_and_its_limits(client):
     assert info["conditioning"] == "text" and info["default_size"] == [16, 16]
     assert info["limits"]["side_step"] == 4 and info["limits"]["max_side"] == 64  # downsample 2 x patch 2
     assert info["sampling"]["steps"] == 4 and "dpmpp_2m" in info["samplers"]
+    assert info["sampling"]["count_contrast"] == 0.0  # the tiny model's config: off
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/generate", "/v1/img2img", "/v1/inpaint",
                                                                   "/v1/interpolate", "/v1/model", "/healthz"}
     assert "<canvas" in client.get("/ui").text

@@ -81,10 +81,10 @@ def has_heldout_pair(expect: dict) -> bool:
 def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, steps: int = 20,
                   guidance_scale: float | None = None, guidance_interval: tuple[float, float] | None = None,
                   sampler: str | None = None, seed: int = 0, batch_size: int = 16,
-                  out_dir: str | Path | None = None,
+                  out_dir: str | Path | None = None, count_contrast: float | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    """Generate ``samples`` images per prompt and score them (``sampler``, ``guidance_scale`` and
-    ``guidance_interval`` default to the pipeline's sampling config). Writes ``report.json`` and
+    """Generate ``samples`` images per prompt and score them (``sampler``, ``guidance_scale``,
+    ``guidance_interval`` and ``count_contrast`` default to the pipeline's sampling config). Writes ``report.json`` and
     ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
     accuracy on prompts naming a held-out colour-shape pair. Items with a ``negative`` prompt are
     guided away from it instead of from the null condition; every item has one or none does."""
@@ -103,13 +103,15 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
         images_all += pipe([it["prompt"] for it in chunk], negative_prompt=negative,
                            num_images_per_prompt=samples, seed=seeds,
                            steps=steps, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                           sampler=sampler, progress=False)
+                           sampler=sampler, count_contrast=count_contrast, progress=False)
         if progress:
             print(f"  alignment: {min(start + len(chunk), len(items))}/{len(items)} prompts", flush=True)
     sampling = getattr(pipe, "sampling", None)  # what the pipeline used where the call left it open
     interval = guidance_interval or getattr(sampling, "guidance_interval", None)
+    contrast = getattr(sampling, "count_contrast", 0.0) if count_contrast is None else count_contrast
     return _report(items, images_all, samples, t0, out_dir,
                    {"steps": steps, "sampler": sampler or getattr(sampling, "sampler", None),
+                    "count_contrast": contrast,
                     "negative_prompts": bool(negatives),
                     "guidance_interval": list(interval) if interval is not None else None})
 

@@ -156,7 +156,8 @@ def _add_routes(app, state: State) -> None:
     def model_info() -> ModelInfo:
         pipe, b = state.pipe, state.batcher
         cfg, side = pipe.model.config, pipe.model.config.base_size * pipe.autoencoder.downsample
-        sampling = {k: getattr(pipe.sampling, k) for k in ("sampler", "steps", "guidance_scale", "guidance_interval")}
+        sampling = {k: getattr(pipe.sampling, k)
+                    for k in ("sampler", "steps", "guidance_scale", "guidance_interval", "count_contrast")}
         stats = vars(b.stats) | {"max_batch": b.max_batch, "max_wait_s": b.max_wait, "max_queue": b.max_queue,
                                  "queued": b.queued()}
         return ModelInfo(model=state.name, conditioning="class" if cfg.num_classes else "text",

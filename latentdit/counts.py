@@ -1,0 +1,70 @@
+"""Count contrast: guiding a prompt that names a count away from the same prompt one higher.
+
+A denoiser that fails a count nearly always draws one copy too many, and its condition does carry
+the count: guided away from the caption with the count one higher, the images lose a copy. Added
+to ordinary classifier-free guidance with a scale of its own, that term pulls the extra copy back
+(``SamplingConfig.count_contrast``; figures in docs/shapes-model.md)::
+
+    x0 = x0_null + g * (x0_prompt - x0_null) + count_contrast * (x0_prompt - x0_prompt_one_higher)
+
+Only prompts that name a count (a number word from one to nine, or a digit from 1 to 9, in
+English) get the extra row and term, and only on the guided steps; the other prompts of a batch
+get neither.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .condition import Condition
+
+_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_COUNT = re.compile(r"\b(" + "|".join(_WORDS[:-1]) + r"|[1-9])\b", re.IGNORECASE)
+
+
+def count_up(prompt: str) -> str | None:
+    """``prompt`` with its first count one higher ("three red stars" -> "four red stars",
+    "2 circles" -> "3 circles"), keeping its capitals; None when it names no count."""
+    found = _COUNT.search(prompt)
+    if found is None:
+        return None
+    word = found.group(1)
+    if word.isdigit():
+        higher = str(int(word) + 1)
+    else:
+        higher = _WORDS[_WORDS.index(word.lower()) + 1]
+        if word.isupper() and len(word) > 1:
+            higher = higher.upper()
+        elif word[0].isupper():
+            higher = higher.capitalize()
+    return prompt[:found.start(1)] + higher + prompt[found.end(1):]
+
+
+@dataclass(frozen=True)
+class CountContrast:
+    """The guided batch's rows that name a count, their prompts one higher as a condition (one
+    row each, in the order of ``rows``), and the scale of the term."""
+
+    rows: Tensor  # (M,) indices into the batch
+    cond: Condition
+    scale: float
+
+    def expand(self, k: int) -> CountContrast:
+        """The same for a batch in which every prompt's row is repeated k times in a row."""
+        rows = (self.rows[:, None] * k + torch.arange(k, device=self.rows.device)).reshape(-1)
+        return CountContrast(rows, self.cond.repeat(k), self.scale)
+
+
+def contrast_prompts(prompts: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(which prompts name a count, those prompts one higher)."""
+    higher = [count_up(p) for p in prompts]
+    rows = [i for i, h in enumerate(higher) if h is not None]
+    return rows, [higher[i] for i in rows]
+
+
+__all__ = ["count_up", "contrast_prompts", "CountContrast"]
