@@ -24,6 +24,7 @@ COUNT=${COUNT:-1000}  # steps of the denoiser's counting fine-tune, at lr 1e-3; 
 COUNT_SEED=${COUNT_SEED:-14}  # its scenes: single, relation and counting scenes 1:1:2
 TUNED='blocks.*.mlp.dw.*,blocks.*.bias,blocks.*.table,blocks.*.norm_x.weight'  # what it trains
 GAIN=${GAIN:-1.5}  # how far the denoiser follows the plan (the gains stay where they start)
+CONTRAST=${CONTRAST:-1.5}  # sampling: counted prompts guided away from one copy more (latentdit.counts)
 BASE=${BASE:-shapes}
 AE=${AE:-latentdit/weights/shapes/vae}  # the base's autoencoder
 EVAL_N=${EVAL_N:-256}
@@ -36,7 +37,8 @@ stage preprocess latentdit preprocess --source shapes --grounding --n "$N" --see
   --autoencoder "$AE" --max-length 24 --shard-size 2048 --batch-size 128 --no-progress
 planner() {  # planner TAG INIT STEPS LR: train the planner alone, from INIT, into $RUN/train$TAG
   latentdit train --preset shapes-small --init_from "$2" --model.layout_planner true \
-    --model.layout_gain "$GAIN" --train_only 'planner.*' --layout_weight 1 --data "$RUN/shards" \
+    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --train_only 'planner.*' --layout_weight 1 \
+    --data "$RUN/shards" \
     --out "$RUN/train$1" --steps "$3" --optim.lr "$4" --optim.warmup_steps 50 --resume latest --no-progress
 }
 stage planner planner "" "$BASE" "$STEPS" 1e-3
@@ -53,7 +55,8 @@ if [ "$COUNT" -gt 0 ]; then
     --count-layout distinct --out "$RUN/count-shards" --autoencoder "$AE" --max-length 24 --shard-size 2048 \
     --batch-size 128 --no-progress
   stage counting latentdit train --preset shapes-small --init_from "$last" --model.layout_planner true \
-    --model.layout_gain "$GAIN" --train_only "$TUNED" --layout_weight 0 --data "$RUN/count-shards" \
+    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --train_only "$TUNED" --layout_weight 0 \
+    --data "$RUN/count-shards" \
     --out "$RUN/train-count" --steps "$COUNT" --optim.lr 1e-3 --optim.warmup_steps 50 --resume latest --no-progress
   stage export-count latentdit export --run "$RUN/train-count" --out "$RUN/whole-count" --fp16
   last="$RUN/whole-count"

@@ -156,6 +156,8 @@ def test_the_layout_model_is_a_planner_grown_on_shapes_within_the_weights_budget
     assert not any(k.endswith(".weight") and held[k].dim() == 2 for k in denoiser)  # no large matrix
     gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
     assert config.model.layout_gain == 1.5  # the recipe's, where the packaged gains stayed
+    assert config.sampling.count_contrast == 1.5  # the recipe's (latentdit.counts)
+    assert load_config(PACKAGED["shapes"]).sampling.count_contrast == 0.0  # the base samples as it did
     assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
     weights = PACKAGED["shapes"].parent
     assert sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) <= 50 * 2**20
@@ -205,3 +207,32 @@ def test_the_layout_model_biases_a_word_only_as_far_as_its_caption_places_it():
     assert stated and free and counted
     assert spread(stated) >= SPREAD_STATED / 2
     assert spread(free) <= SPREAD_STATED / 3 and spread(counted) <= SPREAD_STATED / 3
+
+
+# Measured on the 23 prompts below asking for two or three copies, one image each (docs/testing.md,
+# packaged-model figures): EXTRA_OFF images with more copies than asked without the count contrast,
+# EXTRA_ON with it; the test asks for at least half that drop.
+EXTRA_OFF, EXTRA_ON = 8, 4
+
+
+def test_the_layout_models_count_contrast_draws_fewer_extra_copies(tmp_path):
+    """The packaged sampling config's count contrast (latentdit.counts) against none, on the same
+    counted held-out prompts and seeds: fewer images with more copies than asked (figures:
+    docs/shapes-model.md, "Count contrast")."""
+    import json
+
+    layout = Text2Image.from_pretrained("shapes-layout")
+    items = [it for it in prompt_set("heldout", 96, seed=0)
+             if it["expect"].get("scene") == "count" and it["expect"]["count"] < 4]
+    asked = {it["prompt"]: it["expect"]["count"] for it in items}
+
+    def extra(contrast: float | None, out: str) -> int:
+        report = run_alignment(layout, items, samples=1, count_contrast=contrast, out_dir=tmp_path / out,
+                               progress=False)
+        assert report["count_contrast"] == (1.5 if contrast is None else contrast)
+        rows = json.loads((tmp_path / out / "report.json").read_text())["rows"]
+        return sum(row["read"]["count"] > asked[row["prompt"]] for row in rows)
+
+    assert len(items) == 23
+    on, off = extra(None, "on"), extra(0.0, "off")
+    assert off >= EXTRA_OFF // 2 and on <= off - (EXTRA_OFF - EXTRA_ON) // 2, (off, on)

@@ -672,7 +672,9 @@ def test_layout_recipe_script_runs_every_stage(tmp_path):
     gains = [v.float() * LAYOUT_GAIN_RATE for k, v in held.items() if k.endswith(".layout_gain")]
     assert config.model.layout_gain == 1.5 and gains
     assert all(torch.allclose(g, torch.full_like(g, 1.5), atol=1e-3) for g in gains)
-    assert json.loads((run / "eval" / "report.json").read_text())["prompts"] == 2
+    assert config.sampling.count_contrast == 1.5  # the packaged sampling: counted prompts guided from one more
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["prompts"] == 2 and report["count_contrast"] == 1.5
 
 
 def test_multilingual_recipe_script_runs_every_stage(tmp_path):
