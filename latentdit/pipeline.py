@@ -237,6 +237,9 @@ class Text2Image:
             contrast = None
         lo, hi = check_guidance_interval(guidance_interval)
         both = Condition.cat(cond, uncond) if guided else cond
+        rows_k = None if contrast is None else contrast.rows
+        if rows_k is not None:  # [conditional, unconditional, the counted rows' contrast]
+            both = Condition.cat(both, contrast.cond)
         prediction = self.model.config.prediction
         model = self.inference_model(dtype)
         extra = {} if mask_latent is None else {"mask_latent": mask_latent}
@@ -258,17 +261,16 @@ class Text2Image:
             t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t  # one time for every row
             if not guided or not lo <= float(t.reshape(-1)[0]) <= hi:
                 return run(x, t, cond, extra)
-            if contrast is None:
-                doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
-                x0 = run(torch.cat([x, x]), torch.cat([t, t]), both, doubled)
-                x0_c, x0_u = x0.chunk(2)
-                return x0_u + guidance_scale * (x0_c - x0_u)
-            r, n = contrast.rows, x.shape[0]
-            tripled = {k: torch.cat([v, v, v[r]]) for k, v in extra.items()}
-            x0 = run(torch.cat([x, x, x[r]]), torch.cat([t, t, t[r]]), Condition.cat(both, contrast.cond), tripled)
-            x0_c, x0_u, x0_k = x0[:n], x0[n:2 * n], x0[2 * n:]
+            def stacked(v: Tensor) -> Tensor:
+                return torch.cat([v, v] if rows_k is None else [v, v, v[rows_k]])
+
+            n = x.shape[0]
+            x0 = run(stacked(x), stacked(t), both, {k: stacked(v) for k, v in extra.items()})
+            x0_c, x0_u = x0[:n], x0[n:2 * n]
             out = x0_u + guidance_scale * (x0_c - x0_u)
-            return out.index_add(0, r, contrast.scale * (x0_c[r] - x0_k))
+            if rows_k is None:
+                return out
+            return out.index_add(0, rows_k, contrast.scale * (x0_c[rows_k] - x0[2 * n:]))
 
         return denoise
 
