@@ -7,9 +7,9 @@ to ordinary classifier-free guidance with a scale of its own, that term pulls th
 
     x0 = x0_null + g * (x0_prompt - x0_null) + count_contrast * (x0_prompt - x0_prompt_one_higher)
 
-Only prompts that name a count (a number word from one to nine, or a digit from 1 to 9, in
-English) get the extra row and term, and only on the guided steps; the other prompts of a batch
-get neither.
+Only prompts that name a count (a number word from one to nine or a digit from 1 to 9 in
+English; a numeral or digit before the measure word 个 in Chinese) get the extra row and term,
+and only on the guided steps; the other prompts of a batch get neither.
 """
 
 from __future__ import annotations
@@ -25,17 +25,26 @@ from .condition import Condition
 
 _WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _COUNT = re.compile(r"\b(" + "|".join(_WORDS[:-1]) + r"|[1-9])\b", re.IGNORECASE)
+# Chinese: a numeral or digit right before the measure word 个 ("三个红色的星形"). 一个 is left
+# alone: like the English "a", it is how a single object is named, not a count.
+_ZH_WORDS = {"二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_ZH_HIGHER = {3: "三", 4: "四", 5: "五", 6: "六", 7: "七", 8: "八", 9: "九", 10: "十"}
+_ZH_COUNT = re.compile(r"(?<![0-9])([1-9]|[" + "".join(_ZH_WORDS) + r"])(?=个)")
 
 
 def count_up(prompt: str) -> str | None:
     """``prompt`` with its first count one higher ("three red stars" -> "four red stars",
-    "2 circles" -> "3 circles"), keeping its capitals; None when it names no count."""
-    found = _COUNT.search(prompt)
+    "2 circles" -> "3 circles", "三个星形" -> "四个星形"), keeping its capitals; None when it
+    names no count."""
+    found = min((m for m in (_COUNT.search(prompt), _ZH_COUNT.search(prompt)) if m is not None),
+                key=lambda m: m.start(1), default=None)
     if found is None:
         return None
     word = found.group(1)
     if word.isdigit():
         higher = str(int(word) + 1)
+    elif word in _ZH_WORDS:
+        higher = _ZH_HIGHER[_ZH_WORDS[word] + 1]
     else:
         higher = _WORDS[_WORDS.index(word.lower()) + 1]
         if word.isupper() and len(word) > 1:

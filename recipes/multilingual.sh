@@ -11,6 +11,7 @@ RUN=${RUN:-runs/multilingual}
 N=${N:-40000}
 SEED=${SEED:-10}  # scenes the base never trained on
 STEPS=${STEPS:-2000}
+CONTRAST=${CONTRAST:-1.5}  # sampling: counted prompts guided away from one copy more (latentdit.counts)
 BASE=${BASE:-shapes}
 AE=${AE:-latentdit/weights/shapes/vae}  # the base's autoencoder
 EVAL_N=${EVAL_N:-64}
@@ -23,8 +24,8 @@ stage preprocess latentdit preprocess --source shapes --caption-lang en+zh --tex
   --n "$N" --seed "$SEED" --out "$RUN/shards" --autoencoder "$AE" --max-length 32 --shard-size 2048 \
   --batch-size 128 --no-progress
 stage finetune latentdit train --preset shapes-small --init_from "$BASE" --train_only text \
-  --model.max_text_len 32 --data "$RUN/shards" --out "$RUN/train" --steps "$STEPS" --optim.lr 1e-3 \
-  --optim.warmup_steps 100 --resume latest --no-progress
+  --model.max_text_len 32 --sampling.count_contrast "$CONTRAST" --data "$RUN/shards" --out "$RUN/train" \
+  --steps "$STEPS" --optim.lr 1e-3 --optim.warmup_steps 100 --resume latest --no-progress
 stage export latentdit export --run "$RUN/train" --out "$RUN/whole" --fp16
 [ -d "$DEST" ] || stage delta latentdit delta "$RUN/whole" --base "$BASE" --out "$DEST"
 for lang in en zh; do

@@ -9,7 +9,7 @@ from tiny import tiny_pipeline
 
 from latentdit.checkpoint import CheckpointConfig
 from latentdit.config import SamplingConfig, model_preset
-from latentdit.counts import count_up
+from latentdit.counts import contrast_prompts, count_up
 
 
 @pytest.mark.parametrize("prompt, higher", [
@@ -20,15 +20,28 @@ from latentdit.counts import count_up
     ("2 purple circles on a gray background", "3 purple circles on a gray background"),
     ("nine dots", "ten dots"),
     ("two stars and three circles", "three stars and three circles"),  # the first count only
+    ("三个红色的星形", "四个红色的星形"),
+    ("两个图形：一个红色的圆形在一个蓝色的正方形的上方", "三个图形：一个红色的圆形在一个蓝色的正方形的上方"),
+    ("一组四个蓝色的心形", "一组五个蓝色的心形"),
+    ("3个红色星形", "4个红色星形"),
+    ("九个点", "十个点"),
+    ("three 三个", "four 三个"),  # the first count, whichever language
+    ("三个 and two", "四个 and two"),
 ])
 def test_count_up_raises_the_first_count_by_one(prompt, higher):
     assert count_up(prompt) == higher
 
 
 @pytest.mark.parametrize("prompt", ["a red star left of a blue square", "someone drew a bone", "often",
-                                    "ten red stars", "10 stars", "", "a 3d cube"])
+                                    "ten red stars", "10 stars", "", "a 3d cube",
+                                    "一个红色的三角形", "红色三角形", "一组红色的心形", "13个点"])
 def test_count_up_leaves_prompts_without_a_count(prompt):
     assert count_up(prompt) is None
+
+
+def test_contrast_prompts_picks_the_counted_prompts_of_a_mixed_batch():
+    rows, higher = contrast_prompts(["三个红色的星形", "a red star", "一个红色的星形", "two hearts"])
+    assert rows == [0, 3] and higher == ["四个红色的星形", "three hearts"]
 
 
 def _pipe(tiny_clip, tiny_vae, contrast=0.0):

@@ -688,8 +688,10 @@ def test_multilingual_recipe_script_runs_every_stage(tmp_path):
     model = tmp_path / "run" / "model"
     config = load_config(model)
     assert config.base == "shapes" and config.text_encoder["name"] == "multilingual-e5"
+    assert config.sampling.count_contrast == 1.5  # the packaged sampling, in both languages
     base = load_weights(root / "latentdit" / "weights" / "shapes")
     assert not (model / "vae").exists() and set(load_weights(model)) < set(base)
     en, zh = (json.loads((tmp_path / "run" / f"eval-{lang}" / "report.json").read_text()) for lang in ("en", "zh"))
+    assert en["count_contrast"] == zh["count_contrast"] == 1.5
     assert [row["id"] for row in en["rows"]] == [row["id"] for row in zh["rows"]]
     assert en["rows"][0]["prompt"] != zh["rows"][0]["prompt"]
