@@ -27,8 +27,8 @@ _WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
 _COUNT = re.compile(r"\b(" + "|".join(_WORDS[:-1]) + r"|[1-9])\b", re.IGNORECASE)
 # Chinese: a numeral or digit right before the measure word 个 ("三个红色的星形"). 一个 is left
 # alone: like the English "a", it is how a single object is named, not a count.
-_ZH_WORDS = {"二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
-_ZH_HIGHER = {3: "三", 4: "四", 5: "五", 6: "六", 7: "七", 8: "八", 9: "九", 10: "十"}
+_ZH_NUMERALS = "一二三四五六七八九十"  # the numeral for i + 1 at index i
+_ZH_WORDS = {"两": 2} | {c: i + 1 for i, c in enumerate(_ZH_NUMERALS[1:9], start=1)}
 _ZH_COUNT = re.compile(r"(?<![0-9])([1-9]|[" + "".join(_ZH_WORDS) + r"])(?=个)")
 
 
@@ -44,7 +44,7 @@ def count_up(prompt: str) -> str | None:
     if word.isdigit():
         higher = str(int(word) + 1)
     elif word in _ZH_WORDS:
-        higher = _ZH_HIGHER[_ZH_WORDS[word] + 1]
+        higher = _ZH_NUMERALS[_ZH_WORDS[word]]  # the value's own index holds the next numeral
     else:
         higher = _WORDS[_WORDS.index(word.lower()) + 1]
         if word.isupper() and len(word) > 1:

@@ -211,9 +211,9 @@ def test_the_layout_model_biases_a_word_only_as_far_as_its_caption_places_it():
 
 
 # Measured on the 23 prompts asking for two or three copies among the first 96 held-out ones, one
-# image each (docs/testing.md, packaged-model figures): EXTRA[model][0] images with more copies than
-# asked without the count contrast, EXTRA[model][1] with the packaged one; the test asks for at
-# least half of the first and a drop of at least half the difference.
+# image each (docs/testing.md, packaged-model figures): EXTRA[model, lang] is (images with more
+# copies than asked without the count contrast, with the packaged one); the test asks for at least
+# half of the first and a drop of at least half the difference.
 EXTRA = {("shapes-layout", "en"): (8, 4), ("shapes-multilingual", "zh"): (8, 3)}
 
 

@@ -84,10 +84,11 @@ def run_alignment(pipe, items: Sequence[dict[str, Any]], *, samples: int = 4, st
                   out_dir: str | Path | None = None, count_contrast: float | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Generate ``samples`` images per prompt and score them (``sampler``, ``guidance_scale``,
-    ``guidance_interval`` and ``count_contrast`` default to the pipeline's sampling config). Writes ``report.json`` and
-    ``grid.png`` into ``out_dir`` when given. The report's ``heldout_pairs`` is the overall
-    accuracy on prompts naming a held-out colour-shape pair. Items with a ``negative`` prompt are
-    guided away from it instead of from the null condition; every item has one or none does."""
+    ``guidance_interval`` and ``count_contrast`` default to the pipeline's sampling config).
+    Writes ``report.json`` and ``grid.png`` into ``out_dir`` when given. The report's
+    ``heldout_pairs`` is the overall accuracy on prompts naming a held-out colour-shape pair. Items
+    with a ``negative`` prompt are guided away from it instead of from the null condition; every
+    item has one or none does."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     _check_items(items)
