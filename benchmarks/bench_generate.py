@@ -1,13 +1,15 @@
 """Generation latency of a model on this machine: 4 images, 20 steps, guidance on, after load.
 
-Reports the load time and the median over repeats of one 4-image call, in bf16 autocast and in
-fp32, measured in the same run. Ends with one JSON line of every figure.
+Reports the load time and the median over repeats of one 4-image call in the precision the
+pipeline picks by default (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere),
+and in the other one, measured in the same run. Ends with one JSON line of every figure.
 
     python benchmarks/bench_generate.py                # the packaged shapes model
     python benchmarks/bench_generate.py --model DIR
     python benchmarks/bench_generate.py --guidance-interval 0.25 1   # also: guide only for t in [0.25, 1]
     python benchmarks/bench_generate.py --model shapes-layout --count-contrast 0   # also: without its count contrast
     python benchmarks/bench_generate.py --compare-rows [--busy]   # rows split across threads vs one call
+    python benchmarks/bench_generate.py --floor    # also: the call's FLOPs over this CPU's matmul peak
 
 ``--contended`` times generation on a busy machine against an idle one, in the same run: each
 measurement is a fresh process (as a user's command would be) that applies the thread policy the
@@ -56,54 +58,104 @@ def time_call(pipe, repeats: int, dtype, steps: int) -> list[float]:
 def plain(args: argparse.Namespace) -> None:
     import torch
 
+    from latentdit.device import compute_dtype
     from latentdit.pipeline import Text2Image
 
     t0 = time.perf_counter()
     pipe = Text2Image.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
+    default = compute_dtype(pipe.device, "auto")  # what a call without dtype runs in
+    name, other, other_name = ("bf16", None, "fp32") if default else ("fp32", torch.bfloat16, "bf16")
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    bf16_runs, interval_runs, one_call_runs, contrast_runs = [], [], [], []
-    time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
+    runs, interval_runs, one_call_runs, contrast_runs = [], [], [], []
+    time_once(pipe, default, args.steps, 0)  # warm-up
     burners = start_burners(os.cpu_count() or 1) if args.busy else []
     try:
         for i in range(1, args.repeats + 1):  # interleaved, so that a change in machine speed hits all alike
-            bf16_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
+            runs.append(time_once(pipe, default, args.steps, i))
             if interval:
-                interval_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, interval))
+                interval_runs.append(time_once(pipe, default, args.steps, i, interval))
             if args.count_contrast is not None:
-                contrast_runs.append(time_once(pipe, torch.bfloat16, args.steps, i, count_contrast=args.count_contrast))
+                contrast_runs.append(time_once(pipe, default, args.steps, i, count_contrast=args.count_contrast))
             if args.compare_rows:
                 with one_call():
-                    one_call_runs.append(time_once(pipe, torch.bfloat16, args.steps, i))
-        fp32 = statistics.median(time_call(pipe, args.repeats, None, args.steps))
+                    one_call_runs.append(time_once(pipe, default, args.steps, i))
+        other_s = statistics.median(time_call(pipe, args.repeats, other, args.steps))
     finally:
         stop(burners)
-    bf16 = statistics.median(bf16_runs)
+    main_s = statistics.median(runs)
     figures = {"model": args.model, "steps": args.steps, "images": len(PROMPTS), "load_s": round(load_s, 2),
-               "seconds_4_images_20_steps": round(bf16, 3) if args.steps == 20 else None,
-               "bf16_s": round(bf16, 3), "fp32_s": round(fp32, 3), "threads": torch.get_num_threads()}
+               "dtype": name, "seconds": round(main_s, 3),
+               "seconds_4_images_20_steps": round(main_s, 3) if args.steps == 20 else None,
+               f"{name}_s": round(main_s, 3), f"{other_name}_s": round(other_s, 3),
+               "threads": torch.get_num_threads()}
     figures["row_threads"] = pipe.row_threads().threads
     print(f"load {load_s:.2f} s; 4 images x {args.steps} steps with guidance: "
-          f"bf16 {bf16:.2f} s, fp32 {fp32:.2f} s (rows over {figures['row_threads']} threads"
+          f"{name} (the default here) {main_s:.2f} s, {other_name} {other_s:.2f} s "
+          f"(rows over {figures['row_threads']} threads"
           f"{', every core kept busy by other processes' if args.busy else ''})")
     if args.compare_rows:
         whole = statistics.median(one_call_runs)
-        figures.update(busy=args.busy, bf16_one_call_s=round(whole, 3), rows_speedup=round(whole / bf16, 3))
-        print(f"the same as one call with {torch.get_num_threads()} OpenMP threads: bf16 {whole:.2f} s "
-              f"(rows split {whole / bf16:.2f}x faster)")
+        figures.update(busy=args.busy, one_call_s=round(whole, 3), rows_speedup=round(whole / main_s, 3))
+        print(f"the same as one call with {torch.get_num_threads()} OpenMP threads: {name} {whole:.2f} s "
+              f"(rows split {whole / main_s:.2f}x faster)")
     if interval:
         limited = statistics.median(interval_runs)
-        figures.update(guidance_interval=list(interval), bf16_interval_s=round(limited, 3),
-                       interval_ratio=round(limited / bf16, 3))
-        print(f"guidance only for t in [{interval[0]}, {interval[1]}]: bf16 {limited:.2f} s "
-              f"({limited / bf16:.2f}x the default's time)")
+        figures.update(guidance_interval=list(interval), interval_s=round(limited, 3),
+                       interval_ratio=round(limited / main_s, 3))
+        print(f"guidance only for t in [{interval[0]}, {interval[1]}]: {name} {limited:.2f} s "
+              f"({limited / main_s:.2f}x the default's time)")
     if contrast_runs:
-        other = statistics.median(contrast_runs)
+        contrast_s = statistics.median(contrast_runs)
         figures.update(count_contrast=args.count_contrast, model_count_contrast=pipe.sampling.count_contrast,
-                       bf16_count_contrast_s=round(other, 3), count_contrast_ratio=round(other / bf16, 3))
-        print(f"count contrast {args.count_contrast} (the model's: {pipe.sampling.count_contrast}): bf16 "
-              f"{other:.2f} s ({other / bf16:.2f}x the default's time)")
+                       count_contrast_s=round(contrast_s, 3), count_contrast_ratio=round(contrast_s / main_s, 3))
+        print(f"count contrast {args.count_contrast} (the model's: {pipe.sampling.count_contrast}): {name} "
+              f"{contrast_s:.2f} s ({contrast_s / main_s:.2f}x the default's time)")
+    if args.floor:
+        figures.update(floor(pipe, args.steps, default))
+        print(f"one call is {figures['gflop']:.0f} GFLOP; matmul {FLOOR_MATMUL}^3 peak: fp32 "
+              f"{figures['peak_gflops_fp32']:.0f} GFLOP/s, bf16 {figures['peak_gflops_bf16']:.0f} GFLOP/s; "
+              f"at the {name} peak the call takes at least {figures['floor_s']:.2f} s "
+              f"({figures['floor_s'] / main_s:.0%} of the measured time)")
     print(json.dumps(figures))
+
+
+FLOOR_MATMUL = 1024  # the side of the square matmul whose rate stands for the CPU's peak
+
+
+def floor(pipe, steps: int, default) -> dict:
+    """The call's FLOPs over the matmul peak of the default precision: a lower bound on its time."""
+    gflop, peaks = call_gflop(pipe, steps), matmul_peaks(FLOOR_MATMUL)
+    peak = peaks["bf16" if default is not None else "fp32"]
+    return {"gflop": round(gflop, 1), "peak_gflops_fp32": round(peaks["fp32"], 1),
+            "peak_gflops_bf16": round(peaks["bf16"], 1), "floor_s": round(gflop / peak, 3)}
+
+
+def call_gflop(pipe, steps: int) -> float:
+    """One call's GFLOPs as torch counts them. The counter sees only its own thread, so the rows run
+    in it (one call) rather than split across threads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with one_call(), FlopCounterMode(display=False) as counter:
+        pipe(PROMPTS, steps=steps, guidance_scale=4.5, seed=0, dtype=None, progress=False)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peaks(size: int) -> dict[str, float]:
+    """GFLOP/s of a square matmul in fp32 and in bf16 on every torch thread, median of 5 after one."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(size, size, dtype=dtype) for _ in range(2))
+        torch.mm(a, b)
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            runs.append(time.perf_counter() - t0)
+        peaks[name] = 2 * size**3 / statistics.median(runs) / 1e9
+    return peaks
 
 
 # -- contended ---------------------------------------------------------------------------------
@@ -138,10 +190,10 @@ def worker(args: argparse.Namespace) -> None:
     pipe = Text2Image.from_pretrained(args.model)
     print(json.dumps({"loaded_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
                       "row_threads": pipe.row_threads().threads, "policy": policy}), flush=True)
-    time_once(pipe, torch.bfloat16, args.steps, 0)  # warm-up
+    time_once(pipe, "auto", args.steps, 0)  # warm-up
     print(json.dumps({"warm": True}), flush=True)
     for i in range(1, args.repeats + 1):
-        print(json.dumps({"run_s": time_once(pipe, torch.bfloat16, args.steps, i)}), flush=True)
+        print(json.dumps({"run_s": time_once(pipe, "auto", args.steps, i)}), flush=True)
 
 
 def measure(args: argparse.Namespace, name: str, kind: str, extra: dict[str, str]) -> dict:
@@ -227,6 +279,9 @@ def main() -> None:
                     help="also time count contrast S (latentdit.counts), interleaved with the model default")
     ap.add_argument("--compare-rows", action="store_true",
                     help="also time sampling as one call (rows not split across threads), interleaved")
+    ap.add_argument("--floor", action="store_true",
+                    help="also count the call's FLOPs and time a matmul in both precisions: the fastest "
+                         "this CPU could run the call at its matmul peak")
     ap.add_argument("--busy", action="store_true",
                     help="time while other processes keep every core busy (after load and warm-up)")
     ap.add_argument("--contended", action="store_true",

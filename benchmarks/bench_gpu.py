@@ -2,7 +2,8 @@
 
 Measures, on the device ``--device`` names (default: the accelerator when there is one):
 
-- ``matmul``: the measured bf16 matmul peak (TFLOP/s) that MFU is taken against;
+- ``matmul``: the measured matmul peak (TFLOP/s) that MFU is taken against, in the precision the
+  items compute in (bf16 where the device has it natively: every GPU; fp32 on a CPU without it);
 - ``train_small`` / ``train_base``: images/s of the real training step (device RNG, fused AdamW,
   clipping, gated multi-tensor EMA, no host sync) for the ``small`` preset (batch 256, 16x16
   latent = 64 tokens) and the base size (768 wide, 12 deep; batch 256, 32x32 latent = 256
@@ -43,7 +44,7 @@ from bench_denoiser import PixArtAdapter, build_pixart, count_flops, make_inputs
 from bench_train import make_batch  # noqa: E402
 
 from latentdit.config import SamplingConfig, model_preset  # noqa: E402
-from latentdit.device import resolve_device, synchronize  # noqa: E402
+from latentdit.device import compute_dtype, resolve_device, synchronize  # noqa: E402
 from latentdit.model import Denoiser  # noqa: E402
 from latentdit.schedules import NoisePath  # noqa: E402
 from latentdit.train import make_optimizer, train_step, update_ema  # noqa: E402
@@ -84,13 +85,17 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
 
 
 def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=BF16)
+    """bf16 autocast where the device computes bf16 natively (every GPU here), fp32 elsewhere: a CPU
+    without bf16 hardware would time slow reference kernels, not the model."""
+    return torch.autocast(device.type, dtype=BF16, enabled=compute_dtype(device) is not None)
 
 
 def matmul_peak(device: torch.device, size: int, args) -> dict:
-    a, b = (torch.randn(size, size, device=device, dtype=BF16) for _ in range(2))
+    """The matmul peak in the precision the items compute in, so that MFU compares like with like."""
+    dtype = compute_dtype(device) or torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     s = timed(lambda: torch.mm(a, b), device, args.warmup, args.repeats * 3)
-    return {"size": size, "tflops": round(2 * size**3 / s / 1e12, 3)}
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "tflops": round(2 * size**3 / s / 1e12, 3)}
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -115,7 +120,7 @@ def train_item(preset: str, latent: int, text_len: int, device: torch.device, ar
                compile: bool) -> dict:
     mcfg = model_preset(preset, base_size=latent, max_text_len=text_len, **({"text_dim": 384, "pooled_dim": 384}
                                                                             if preset != "tiny" else {}))
-    cfg = TrainConfig(model=mcfg, mixed_precision="bf16", batch_size=args.batch)
+    cfg = TrainConfig(model=mcfg, mixed_precision="auto", batch_size=args.batch)
     torch.manual_seed(0)
     model = Denoiser(mcfg).to(device).train()
     opt, acc = make_optimizer(model, cfg), _Acc(device)
@@ -296,7 +301,7 @@ def text_kv_share(pipe, call: Callable[[], object], device: torch.device) -> flo
         synchronize(device)
         spent[0] += time.perf_counter() - module._t0
 
-    for name, module in pipe.inference_model(torch.bfloat16).named_modules():  # the copy that samples
+    for name, module in pipe.inference_model("auto").named_modules():  # the copy that samples
         if name == "text_proj" or name.endswith(("cross.kv", "cross.k_norm")):
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:

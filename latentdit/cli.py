@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .cli_base import (
     COMMANDS,
+    FP32_HELP,
     SAMPLER_NAMES,
     HelpFormatter,
     add_count_contrast_arg,
@@ -103,7 +104,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="image height in pixels; default: the side the model was trained at (64 for shapes), "
                         "at most 4x that")
     p.add_argument("--width", type=int, default=None, help="image width in pixels; default and limit as --height")
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help=FP32_HELP)
     add_device_arg(p)
     p.add_argument("--random-tiny", action="store_true",
                    help="demo: an UNTRAINED, randomly initialised tiny model (its images are noise)")

@@ -148,11 +148,13 @@ def add_count_contrast_arg(p: argparse.ArgumentParser) -> None:
                         "(0: off); default: the model's sampling config")
 
 
-def autocast_dtype(fp32: bool):
-    """The sampling dtype of ``--fp32``: None (no autocast) or bf16."""
-    import torch
+FP32_HELP = ("compute in fp32 (default: bf16 autocast where the device computes bf16 natively, fp32 "
+             "elsewhere; LATENTDIT_BF16=1 or 0 overrides that choice)")
 
-    return None if fp32 else torch.bfloat16
+
+def autocast_dtype(fp32: bool) -> str | None:
+    """The sampling dtype of ``--fp32``: None (fp32, no autocast) or "auto" (bf16 where native)."""
+    return None if fp32 else "auto"
 
 
 def read_prompt_file(path: str) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_base import add_device_arg, command, resolve_device_arg
+from .cli_base import FP32_HELP, add_device_arg, command, resolve_device_arg
 
 
 def _concept_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _concept_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"],
                    help="how the written adapter or model is stored (float16: half the file)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help=FP32_HELP)
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -51,7 +51,7 @@ def run_concept(args: argparse.Namespace) -> int:
     cfg = ConceptConfig(token=args.token, class_word=args.class_word, steps=args.steps, batch_size=args.batch_size,
                         prior_images=_prior_images(args), prior_weight=args.prior_weight,
                         prior_source=args.prior_source, lora=lora, lr=args.lr, seed=args.seed,
-                        mixed_precision="no" if args.fp32 else "bf16", save_dtype=args.save_dtype)
+                        mixed_precision="no" if args.fp32 else "auto", save_dtype=args.save_dtype)
     resolve_device_arg(args)
     summary = finetune_concept(args.model, args.images, args.out, cfg, device=args.device,
                                progress=not args.no_progress)

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from .cli_base import (
+    FP32_HELP,
     SAMPLER_NAMES,
     add_device_arg,
     add_guidance_interval_arg,
@@ -41,7 +42,7 @@ def _control_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help=FP32_HELP)
     add_guidance_interval_arg(p)
     add_device_arg(p)
 

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from .cli_base import (
+    FP32_HELP,
     SAMPLER_NAMES,
     add_device_arg,
     autocast_dtype,
@@ -26,7 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser, out: str, steps: int | None = Non
     p.add_argument("--steps", type=int, default=steps, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help=FP32_HELP)
     add_device_arg(p)
 
 

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .checkpoint import CheckpointConfig, atomic_write_bytes, base_folder, component_path, save_pretrained
-from .config import DiffusionConfig, from_dict
+from .config import DiffusionConfig, MixedPrecision, from_dict
 from .lora import ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig, adapters_of, add_lora, save_adapter
 from .pipeline import Text2Image
 from .pixels import IMAGE_SUFFIXES, from_pil
@@ -59,7 +59,7 @@ class ConceptConfig:
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # as the base trained: keeps the null condition (CFG) in step
     seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: MixedPrecision = "auto"
     save_dtype: Literal["float32", "float16"] = "float32"  # of the written weights (float16: half the size)
     log_every: int = 25
 

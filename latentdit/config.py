@@ -24,6 +24,9 @@ SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
 GridName = Literal["uniform", "shifted", "karras"]
 QKNorm = Literal["layer", "rms", "none"]
 ControlKind = Literal["silhouette", "edges"]
+# a training run's autocast: fp32, bf16, or bf16 where the device computes it natively
+# (``latentdit.device.mixed_bf16``)
+MixedPrecision = Literal["no", "bf16", "auto"]
 
 T = TypeVar("T")
 
@@ -323,6 +326,14 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown preset '{name}'{_nearest(name, list(PRESETS))}; "
                          f"choose one of {', '.join(PRESETS)}")
     return from_dict(ModelConfig, {**PRESETS[name], **overrides})
+
+
+def check_mixed_precision(mixed: str) -> str:
+    """A training config's ``mixed_precision``: "no" (fp32), "bf16", or "auto" (bf16 where native)."""
+    if mixed not in typing.get_args(MixedPrecision):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'auto' (bf16 where the device "
+                         f"computes it natively), got {mixed!r}")
+    return mixed
 
 
 def parse_dtype(dtype: Any) -> Any:

@@ -25,7 +25,7 @@ from .condition import Condition
 from .config import SamplingConfig, check_count_contrast, check_guidance_interval
 from .control import MapInput, control_input
 from .counts import CountContrast, contrast_prompts
-from .device import resolve_device
+from .device import DType, compute_dtype, resolve_device
 from .inpainting import is_inpainting, masked_condition
 from .lora import load_adapter, remove_lora
 from .model import Denoiser
@@ -49,8 +49,10 @@ from .threads import row_threads
 from .vae import Autoencoder, load_autoencoder
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and CUDA (faster on CPUs with bf16 matrix units); ``None``/fp32 disables it."""
+def autocast(device: torch.device, dtype: DType) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU and CUDA; ``"auto"``: only where the device computes bf16 natively
+    (``latentdit.device.compute_dtype``); ``None``/fp32 disables it."""
+    dtype = compute_dtype(device, dtype)
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -223,15 +225,17 @@ class Text2Image:
 
     # -- step 4: the guided denoiser ---------------------------------------------------
     def denoiser(self, cond: Condition, uncond: Condition | None, guidance_scale: float,
-                 dtype: torch.dtype | None = torch.bfloat16, mask_latent: Tensor | None = None,
+                 dtype: DType = "auto", mask_latent: Tensor | None = None,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), *,
                  contrast: CountContrast | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The sampler's (x_t, t) -> x0 callable, with CFG when guidance_scale != 1 and
         ``guidance_interval[0] <= t <= guidance_interval[1]`` (one conditional pass elsewhere).
         ``mask_latent``: an inpainting variant's extra input channels, one row per image.
         ``contrast``: on the guided steps, its rows are also guided away from its condition
-        (``latentdit.counts``), with one more model row each."""
+        (``latentdit.counts``), with one more model row each. ``dtype``: the autocast dtype,
+        ``"auto"`` for bf16 where the device computes it natively and fp32 elsewhere."""
         guidance_scale = check_finite(guidance_scale, "guidance scale")
+        dtype = compute_dtype(self.device, dtype)
         guided = uncond is not None and guidance_scale != 1.0
         if contrast is not None and (not guided or contrast.scale == 0 or not len(contrast.rows)):
             contrast = None
@@ -275,7 +279,7 @@ class Text2Image:
         return denoise
 
     def prompt_denoiser(self, prompt: str | int | None, plan: SamplingPlan | None = None, *,
-                        negative_prompt: str | None = None, dtype: torch.dtype | None = torch.bfloat16,
+                        negative_prompt: str | None = None, dtype: DType = "auto",
                         repeat: int = 1, mask_latent: Tensor | None = None) -> Denoise:
         """``denoiser`` for one prompt, its row repeated ``repeat`` times, guided as ``plan`` says
         (``plan=None``: the conditional prediction alone, as inversion needs). ``prompt=None``:
@@ -300,11 +304,12 @@ class Text2Image:
             self._rows = RowThreads(threads)
         return self._rows
 
-    def inference_model(self, dtype: torch.dtype | None) -> Denoiser:
+    def inference_model(self, dtype: DType) -> Denoiser:
         """The denoiser for sampling under ``autocast(dtype)``: a copy whose linear and conv
         weights are stored in ``dtype``, which is exactly what autocast would cast them to on
         every call (a visible share of a CPU sampling run: docs/architecture.md#performance-notes).
         Rebuilt when the model's weights change; the model itself is returned for fp32."""
+        dtype = compute_dtype(self.device, dtype)
         if dtype is None or dtype == torch.float32:
             return self.model
         key = (dtype, tuple((p.data_ptr(), p._version) for p in self.model.parameters()))
@@ -350,7 +355,7 @@ class Text2Image:
     def __call__(self, prompts: str | int | Sequence[str | int], negative_prompt: str | Sequence[str] | None = None,
                  steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, dtype: torch.dtype | None = torch.bfloat16,
+                 num_images_per_prompt: int = 1, dtype: DType = "auto",
                  output_type: OutputType = "pil", progress: bool = True, shift: float | None = None,
                  grid: str | None = None, eta: float | None = None,
                  guidance_interval: tuple[float, float] | None = None, control: MapInput | None = None,

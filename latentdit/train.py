@@ -20,6 +20,7 @@ from .checkpoint import CheckpointConfig, atomic_write_bytes, is_low_rank_factor
 from .condition import Condition
 from .config import ModelConfig, to_dict
 from .control import training_control
+from .device import mixed_bf16
 from .grounding import grounding_loss, layout_loss, placed_targets
 from .inpainting import is_inpainting, training_mask_latent
 from .lora import TARGET_SETS, LoRAConfig, add_lora, as_stored
@@ -479,7 +480,8 @@ def export(cfg: TrainConfig, ema: dict[str, Tensor], reader: ShardReader, out: P
 
 
 def _finish(cfg, acc, model, ema, reader, state, log) -> dict[str, Any]:
-    result = {"step": state.step, "skipped_steps": state.bad_total, "history": log.history}
+    result = {"step": state.step, "skipped_steps": state.bad_total, "bf16": mixed_bf16(acc.device, cfg.mixed_precision),
+              "history": log.history}
     if acc.is_main_process and state.step >= cfg.steps:
         result["model"] = str(export(cfg, ema, reader, Path(cfg.out) / "model"))
         atomic_write_bytes(Path(cfg.out) / "result.json",

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
 from .config import from_dict, to_dict
+from .device import mixed_bf16
 from .lines import first_line
 from .pixels import from_pil, psnr, to_pil
 from .sources import ImageSource, make_source, train_batch
@@ -435,7 +436,8 @@ def train_autoencoder(config: AEConfig, out_dir: str | os.PathLike, *, progress:
     elapsed = time.perf_counter() - t0
     metrics = {"steps": step, "seconds": round(seconds + elapsed, 1), "evals": evals, "log": log.sink.history,
                "steps_per_s": (step - first) / elapsed if step > first else None,
-               "cpu_seconds": round(time.process_time() - cpu0, 1)}  # this call, all threads
+               "cpu_seconds": round(time.process_time() - cpu0, 1),  # this call, all threads
+               "bf16": mixed_bf16(device, config.mixed_precision)}
     if step < config.steps:
         return metrics
     return _finish(out, vae, source, heldout, config, metrics, device)

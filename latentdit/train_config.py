@@ -9,7 +9,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import DiffusionConfig, ModelConfig, SamplingConfig, from_dict, model_preset, to_dict
+from .config import (
+    DiffusionConfig,
+    MixedPrecision,
+    ModelConfig,
+    SamplingConfig,
+    check_mixed_precision,
+    from_dict,
+    model_preset,
+    to_dict,
+)
 
 DEFAULT_PREVIEW_PROMPTS = (
     "a large red circle in the center", "a small blue square in the top left",
@@ -37,7 +46,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 64  # per process and micro-step
     seed: int = 0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: MixedPrecision = "auto"
     cond_dropout: float = 0.1
     # > 0: the loss weighs each latent cell by 1 + object_weight * (its distance from the image's
     # median cell, relative to the farthest), so cells holding objects count more than background
@@ -80,6 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        check_mixed_precision(self.mixed_precision)
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0.0 <= self.object_weight <= 100.0:
@@ -189,7 +199,7 @@ class AEConfig:
     loss: Literal["l1", "l2"] = "l1"
     object_weight: float = 0.0  # extra loss weight on pixels unlike the image's border colour
     grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: MixedPrecision = "auto"
     seed: int = 0
     eval_every: int = 500
     log_every: int = 50
@@ -239,9 +249,9 @@ class AEConfig:
                              "with init_from (an autoencoder folder, or a model folder or name)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.loss not in ("l1", "l2") or self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"loss must be 'l1' or 'l2' and mixed_precision 'no' or 'bf16', "
-                             f"got {self.loss!r} and {self.mixed_precision!r}")
+        if self.loss not in ("l1", "l2"):
+            raise ValueError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
+        check_mixed_precision(self.mixed_precision)
 
 
 AE_PRESETS: dict[str, dict[str, Any]] = {

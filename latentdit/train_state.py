@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .device import resolve_device
+from .device import mixed_bf16, resolve_device
 from .lines import first_line, read_json
 from .shards import Batch
 from .text import TextEmbeddings
@@ -269,8 +269,9 @@ def warmup_cosine(step: int, *, lr: float, warmup_steps: int, total_steps: int, 
 
 
 def autocast_for(device: torch.device, mixed: str):
-    """bf16 autocast on ``device`` when ``mixed`` is "bf16", else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
+    """bf16 autocast on ``device`` when ``mixed`` is "bf16", or "auto" where the device computes
+    bf16 natively (``latentdit.device.mixed_bf16``); else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_bf16(device, mixed))
 
 
 # -- the device around the step -------------------------------------------------------------

@@ -88,3 +88,67 @@ def test_generate_runs_on_the_resolved_device(tmp_path, capsys):
     assert main(["generate", "a red circle", "--random-tiny", "--steps", "1", "--device", "cpu",
                  "--out", str(out)]) == 0
     assert out.exists()
+
+
+# -- the compute precision: bf16 only where the device computes it natively --------------------
+def test_native_bf16_follows_torch_and_the_override(monkeypatch):
+    from latentdit.device import native_bf16
+
+    monkeypatch.delenv("LATENTDIT_BF16", raising=False)
+    assert native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setenv("LATENTDIT_BF16", "1")
+    assert native_bf16("cpu") is True
+    monkeypatch.setenv("LATENTDIT_BF16", "0")
+    assert native_bf16(torch.device("cpu")) is False
+    monkeypatch.setenv("LATENTDIT_BF16", "yes")
+    with pytest.raises(ValueError, match="LATENTDIT_BF16='yes'.*1.*0"):
+        native_bf16("cpu")
+
+
+def test_a_cpu_without_bf16_hardware_computes_in_fp32(monkeypatch):
+    from latentdit.device import compute_dtype
+
+    monkeypatch.delenv("LATENTDIT_BF16", raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert compute_dtype("cpu") is None and compute_dtype("cpu", "auto") is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert compute_dtype("cpu") is torch.bfloat16
+    # an explicit dtype is kept whatever the hardware
+    assert compute_dtype("cpu", None) is None and compute_dtype("cpu", torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="unknown compute dtype 'bf16'"):
+        compute_dtype("cpu", "bf16")
+
+
+@pytest.mark.parametrize("forced, expected", [("1", torch.bfloat16), ("0", None)])
+def test_the_pipeline_samples_auto_in_the_precision_the_device_gets(forced, expected, tiny_clip, tiny_vae,
+                                                                    monkeypatch):
+    from tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tiny_clip, tiny_vae)
+    kw = dict(steps=2, seed=3, output_type="latent", progress=False)
+    monkeypatch.setenv("LATENTDIT_BF16", forced)
+    default = pipe("a red circle", **kw)  # no dtype: "auto"
+    assert torch.equal(default, pipe("a red circle", dtype=expected, **kw))
+    other = torch.bfloat16 if expected is None else None
+    assert not torch.equal(default, pipe("a red circle", dtype=other, **kw))  # the two do differ
+
+
+@pytest.mark.parametrize("mixed, forced, on", [("auto", "1", True), ("auto", "0", False), ("bf16", "0", True),
+                                               ("no", "1", False)])
+def test_training_autocasts_as_mixed_precision_and_the_device_say(mixed, forced, on, monkeypatch):
+    from latentdit.train_state import autocast_for
+
+    monkeypatch.setenv("LATENTDIT_BF16", forced)
+    with autocast_for(torch.device("cpu"), mixed):
+        assert torch.is_autocast_enabled("cpu") is on
+        assert (torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16) is on
+
+
+def test_training_configs_default_to_auto_and_name_a_bad_precision():
+    from latentdit.concept import ConceptConfig
+    from latentdit.train_config import AEConfig, TrainConfig
+
+    assert TrainConfig().mixed_precision == AEConfig().mixed_precision == ConceptConfig().mixed_precision == "auto"
+    for make in (TrainConfig, AEConfig):
+        with pytest.raises(ValueError, match="mixed_precision must be 'no', 'bf16' or 'auto'.*'fp16'"):
+            make(mixed_precision="fp16")

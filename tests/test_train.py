@@ -695,3 +695,11 @@ def test_multilingual_recipe_script_runs_every_stage(tmp_path):
     assert en["count_contrast"] == zh["count_contrast"] == 1.5
     assert [row["id"] for row in en["rows"]] == [row["id"] for row in zh["rows"]]
     assert en["rows"][0]["prompt"] != zh["rows"][0]["prompt"]
+
+
+@pytest.mark.parametrize("forced, bf16", [("0", False), ("1", True)])
+def test_the_result_says_whether_auto_precision_trained_in_bf16(shards, tmp_path, monkeypatch, forced, bf16):
+    monkeypatch.setenv("LATENTDIT_BF16", forced)
+    result = train(_config(shards, tmp_path, steps=1, mixed_precision="auto", checkpoint_every=100), progress=False)
+    assert result["bf16"] is bf16
+    assert json.loads((tmp_path / "result.json").read_text())["bf16"] is bf16

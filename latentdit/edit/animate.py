@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..condition import Condition
+from ..device import DType
 from ..pipeline import Text2Image
 
 
@@ -69,7 +70,7 @@ def _ends(value: Any, what: str) -> tuple[Any, Any]:
 def interpolate(pipe: Text2Image, prompts: str | Sequence[str], seeds: int | Sequence[int] = 0, *,
                 frames: int = 8, steps: int | None = None, guidance_scale: float | None = None,
                 sampler: str | None = None, height: int | None = None, width: int | None = None,
-                dtype: torch.dtype | None = torch.bfloat16, progress: bool = False) -> list[Image.Image]:
+                dtype: DType = "auto", progress: bool = False) -> list[Image.Image]:
     """Frames between two prompts (embeddings and pooled vectors mixed linearly), two seeds (noise
     mixed spherically) or both at once. The first and last frames are exactly
     ``pipe(prompt, seed=...)`` with the same settings: each frame is sampled alone, as that is."""

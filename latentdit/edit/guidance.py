@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..device import DType
 from ..pipeline import Text2Image
 from ..plan import OutputType, check_output_type, seed_list
 from ..samplers import Denoise
@@ -70,7 +71,7 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
                   space: Literal["pixel", "latent"] = "pixel", steps: int | None = None,
                   guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
                   negative_prompt: str | None = None, num_images: int = 1, height: int | None = None,
-                  width: int | None = None, dtype: torch.dtype | None = torch.bfloat16,
+                  width: int | None = None, dtype: DType = "auto",
                   output_type: OutputType = "pil", progress: bool = False):
     """Sample ``prompt`` steered by a differentiable ``loss_fn`` of the predicted clean image in
     ``space`` (pixels in [-1, 1], or latents), with strength ``scale`` (0 = the plain sample; on

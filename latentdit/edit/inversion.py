@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..device import DType
 from ..lines import first_line
 from ..pipeline import Text2Image
 from ..plan import OutputType, check_output_type, check_strength, seed_list
@@ -73,7 +74,7 @@ class Inversion:
 @torch.no_grad()
 def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, steps: int | None = None,
            t_stop: float = 1.0, sampler: str = "ddim", fixed_point_iters: int | None = None,
-           dtype: torch.dtype | None = torch.bfloat16) -> Inversion:
+           dtype: DType = "auto") -> Inversion:
     """Deterministic inversion of ``image`` to the latents at ``t_stop`` (1 = pure noise) that
     ``sampler`` turns back into it in ``steps`` steps. Conditioned on ``prompt`` (None: the null
     condition) without CFG, which would break the round trip. DDIM refines each inverse step but
@@ -93,7 +94,7 @@ def invert(pipe: Text2Image, image: ImageInput, prompt: str | None = None, *, st
 
 
 @torch.no_grad()
-def reconstruct(pipe: Text2Image, inversion: Inversion, *, dtype: torch.dtype | None = torch.bfloat16,
+def reconstruct(pipe: Text2Image, inversion: Inversion, *, dtype: DType = "auto",
                 output_type: OutputType = "pil", progress: bool = False):
     """Sample back from inverted latents with the inversion's own prompt, grid and sampler."""
     check_output_type(output_type)
@@ -105,7 +106,7 @@ def reconstruct(pipe: Text2Image, inversion: Inversion, *, dtype: torch.dtype | 
 @torch.no_grad()
 def edit_mask(pipe: Text2Image, image: ImageInput, source_prompt: str | None, target_prompt: str, *,
               threshold: float = 0.5, t: float = 0.5, samples: int = 8, seed: int = 0,
-              dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+              dtype: DType = "auto") -> Tensor:
     """Where an edit from ``source_prompt`` to ``target_prompt`` should act (DiffEdit, Couairon et
     al. 2022, arXiv:2210.11427): noise the image to ``t`` with ``samples`` seeds, average the
     absolute difference of the two prompts' clean-latent estimates over seeds and channels, and
@@ -134,7 +135,7 @@ def edit_image(pipe: Text2Image, image: ImageInput, source_prompt: str | None, t
                strength: float = 0.8, mask: ImageInput | Literal["auto"] | None = None,
                mask_threshold: float = 0.5, negative_prompt: str | None = None, steps: int | None = None,
                guidance_scale: float | None = None, sampler: str = "ddim", fixed_point_iters: int | None = None,
-               dtype: torch.dtype | None = torch.bfloat16, output_type: OutputType = "pil",
+               dtype: DType = "auto", output_type: OutputType = "pil",
                progress: bool = False):
     """Prompt editing: invert ``image`` under ``source_prompt`` to ``t = strength`` (in
     ``round(steps * strength)`` steps), then sample from there with ``target_prompt`` and CFG.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..device import DType
 from ..inpainting import is_inpainting, masked_condition
 from ..pipeline import Text2Image
 from ..pixels import to_pil
@@ -31,7 +32,7 @@ _PAN_SIDE = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
 def img2img(pipe: Text2Image, image: ImageInput, prompt: str | int, *, strength: float = 0.6,
             steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
             seed: int = 0, negative_prompt: str | None = None, num_images: int = 1,
-            dtype: torch.dtype | None = torch.bfloat16, output_type: OutputType = "pil",
+            dtype: DType = "auto", output_type: OutputType = "pil",
             progress: bool = False):
     """Redraw ``image`` following ``prompt``. ``strength`` in [0, 1] is the time the input is noised
     to and sampling starts from, in ``round(steps * strength)`` steps: 0 returns the autoencoder
@@ -84,7 +85,7 @@ def inpaint(pipe: Text2Image, image: ImageInput, mask: ImageInput, prompt: str |
             mask_blur: float = 0.0, strength: float = 1.0, steps: int | None = None,
             guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
             negative_prompt: str | None = None, num_images: int = 1, paste: bool = True,
-            dtype: torch.dtype | None = torch.bfloat16, output_type: OutputType = "pil",
+            dtype: DType = "auto", output_type: OutputType = "pil",
             progress: bool = False):
     """Repaint where ``mask`` is white, with any model (an inpainting variant also gets the masked
     latents and the mask as input channels). The known region is re-imposed after every step;

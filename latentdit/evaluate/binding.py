@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..device import DType
 from ..grounding import attention_in_boxes, grounding_tensors, plan_in_boxes
 from ..schedules import add_noise, from_x0_eps
 from .alignment import fix_articles, order_swapped
@@ -55,7 +56,7 @@ def binding_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[float] = TIMES, seed: int = 0,
-                      batch_size: int = 32, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+                      batch_size: int = 32, dtype: DType = "auto") -> dict[str, Any]:
     """The loss under each caption at each noise level, and how much the false captions raise it.
 
     ``items``: prompts with ``expect`` and full ``attributes`` (``prompt_set`` gives both); the ones
