@@ -26,6 +26,7 @@ printed is one JSON object holding every figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -84,15 +85,20 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
     return statistics.median(times)
 
 
+@functools.cache
+def compute(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes bf16 natively (every GPU here), fp32 elsewhere: a CPU without
+    bf16 hardware would time slow reference kernels, not the model. Decided once, outside timings."""
+    return compute_dtype(device) or torch.float32
+
+
 def autocast(device: torch.device):
-    """bf16 autocast where the device computes bf16 natively (every GPU here), fp32 elsewhere: a CPU
-    without bf16 hardware would time slow reference kernels, not the model."""
-    return torch.autocast(device.type, dtype=BF16, enabled=compute_dtype(device) is not None)
+    return torch.autocast(device.type, dtype=BF16, enabled=compute(device) == BF16)
 
 
 def matmul_peak(device: torch.device, size: int, args) -> dict:
     """The matmul peak in the precision the items compute in, so that MFU compares like with like."""
-    dtype = compute_dtype(device) or torch.float32
+    dtype = compute(device)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     s = timed(lambda: torch.mm(a, b), device, args.warmup, args.repeats * 3)
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "tflops": round(2 * size**3 / s / 1e12, 3)}

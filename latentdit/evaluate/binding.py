@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..device import DType
+from ..device import DType, compute_dtype
 from ..grounding import attention_in_boxes, grounding_tensors, plan_in_boxes
 from ..schedules import add_noise, from_x0_eps
 from .alignment import fix_articles, order_swapped
@@ -91,6 +91,7 @@ def condition_margins(pipe, items: Sequence[dict[str, Any]], *, times: Sequence[
     t0 = time.perf_counter()
     channels, h, w = pipe.latent_shape(None, None)
     size = h * pipe.autoencoder.downsample
+    dtype = compute_dtype(pipe.device, dtype)  # once, not at every autocast below
     model, prediction = pipe.inference_model(dtype), pipe.model.config.prediction
     losses = {name: [[] for _ in times] for name in ("true", *VARIANTS)}
     # where each object's words are read, under the captions that name the same objects:
