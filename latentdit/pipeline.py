@@ -42,7 +42,7 @@ from .plan import (
     seed_list,
 )
 from .rows import RowThreads
-from .samplers import Denoise, OnStep, get_sampler, time_grid
+from .samplers import Denoise, OnStep, get_sampler, row_generators, time_grid
 from .schedules import NoisePath, to_x0
 from .text import TextEncoder, load_text_encoder
 from .threads import row_threads
@@ -69,7 +69,7 @@ class Text2Image:
         x = pipe.noise(seed_list(seed, n), pipe.latent_shape(height, width))
         denoise = pipe.denoiser(cond, uncond, plan.guidance_scale, dtype,
                                 guidance_interval=plan.guidance_interval)
-        latents = pipe.sample(x, denoise, plan, seed=seeds[0])
+        latents = pipe.sample(x, denoise, plan, seed=seeds)
         images = pipe.decode(latents, "pil")
     """
 
@@ -322,12 +322,15 @@ class Text2Image:
         return self._cast[1]
 
     # -- steps 5 and 6 ---------------------------------------------------------------------
-    def sample(self, x: Tensor, denoise: Denoise, plan: SamplingPlan, *, seed: int = 0,
+    def sample(self, x: Tensor, denoise: Denoise, plan: SamplingPlan, *, seed: int | Sequence[int] = 0,
                on_step: OnStep | None = None, progress: bool = True) -> Tensor:
-        """Step 5: the plan's sampler over its grid from x (``seed`` drives a stochastic sampler's
-        noise), with an optional progress bar. ``on_step`` may replace each step's result."""
+        """Step 5: the plan's sampler over its grid from x, with an optional progress bar.
+        ``seed``: one per row of x (or an int: row i uses seed + i), the seeds ``noise`` drew x
+        from; a stochastic sampler draws each row's noise from that row's own generator
+        (``row_generators``), so an image does not depend on its batch here either.
+        ``on_step`` may replace each step's result."""
         fn = get_sampler(plan.sampler)
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        gen = row_generators(seed_list(seed, x.shape[0]))
         bar = _progress(len(plan.ts) - 1, progress)
 
         def hook(i: int, t: Tensor, x_next: Tensor, x0: Tensor) -> Tensor | None:
@@ -382,7 +385,7 @@ class Text2Image:
             extra = masked_condition(torch.zeros_like(x), torch.ones_like(x[:, :1]))
         denoise = self.denoiser(cond.repeat(k), uncond.repeat(k), plan.guidance_scale, dtype, extra,
                                 plan.guidance_interval, contrast=None if contrast is None else contrast.expand(k))
-        return self.decode(self.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
+        return self.decode(self.sample(x, denoise, plan, seed=seeds, progress=progress), output_type)
 
 
 def check_finite_sample(x: Tensor, where: str) -> None:

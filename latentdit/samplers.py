@@ -1,6 +1,8 @@
 """Samplers: pure functions that integrate a noise path from noise to data (or back, for inversion).
 
 One signature, k-diffusion style: ``sample_x(denoise, x, ts, path, *, generator=None, on_step=None)``.
+A stochastic sampler's ``generator`` is one ``torch.Generator`` for the whole batch or one per row
+(``row_generators``: each image's noise then depends only on its own seed, not on its batch).
 ``denoise(x_t, t)`` returns the x0 estimate (the pipeline owns guidance and prediction-type
 conversion); every sampler derives eps = (x_t - alpha x0) / sigma from it, so one implementation
 serves every ``NoisePath``. ``ts`` lists the times visited: decreasing to sample (``ts[0] < 1`` is
@@ -21,6 +23,7 @@ from .schedules import NoisePath, time_shift
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t (N,C,H,W), t (N,)) -> x0, shape of x_t
 OnStep = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]  # (i, t_next, x_next, x0) -> x or None
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per row
 Sampler = Callable[..., Tensor]
 
 _KARRAS_T_MIN = 1e-3  # default last nonzero karras time: DDPM's first training timestep, t = 1/1000
@@ -103,14 +106,37 @@ def _after_step(on_step: OnStep | None, g: _Grid, i: int, x: Tensor, x0: Tensor)
     return x if out is None else out
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Gaussian noise drawn on the generator's device (so CPU seeds reproduce on any device)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def _noise_like(x: Tensor, generator: Generators) -> Tensor:
+    """Gaussian noise drawn on the generator's device (so CPU seeds reproduce on any device); with
+    one generator per row, row i from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"one generator per row: got {len(generator)} generators for {x.shape[0]} rows")
+    rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device) for g in generator]
+    return torch.stack(rows)
+
+
+def _mix(seed: int) -> int:
+    """splitmix64's output function (Steele et al. 2014): nearby seeds map to unrelated 64-bit
+    values, so also to unrelated low 32 bits, the only ones a CPU generator's seed keeps."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image for a stochastic sampler's noise, seeded from the image's seed
+    but not with it: the pipeline draws an image's starting noise from a generator seeded with
+    its seed, and the noise a sampler adds along the way must repeat neither that draw nor another
+    image's. CPU generators make the same seed give the same image on any device."""
+    return [torch.Generator().manual_seed(_mix(s)) for s in seeds]
 
 
 def sample_euler(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
-                 generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
+                 generator: Generators = None, on_step: OnStep | None = None) -> Tensor:
     """Euler on the probability-flow ODE in t (Song et al. 2021, arXiv:2011.13456, eq. 13;
     Karras et al. 2022, arXiv:2206.00364, Alg. 1 without the correction). Deterministic.
 
@@ -128,7 +154,7 @@ def sample_euler(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
 
 
 def sample_heun(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
-                generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
+                generator: Generators = None, on_step: OnStep | None = None) -> Tensor:
     """Heun's 2nd-order method on the probability-flow ODE in t, Karras et al. 2022,
     arXiv:2206.00364, Alg. 1: Euler alone on a step to t = 0, where eps is undefined.
 
@@ -150,7 +176,7 @@ def sample_heun(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
 
 
 def sample_ddim(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *, eta: float = 0.0,
-                generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
+                generator: Generators = None, on_step: OnStep | None = None) -> Tensor:
     """DDIM, Song et al. 2020, arXiv:2010.02502, eq. 12; eta = 1 is DDPM ancestral sampling.
 
     x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
@@ -174,13 +200,13 @@ def sample_ddim(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *, eta
 
 
 def sample_ddpm(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
-                generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
+                generator: Generators = None, on_step: OnStep | None = None) -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020, arXiv:2006.11239, Alg. 2 (= DDIM with eta = 1)."""
     return sample_ddim(denoise, x, ts, path, eta=1.0, generator=generator, on_step=on_step)
 
 
 def sample_dpmpp_2m(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath, *,
-                    generator: torch.Generator | None = None, on_step: OnStep | None = None) -> Tensor:
+                    generator: Generators = None, on_step: OnStep | None = None) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095, Alg. 2, in lambda = log(alpha/sigma).
 
     First order (= DDIM) on the first step, on a step to t = 0 (diffusers' final_sigmas_type="zero")
@@ -315,6 +341,6 @@ def _fixed_point_update(denoise: Denoise, x: Tensor, y: Tensor, g: _Grid, i: int
 
 
 __all__ = [
-    "Denoise", "OnStep", "SAMPLERS", "get_sampler", "invert", "sample_ddim", "sample_ddpm",
-    "sample_dpmpp_2m", "sample_euler", "sample_heun", "time_grid",
+    "Denoise", "Generators", "OnStep", "SAMPLERS", "get_sampler", "invert", "row_generators", "sample_ddim",
+    "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun", "time_grid",
 ]

@@ -101,13 +101,16 @@ def test_guidance_interval_guides_inside_and_runs_one_conditional_pass_outside(t
         SamplingConfig(guidance_interval=(0.8, 0.2))
 
 
-def test_batch_does_not_change_an_image(tiny_clip, tiny_vae):
+@pytest.mark.parametrize("sampler,eta", [("dpmpp_2m", None), ("ddpm", None), ("ddim", 0.5)])
+def test_batch_does_not_change_an_image(tiny_clip, tiny_vae, sampler, eta):
+    """Stochastic samplers too: each image's added noise comes from its own seed."""
     pipe = _pipe(tiny_clip, tiny_vae)
-    kw = dict(output_type="latent", progress=False, dtype=None)
+    kw = dict(output_type="latent", progress=False, dtype=None, sampler=sampler, eta=eta, steps=4)
     batch = pipe(["a red circle", "a green cross"], num_images_per_prompt=2, seed=[7, 8, 9, 10], **kw)
     alone = pipe("a green cross", seed=9, **kw)
     assert batch.shape[0] == 4
     torch.testing.assert_close(batch[2:3], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch[0:1], pipe("a red circle", seed=7, **kw), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ddpm", "dpmpp_2m"])
@@ -223,7 +226,7 @@ def test_call_is_the_composition_of_the_public_steps(tiny_clip, tiny_vae):
     cond, uncond = pipe.encode(["a red circle", "a blue square"], ["a star", "a star"])
     x = pipe.noise(seeds, pipe.latent_shape(16, 16))
     denoise = pipe.denoiser(cond, uncond, plan.guidance_scale, None, guidance_interval=plan.guidance_interval)
-    latents = pipe.sample(x, denoise, plan, seed=seeds[0], progress=False)
+    latents = pipe.sample(x, denoise, plan, seed=seeds, progress=False)
     out = pipe(["a red circle", "a blue square"], negative_prompt="a star", seed=7, dtype=None, progress=False,
                output_type="latent")
     assert torch.equal(latents, out)
@@ -281,6 +284,23 @@ def test_a_stochastic_samplers_noise_follows_its_seed_argument_not_the_global_st
     b = pipe.sample(x, denoise, plan, seed=5, progress=False)
     c = pipe.sample(x, denoise, plan, seed=6, progress=False)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_the_noise_a_stochastic_sampler_adds_is_not_the_noise_it_started_from(tiny_clip, tiny_vae):
+    """On the flow path DDPM's first step from t = 1 is x = alpha x0 + sigma z: with z drawn again
+    from the generator that drew the starting noise it would equal the deterministic DDIM step."""
+    pipe = tiny_pipeline(tiny_clip, tiny_vae)
+    cond, uncond = pipe.encode(["a red circle"])
+    denoise = pipe.denoiser(cond, uncond, 3.0, dtype=None)
+    x = pipe.noise([5], pipe.latent_shape(None, None))
+    first, plan = {}, pipe.prepare(4, sampler="ddpm")
+    for sampler in ("ddpm", "ddim"):
+        pipe.sample(x, denoise, pipe.prepare(4, sampler=sampler), seed=5, progress=False,
+                    on_step=lambda i, t, x_next, x0, s=sampler: first.setdefault(s, x_next.clone()))
+    sigma = float(pipe.path.alpha_sigma(plan.ts[1:2].double())[1])
+    z = (first["ddpm"] - first["ddim"]) / sigma + x  # eps = x at t = 1: the added noise itself
+    assert 0.7 < float(z.std()) < 1.3
+    assert abs(float(torch.corrcoef(torch.stack([z.flatten(), x.flatten()]))[0, 1])) < 0.3
 
 
 def test_condition_from_text_keeps_what_the_model_takes():

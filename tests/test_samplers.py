@@ -12,6 +12,7 @@ from latentdit.samplers import (
     SAMPLERS,
     get_sampler,
     invert,
+    row_generators,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -281,6 +282,27 @@ def test_stochastic_samplers_follow_the_generator(sampler):
     c = sampler(denoise, z, ts, path, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert sampler(denoise, z, ts, path).shape == z.shape  # no generator: global RNG
+
+
+@pytest.mark.parametrize("sampler", [sample_ddpm, lambda *a, **k: sample_ddim(*a, eta=0.5, **k)])
+def test_one_generator_per_row_makes_each_row_its_own_seeds(sampler):
+    path = NoisePath("flow")
+    ts, denoise, z = time_grid(6, path), gaussian_denoiser(path), standard_noise(3)
+    batch = sampler(denoise, z, ts, path, generator=row_generators([4, 5, 6]))
+    for i, seed in enumerate((4, 5, 6)):
+        alone = sampler(denoise, z[i:i + 1], ts, path, generator=row_generators([seed]))
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-12)
+    assert not torch.allclose(batch[0], sampler(denoise, z[:1], ts, path, generator=row_generators([5]))[0])
+    with pytest.raises(ValueError, match="one generator per row: got 2 generators for 3 rows"):
+        sampler(denoise, z, ts, path, generator=row_generators([4, 5]))
+
+
+def test_row_generators_repeat_no_seeds_own_stream():
+    """An image's added noise must not be its own starting noise (drawn from a generator seeded
+    with its seed) nor a neighbouring seed's: seeds 0..999 against streams 0..999."""
+    first = {s: float(torch.randn(1, generator=torch.Generator().manual_seed(s))) for s in range(1000)}
+    mixed = {float(torch.randn(1, generator=g)) for g in row_generators(range(1000))}
+    assert len(mixed) == 1000 and not mixed & set(first.values())
 
 
 def test_ddim_eta_zero_ignores_generator_and_eta_one_is_ddpm():

@@ -136,7 +136,8 @@ def test_class_conditional_model_takes_class_labels(tiny_vae):
 
 
 # -------------------------------------------------------------------------------- batching
-def test_concurrent_requests_run_as_one_pipeline_call_and_keep_their_images(pipe):
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])  # ddpm: each image's added noise is its own seed's
+def test_concurrent_requests_run_as_one_pipeline_call_and_keep_their_images(pipe, sampler):
     app = create_app(pipe, max_wait=0.5, max_batch=16)
     calls = []
     original = pipe.__class__.__call__
@@ -151,7 +152,8 @@ def test_concurrent_requests_run_as_one_pipeline_call_and_keep_their_images(pipe
         mp.setattr(pipe.__class__, "__call__", counting)
 
         def post(i):
-            results[i] = c.post("/v1/generate", json={"prompt": prompts[i], "seed": 10 * i, "num_images": 2}).json()
+            results[i] = c.post("/v1/generate", json={"prompt": prompts[i], "seed": 10 * i, "num_images": 2,
+                                                      "sampler": sampler}).json()
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
         for t in threads:
@@ -162,7 +164,7 @@ def test_concurrent_requests_run_as_one_pipeline_call_and_keep_their_images(pipe
     assert calls[0] == 8 and {results[i]["batch_size"] for i in range(4)} == {8}
     assert other["batch_size"] == 1
     for i in range(4):  # each image is the one its seed draws alone (tokens padded further are masked out)
-        alone = pipe([prompts[i]] * 2, seed=[10 * i, 10 * i + 1], progress=False)
+        alone = pipe([prompts[i]] * 2, seed=[10 * i, 10 * i + 1], sampler=sampler, progress=False)
         got = [_arr(decode(b)) for b in results[i]["images"]]
         assert results[i]["seeds"] == [10 * i, 10 * i + 1]
         assert all(np.abs(g - _arr(a)).max() <= 2 for g, a in zip(got, alone)), i

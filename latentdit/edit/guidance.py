@@ -87,5 +87,5 @@ def sample_guided(pipe: Text2Image, prompt: str | int, loss_fn: LossFn, *, scale
     denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds))
     decode = pipe.autoencoder.decode_differentiable if space == "pixel" else None
     x = pipe.noise(seeds, pipe.latent_shape(height, width))
-    latents = pipe.sample(x, loss_guided(denoise, loss_fn, scale, decode), plan, seed=seeds[0], progress=progress)
+    latents = pipe.sample(x, loss_guided(denoise, loss_fn, scale, decode), plan, seed=seeds, progress=progress)
     return pipe.decode(latents, output_type)

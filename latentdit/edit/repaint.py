@@ -47,7 +47,7 @@ def img2img(pipe: Text2Image, image: ImageInput, prompt: str | int, *, strength:
     x0 = x0.repeat(len(seeds), 1, 1, 1)
     x = pipe.add_noise(x0, pipe.noise(seeds, tuple(x0.shape[1:])), strength)
     denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds))
-    return pipe.decode(pipe.sample(x, denoise, plan, seed=seeds[0], progress=progress), output_type)
+    return pipe.decode(pipe.sample(x, denoise, plan, seed=seeds, progress=progress), output_type)
 
 
 def latent_mask(pipe: Text2Image, mask: Tensor) -> Tensor:
@@ -108,7 +108,7 @@ def inpaint(pipe: Text2Image, image: ImageInput, mask: ImageInput, prompt: str |
     denoise = pipe.prompt_denoiser(prompt, plan, negative_prompt=negative_prompt, dtype=dtype, repeat=len(seeds),
                                    mask_latent=variant_channels(pipe, known, m_lat))
     x = pipe.add_noise(known, noise, strength)  # the masked region starts from the same noise
-    latents = pipe.sample(x, denoise, plan, seed=seeds[0], on_step=reimpose(pipe, known, noise, m_lat),
+    latents = pipe.sample(x, denoise, plan, seed=seeds, on_step=reimpose(pipe, known, noise, m_lat),
                           progress=progress)
     return decode_pasted(pipe, latents, output_type, (pixels, m) if paste else None)
 

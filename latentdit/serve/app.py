@@ -7,7 +7,6 @@ here, because FastAPI reads the endpoint annotations, which name classes importe
 import base64
 import hmac
 import logging
-import secrets
 import time
 from collections.abc import Hashable, Sequence
 
@@ -28,7 +27,6 @@ log = logging.getLogger("latentdit.serve")
 EXAMPLES = ["a large red circle in the center", "a small blue square in the top left",
             "a green triangle at the bottom", "a yellow star on a black background",
             "a red circle to the left of a blue square", "three purple hearts"]
-STOCHASTIC = {"ddpm"}  # their noise comes from one generator per call: batching would change images
 
 
 def create_app(pipe: Text2Image, *, name: str = "shapes", token: str | None = None, limits: Limits | None = None,
@@ -203,8 +201,7 @@ def _add_generate(router, state: State) -> None:
                              body.guidance_interval)
         key = (("steps", s["steps"]), ("guidance_scale", s["guidance_scale"]), ("sampler", s["sampler"]),
                ("height", h), ("width", w), ("guidance_interval", s["guidance_interval"]),
-               ("negative", body.negative_prompt is not None),
-               ("alone", secrets.token_hex(8) if s["sampler"] in STOCHASTIC else ""))
+               ("negative", body.negative_prompt is not None))
         payload = ([condition] * body.num_images, s["seeds"], body.negative_prompt)
         start = time.perf_counter()
         images, batch_size = await run_job(state, request, key, payload, body.num_images)
