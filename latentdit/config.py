@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 PathKind = Literal["flow", "vp-linear", "vp-cosine"]
 Prediction = Literal["eps", "v", "x0", "flow"]
-SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
+SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde"]
 GridName = Literal["uniform", "shifted", "karras"]
 QKNorm = Literal["layer", "rms", "none"]
 ControlKind = Literal["silhouette", "edges"]

@@ -101,7 +101,7 @@ def test_guidance_interval_guides_inside_and_runs_one_conditional_pass_outside(t
         SamplingConfig(guidance_interval=(0.8, 0.2))
 
 
-@pytest.mark.parametrize("sampler,eta", [("dpmpp_2m", None), ("ddpm", None), ("ddim", 0.5)])
+@pytest.mark.parametrize("sampler,eta", [("dpmpp_2m", None), ("ddpm", None), ("ddim", 0.5), ("dpmpp_2m_sde", None)])
 def test_batch_does_not_change_an_image(tiny_clip, tiny_vae, sampler, eta):
     """Stochastic samplers too: each image's added noise comes from its own seed."""
     pipe = _pipe(tiny_clip, tiny_vae)
@@ -113,7 +113,7 @@ def test_batch_does_not_change_an_image(tiny_clip, tiny_vae, sampler, eta):
     torch.testing.assert_close(batch[0:1], pipe("a red circle", seed=7, **kw), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_every_sampler_runs_and_sizes(tiny_clip, tiny_vae, sampler):
     pipe = _pipe(tiny_clip, tiny_vae)
     images = pipe("a red circle", sampler=sampler, steps=3, height=16, width=32, progress=False)

@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m"]
+from ..config import SamplerName
+
 MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 200
