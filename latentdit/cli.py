@@ -97,7 +97,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_guidance_interval_arg(p)
     add_count_contrast_arg(p)
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
-                   help="default: the model's (dpmpp_2m for shapes)")
+                   help="default: the model's (dpmpp_2m for shapes, ddpm for shapes-layout)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--height", type=int, default=None,

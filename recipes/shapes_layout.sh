@@ -4,7 +4,7 @@
 # grounding boxes, then a small part of the denoiser (its biases, modulation tables and depthwise
 # convolutions) fine-tuned under the planner on counting-heavy scenes whose two or three copies
 # never sit in the four corners only (--count-layout distinct). Every other weight stays the
-# base's, so the result ships as a small delta.
+# base's, so the result ships as a small delta. Its sampling config: count contrast and DDPM (docs/shapes-model.md).
 # grounded shards -> planner training -> fp16 export -> later planner cycles, each going on from
 # the last's export on the same scenes -> counting fine-tune -> delta on the base -> held-out
 # alignment.
@@ -25,6 +25,7 @@ COUNT_SEED=${COUNT_SEED:-14}  # its scenes: single, relation and counting scenes
 TUNED='blocks.*.mlp.dw.*,blocks.*.bias,blocks.*.table,blocks.*.norm_x.weight'  # what it trains
 GAIN=${GAIN:-1.5}  # how far the denoiser follows the plan (the gains stay where they start)
 CONTRAST=${CONTRAST:-1.5}  # sampling: counted prompts guided away from one copy more (latentdit.counts)
+SAMPLER=${SAMPLER:-ddpm}  # sampling: ancestral steps, each image's noise from its own seed
 BASE=${BASE:-shapes}
 AE=${AE:-latentdit/weights/shapes/vae}  # the base's autoencoder
 EVAL_N=${EVAL_N:-256}
@@ -37,7 +38,7 @@ stage preprocess latentdit preprocess --source shapes --grounding --n "$N" --see
   --autoencoder "$AE" --max-length 24 --shard-size 2048 --batch-size 128 --no-progress
 planner() {  # planner TAG INIT STEPS LR: train the planner alone, from INIT, into $RUN/train$TAG
   latentdit train --preset shapes-small --init_from "$2" --model.layout_planner true \
-    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --train_only 'planner.*' --layout_weight 1 \
+    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --sampling.sampler "$SAMPLER" --train_only 'planner.*' --layout_weight 1 \
     --data "$RUN/shards" \
     --out "$RUN/train$1" --steps "$3" --optim.lr "$4" --optim.warmup_steps 50 --resume latest --no-progress
 }
@@ -55,7 +56,7 @@ if [ "$COUNT" -gt 0 ]; then
     --count-layout distinct --out "$RUN/count-shards" --autoencoder "$AE" --max-length 24 --shard-size 2048 \
     --batch-size 128 --no-progress
   stage counting latentdit train --preset shapes-small --init_from "$last" --model.layout_planner true \
-    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --train_only "$TUNED" --layout_weight 0 \
+    --model.layout_gain "$GAIN" --sampling.count_contrast "$CONTRAST" --sampling.sampler "$SAMPLER" --train_only "$TUNED" --layout_weight 0 \
     --data "$RUN/count-shards" \
     --out "$RUN/train-count" --steps "$COUNT" --optim.lr 1e-3 --optim.warmup_steps 50 --resume latest --no-progress
   stage export-count latentdit export --run "$RUN/train-count" --out "$RUN/whole-count" --fp16
