@@ -8,6 +8,7 @@ and in the other one, measured in the same run. Ends with one JSON line of every
     python benchmarks/bench_generate.py --model DIR
     python benchmarks/bench_generate.py --guidance-interval 0.25 1   # also: guide only for t in [0.25, 1]
     python benchmarks/bench_generate.py --model shapes-layout --count-contrast 0   # also: without its count contrast
+    python benchmarks/bench_generate.py --model shapes-layout --sampler dpmpp_2m   # also: another sampler
     python benchmarks/bench_generate.py --compare-rows [--busy]   # rows split across threads vs one call
     python benchmarks/bench_generate.py --floor    # also: the call's FLOPs over this CPU's matmul peak
 
@@ -43,10 +44,10 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SP
 
 
 def time_once(pipe, dtype, steps: int, seed: int, interval: tuple[float, float] | None = None,
-              count_contrast: float | None = None) -> float:
+              count_contrast: float | None = None, sampler: str | None = None) -> float:
     t0 = time.perf_counter()
     pipe(PROMPTS, steps=steps, guidance_scale=4.5, seed=seed, dtype=dtype, progress=False,
-         guidance_interval=interval, count_contrast=count_contrast)
+         guidance_interval=interval, count_contrast=count_contrast, sampler=sampler)
     return time.perf_counter() - t0
 
 
@@ -67,7 +68,7 @@ def plain(args: argparse.Namespace) -> None:
     default = compute_dtype(pipe.device, "auto")  # what a call without dtype runs in
     name, other, other_name = ("bf16", None, "fp32") if default else ("fp32", torch.bfloat16, "bf16")
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    runs, interval_runs, one_call_runs, contrast_runs = [], [], [], []
+    runs, interval_runs, one_call_runs, contrast_runs, sampler_runs = [], [], [], [], []
     time_once(pipe, default, args.steps, 0)  # warm-up
     burners = start_burners(os.cpu_count() or 1) if args.busy else []
     try:
@@ -77,6 +78,8 @@ def plain(args: argparse.Namespace) -> None:
                 interval_runs.append(time_once(pipe, default, args.steps, i, interval))
             if args.count_contrast is not None:
                 contrast_runs.append(time_once(pipe, default, args.steps, i, count_contrast=args.count_contrast))
+            if args.sampler:
+                sampler_runs.append(time_once(pipe, default, args.steps, i, sampler=args.sampler))
             if args.compare_rows:
                 with one_call():
                     one_call_runs.append(time_once(pipe, default, args.steps, i))
@@ -111,6 +114,12 @@ def plain(args: argparse.Namespace) -> None:
                        count_contrast_s=round(contrast_s, 3), count_contrast_ratio=round(contrast_s / main_s, 3))
         print(f"count contrast {args.count_contrast} (the model's: {pipe.sampling.count_contrast}): {name} "
               f"{contrast_s:.2f} s ({contrast_s / main_s:.2f}x the default's time)")
+    if sampler_runs:
+        sampler_s = statistics.median(sampler_runs)
+        figures.update(sampler=args.sampler, model_sampler=pipe.sampling.sampler, sampler_s=round(sampler_s, 3),
+                       sampler_ratio=round(sampler_s / main_s, 3))
+        print(f"sampler {args.sampler} (the model's: {pipe.sampling.sampler}): {name} {sampler_s:.2f} s "
+              f"({sampler_s / main_s:.2f}x the default's time)")
     if args.floor:
         figures.update(floor(pipe, args.steps, default))
         print(f"one call is {figures['gflop']:.0f} GFLOP; matmul {FLOOR_MATMUL}^3 peak: fp32 "
@@ -277,6 +286,7 @@ def main() -> None:
                     help="also time guidance limited to LO <= t <= HI, interleaved with the model default")
     ap.add_argument("--count-contrast", type=float, default=None, metavar="S",
                     help="also time count contrast S (latentdit.counts), interleaved with the model default")
+    ap.add_argument("--sampler", default=None, help="also time this sampler, interleaved with the model default")
     ap.add_argument("--compare-rows", action="store_true",
                     help="also time sampling as one call (rows not split across threads), interleaved")
     ap.add_argument("--floor", action="store_true",

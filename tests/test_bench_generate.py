@@ -60,16 +60,20 @@ def test_compare_rows_times_both_ways_on_the_packaged_model(tmp_path):
     assert "the same as one call with 2 OpenMP threads" in r.stdout
 
 
-def test_count_contrast_is_timed_against_the_models_default(tmp_path):
+def test_count_contrast_and_a_sampler_are_timed_against_the_models_default(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(BENCH), "--model", "shapes-layout", "--steps", "2", "--repeats", "1",
-                        "--count-contrast", "0"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+                        "--count-contrast", "0", "--sampler", "dpmpp_2m"], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["count_contrast"] == 0.0 and res["model_count_contrast"] == 1.5
     assert res["count_contrast_s"] > 0
     assert res["count_contrast_ratio"] == pytest.approx(res["count_contrast_s"] / res["seconds"], rel=0.05)
     assert "count contrast 0.0 (the model's: 1.5)" in r.stdout
+    assert res["sampler"] == "dpmpp_2m" and res["model_sampler"] == "ddpm" and res["sampler_s"] > 0
+    assert res["sampler_ratio"] == pytest.approx(res["sampler_s"] / res["seconds"], rel=0.05)
+    assert "sampler dpmpp_2m (the model's: ddpm)" in r.stdout
 
 
 def test_the_floor_counts_every_row_of_the_call(tiny_clip, tiny_vae, monkeypatch):
