@@ -108,14 +108,14 @@ def _after_step(on_step: OnStep | None, g: _Grid, i: int, x: Tensor, x0: Tensor)
 
 def _noise_like(x: Tensor, generator: Generators) -> Tensor:
     """Gaussian noise drawn on the generator's device (so CPU seeds reproduce on any device); with
-    one generator per row, row i from generator i."""
+    one generator per row (all on one device), row i from generator i, moved to x's device at once."""
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else x.device
         return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"one generator per row: got {len(generator)} generators for {x.shape[0]} rows")
-    rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device) for g in generator]
-    return torch.stack(rows)
+    rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+    return torch.stack(rows).to(x.device)  # one host-to-device copy a step, not one a row
 
 
 def _mix(seed: int) -> int:
@@ -244,7 +244,7 @@ def sample_dpmpp_2m_sde(denoise: Denoise, x: Tensor, ts: Tensor, path: NoisePath
         x0, _ = _predict(denoise, x, g, i)
         h = g.lam[i + 1] - g.lam[i]
         decay = math.exp(-h)  # 0 where lambda is infinite: from flow's t = 1 or to t = 0
-        keep = g.sigma[i + 1] / g.sigma[i] * decay if g.sigma[i] > 0 and decay > 0 else 0.0
+        keep = g.sigma[i + 1] / g.sigma[i] * decay if decay > 0 else 0.0  # sigma_t > 0: decreasing grid
         x_next = keep * x + g.alpha[i + 1] * (1.0 - decay**2) * x0
         if x0_prev is not None and math.isfinite(h) and math.isfinite(h_prev):
             x_next = x_next + g.alpha[i + 1] * (1.0 - decay**2) * (x0 - x0_prev) / (2 * h_prev / h)
